@@ -1,0 +1,78 @@
+"""Entry point: Hydra composes the config, the runner does the work, the exit code says how it went.
+
+Exit codes: 0 success; 1 a user error, reported as one clear message; 2 an internal error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from finetune_prep.config import register
+from finetune_prep.errors import FinetunePrepError
+
+log = logging.getLogger("finetune_prep")
+_PACKAGED = Path(__file__).resolve().parent / "conf"
+CONF_DIR = str(_PACKAGED if _PACKAGED.is_dir() else _PACKAGED.parent.parent / "conf")
+_internal_error = False
+
+register()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def task(cfg: DictConfig) -> None:
+    """One job: plan and write the files; failures are logged into the job's own log."""
+    from finetune_prep.runner import run  # torch loads here, so --help and --cfg stay fast
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    try:
+        run(cfg, Path(hc.runtime.output_dir), overrides=list(hc.overrides.task),
+            config_dirs=_config_dirs(hc))
+    except FinetunePrepError as err:
+        log.error("%s", err)
+        if multirun or _full_error():
+            raise
+        sys.exit(1)
+    except Exception:
+        global _internal_error
+        _internal_error = True
+        log.exception("internal error (please report it with this log)")
+        if multirun or _full_error():
+            raise
+        sys.exit(2)
+
+
+def _config_dirs(hc) -> list[str]:
+    return [s.path for s in hc.runtime.config_sources
+            if s.provider in ("main", "command-line") and s.schema == "file"]
+
+
+def _full_error() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def main() -> None:
+    """Run the app and exit without the slow interpreter teardown of torch."""
+    code = 0
+    try:
+        task()
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    if code == 1 and _internal_error:
+        code = 2
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

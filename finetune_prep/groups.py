@@ -1,0 +1,155 @@
+"""Optimizer groups: absolute lr and weight_decay per trainable parameter, merged when equal.
+
+Every group carries concrete numbers (never a scale that only one scheduler applies), frozen
+parameters are in no group, and the order is the model's, so the same config gives the same
+groups, byte for byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from finetune_prep.errors import FinetunePrepError
+from finetune_prep.models import ParamTable
+from finetune_prep.rules import covers, match, select, stage_label
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The hyperparameters of one parameter and why it has them."""
+
+    lr: float
+    weight_decay: float
+    label: str  # the group name it contributes to, before merging
+    reasons: tuple[str, ...]
+
+
+def build_groups(
+    table: ParamTable, trainable: Sequence[str], optim: Any
+) -> list[dict[str, Any]]:
+    """Optimizer groups for the trainable parameters: [{name, lr, weight_decay, params, ...}]."""
+    _check_numbers(optim)
+    settings = assign(table, trainable, optim)
+    return merge(settings, float(optim.lr))
+
+
+def assign(table: ParamTable, trainable: Sequence[str], optim: Any) -> dict[str, Setting]:
+    """Each trainable parameter's lr and weight decay: group rules, layer decay, no-decay."""
+    rules = _group_rules(table, optim.groups)
+    no_decay = _pattern_union(table, optim.no_decay, "optim.no_decay")
+    depth = _layer_depth(table, optim.layer_decay)
+    settings = {}
+    for name in trainable:
+        lr, wd = float(optim.lr), float(optim.weight_decay)
+        label, reasons = _base_label(table, name, depth), []
+        if name in depth:
+            lr *= optim.layer_decay ** depth[name]
+            reasons.append(f"layer_decay {optim.layer_decay}^{depth[name]}")
+        if rule := rules.get(name):
+            where, cfg = rule
+            lr, wd = lr * cfg.lr_mult, wd * cfg.wd_mult
+            label = cfg.name or cfg.match
+            reasons.append(f"{where} ({cfg.match})")
+        if name in no_decay and wd != 0.0:
+            wd = 0.0
+            label += "/no_decay"
+            reasons.append(f"optim.no_decay ({no_decay[name]})")
+        settings[name] = Setting(lr, wd, label, tuple(reasons))
+    return settings
+
+
+def merge(settings: Mapping[str, Setting], base_lr: float) -> list[dict[str, Any]]:
+    """One group per distinct (lr, weight_decay), named by its labels, params in model order."""
+    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    for name, s in settings.items():
+        group = groups.setdefault(
+            (s.lr, s.weight_decay),
+            {"labels": [], "lr": s.lr, "weight_decay": s.weight_decay, "reasons": [],
+             "params": []},
+        )
+        group["params"].append(name)
+        _add_unique(group["labels"], [s.label])
+        _add_unique(group["reasons"], s.reasons)
+    return [
+        {
+            "name": "+".join(g["labels"]),
+            "lr": g["lr"],
+            "weight_decay": g["weight_decay"],
+            "lr_scale": g["lr"] / base_lr if base_lr else 1.0,
+            "reasons": g["reasons"],
+            "params": g["params"],
+        }
+        for g in groups.values()
+    ]
+
+
+def _add_unique(items: list[str], new: Sequence[str]) -> None:
+    items.extend(x for x in new if x not in items)
+
+
+def _base_label(table: ParamTable, name: str, depth: Mapping[str, int]) -> str:
+    if any(covers(h, name) for h in table.head):
+        return "head"
+    if depth:
+        return next(
+            (f"stage{i}" for i, s in enumerate(table.stages) if any(covers(p, name) for p in s)),
+            "unstaged",
+        )
+    return "backbone"
+
+
+def _group_rules(table: ParamTable, rules: Sequence[Any]) -> dict[str, tuple[str, Any]]:
+    """First matching optim.groups rule per parameter (MMEngine's custom_keys order)."""
+    placed: dict[str, tuple[str, Any]] = {}
+    for i, rule in enumerate(rules):
+        where = f"optim.groups[{i}]"
+        for name in select(rule.match, table, where):
+            placed.setdefault(name, (where, rule))
+    return placed
+
+
+def _pattern_union(table: ParamTable, patterns: Sequence[str], where: str) -> dict[str, str]:
+    """Parameter -> the first pattern that selects it. A pattern may match nothing here
+    (a model without biases is fine), but it must be well-formed."""
+    hit: dict[str, str] = {}
+    for pattern in patterns:
+        for name in match(pattern, table):
+            hit.setdefault(name, pattern)
+    return hit
+
+
+def _layer_depth(table: ParamTable, decay: float | None) -> dict[str, int]:
+    """Distance from the head: last stage 1, the one before 2, ...; head 0."""
+    if decay is None:
+        return {}
+    n = len(table.stages)
+    depth = dict.fromkeys(table.names, n)  # parameters outside every stage decay like stage 0
+    for i, stage in enumerate(table.stages):
+        for p in table.names:
+            if any(covers(s, p) for s in stage):
+                depth[p] = n - i
+    for p in table.names:
+        if any(covers(h, p) for h in table.head):
+            depth[p] = 0
+    return depth
+
+
+def _check_numbers(optim: Any) -> None:
+    if not optim.lr > 0:
+        raise FinetunePrepError(f"optim.lr={optim.lr}: the learning rate must be > 0.")
+    if optim.weight_decay < 0:
+        raise FinetunePrepError(f"optim.weight_decay={optim.weight_decay}: must be >= 0.")
+    if optim.layer_decay is not None and not 0 < optim.layer_decay <= 1:
+        raise FinetunePrepError(
+            f"optim.layer_decay={optim.layer_decay}: must be in (0, 1] (e.g. 0.75), or null."
+        )
+    for i, rule in enumerate(optim.groups):
+        if rule.lr_mult < 0 or rule.wd_mult < 0:
+            raise FinetunePrepError(f"optim.groups[{i}]: lr_mult and wd_mult must be >= 0.")
+
+
+def describe_stages(table: ParamTable) -> list[str]:
+    """Stage labels for reports and the param-group file."""
+    return [stage_label(s) for s in table.stages]

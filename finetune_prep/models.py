@@ -1,0 +1,337 @@
+"""Build the architecture (torchvision, timm or any `_target_`), replace its head, describe it.
+
+The model is built on the meta device for planning (no memory, no init time) or on the CPU
+when real tensors are needed. `describe` turns a model into a `ParamTable`: the names, shapes
+and module facts that rules, groups and the report work on without touching tensor data.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune_prep.errors import FinetunePrepError
+
+SOURCES = ("torchvision", "timm", "target")
+
+
+@dataclass(frozen=True)
+class ParamTable:
+    """What the pure stages of the pipeline know about a model: names, shapes and structure."""
+
+    names: tuple[str, ...]  # parameters in model order, tied weights once
+    shapes: Mapping[str, tuple[int, ...]]
+    owner: Mapping[str, str]  # parameter name -> the module that holds it ("" for the root)
+    module_types: Mapping[str, str]  # module name -> class name, model order
+    norm_modules: frozenset[str]  # normalization layers (BatchNorm, LayerNorm, GroupNorm, ...)
+    stat_modules: frozenset[str]  # modules with running statistics (BatchNorm and kin)
+    head: tuple[str, ...]  # head modules: the main head first, then auxiliary heads
+    stages: tuple[tuple[str, ...], ...]  # each stage: module or parameter names, model order
+
+    def numel(self, name: str) -> int:
+        """Number of elements of one parameter."""
+        n = 1
+        for d in self.shapes[name]:
+            n *= d
+        return n
+
+
+@dataclass
+class BuiltModel:
+    """A built model with its head replaced, and its table."""
+
+    model: nn.Module
+    table: ParamTable
+    source: str
+    arch: str
+    num_outputs: int
+    input_size: tuple[int, ...] | None  # (C, H, W) for the verification pass, if known
+
+
+@contextmanager
+def init_on_meta() -> Iterator[None]:
+    """Move every parameter and buffer to the meta device as it is registered.
+
+    Unlike `with torch.device("meta")`, constructor arithmetic on plain tensors still runs on
+    the CPU, so models that compute their layout with torch ops (regnets) build too.
+    """
+    register_parameter = nn.Module.register_parameter
+    register_buffer = nn.Module.register_buffer
+
+    def to_meta_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register_parameter(module, name, param)
+        if param is not None and param.device.type != "meta":
+            cls = type(param)
+            extra = dict(param.__dict__)
+            extra["requires_grad"] = param.requires_grad
+            module._parameters[name] = cls(param.to("meta"), **extra)
+
+    def to_meta_buffer(
+        module: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True
+    ) -> None:
+        register_buffer(module, name, tensor, persistent)
+        if tensor is not None:
+            module._buffers[name] = module._buffers[name].to("meta")
+
+    nn.Module.register_parameter = to_meta_parameter  # type: ignore[method-assign]
+    nn.Module.register_buffer = to_meta_buffer  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+        nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
+
+
+def build_model(model_cfg: Any, head_cfg: Any, meta: bool) -> BuiltModel:
+    """Build the configured architecture with a fresh head of `head_cfg.num_outputs` outputs."""
+    num_outputs = int(head_cfg.num_outputs)
+    if num_outputs < 1:
+        raise FinetunePrepError(
+            f"head.num_outputs={num_outputs}: a head needs at least one output. "
+            "Set head.num_outputs to the number of classes (1 for a binary logit)."
+        )
+    source = model_cfg.source
+    if source not in SOURCES:
+        raise FinetunePrepError(
+            f"model.source={source!r} is not one of {', '.join(SOURCES)}."
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # googlenet/inception init notices
+        if meta:
+            with init_on_meta():
+                model, input_size = _construct(model_cfg, num_outputs)
+        else:
+            model, input_size = _construct(model_cfg, num_outputs)
+    head = _replace_heads(model, model_cfg, head_cfg, num_outputs, meta)
+    stages = _stages(model, model_cfg, head)
+    if model_cfg.get("input_size"):
+        input_size = tuple(model_cfg.input_size)
+    table = describe(model, head, stages)
+    arch = model_cfg.arch if source != "target" else _target_name(model_cfg)
+    return BuiltModel(model, table, source, arch, num_outputs, input_size)
+
+
+def _construct(model_cfg: Any, num_outputs: int) -> tuple[nn.Module, tuple[int, ...] | None]:
+    kwargs = dict(model_cfg.get("kwargs") or {})
+    if model_cfg.source == "torchvision":
+        return _torchvision(model_cfg.arch, kwargs)
+    if model_cfg.source == "timm":
+        return _timm(model_cfg.arch, num_outputs, kwargs)
+    return _target(model_cfg), None
+
+
+def _torchvision(arch: str, kwargs: dict) -> tuple[nn.Module, tuple[int, ...]]:
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if arch not in names:
+        raise FinetunePrepError(
+            f"model.arch={arch!r} is not a torchvision classification model."
+            f"{_suggest(arch, names)} See torchvision.models.list_models() for all {len(names)}."
+        )
+    model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    return model, (3, 299, 299) if arch == "inception_v3" else (3, 224, 224)
+
+
+def _timm(arch: str, num_outputs: int, kwargs: dict) -> tuple[nn.Module, tuple[int, ...] | None]:
+    try:
+        import timm
+    except ImportError as err:
+        raise FinetunePrepError(
+            "model.source=timm needs timm: pip install 'finetune_prep[timm]'."
+        ) from err
+    if not timm.is_model(arch):
+        names = timm.list_models()
+        raise FinetunePrepError(
+            f"model.arch={arch!r} is not a timm model.{_suggest(arch, names)}"
+            " See timm.list_models('*pattern*')."
+        )
+    model = timm.create_model(arch, pretrained=False, num_classes=num_outputs, **kwargs)
+    input_size = getattr(model, "pretrained_cfg", {}).get("input_size")
+    return model, tuple(input_size) if input_size else None
+
+
+def _target(model_cfg: Any) -> nn.Module:
+    from hydra.utils import instantiate
+
+    if not model_cfg.get("target") or "_target_" not in model_cfg.target:
+        raise FinetunePrepError(
+            "model.source=target needs model.target with a _target_, e.g. "
+            "model.target._target_=mypkg.nets.MyNet (plus its arguments)."
+        )
+    try:
+        model = instantiate(model_cfg.target)
+    except Exception as err:  # Hydra wraps import and constructor errors alike
+        raise FinetunePrepError(f"could not build model.target: {err}") from err
+    if not isinstance(model, nn.Module):
+        raise FinetunePrepError(
+            f"model.target built a {type(model).__name__}, not a torch.nn.Module."
+        )
+    return model
+
+
+def _target_name(model_cfg: Any) -> str:
+    return str(model_cfg.target["_target_"])
+
+
+def _suggest(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=5, cutoff=0.6)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def _replace_heads(
+    model: nn.Module, model_cfg: Any, head_cfg: Any, num_outputs: int, meta: bool
+) -> tuple[str, ...]:
+    """Give the model fresh head(s) with `num_outputs` outputs; return the head module names."""
+    if model_cfg.source == "timm":
+        return _timm_head(model)  # timm built it with num_classes already
+    modules = dict(model.named_modules())
+    if head_cfg.get("module"):
+        name = head_cfg.module
+        if name not in modules:
+            linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+            raise FinetunePrepError(
+                f"head.module={name!r} is not a module of this model.{_suggest(name, linears)}"
+                f" Its Linear layers: {', '.join(linears[-5:]) or 'none'}."
+            )
+        if not isinstance(modules[name], nn.Linear):
+            raise FinetunePrepError(
+                f"head.module={name!r} is a {type(modules[name]).__name__}, not an nn.Linear; "
+                "the head is replaced by a fresh nn.Linear, so name a Linear layer "
+                "(or leave head.module=null to use the model's last Linear)."
+            )
+        heads = [name]
+    else:
+        heads = find_heads(model)
+    with init_on_meta() if meta else _nothing():
+        for name in heads:
+            _set_module(model, name, _fresh(modules[name], num_outputs))
+    return tuple(heads)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def find_heads(model: nn.Module) -> list[str]:
+    """The classifier: the last nn.Linear (or a final 1x1 conv, as in squeezenet).
+
+    Auxiliary heads (inception_v3's AuxLogits.fc, googlenet's aux1/aux2.fc2) are the other
+    Linear layers with the same number of outputs; they are replaced too and listed after it.
+    """
+    modules = list(model.named_modules())
+    linears = [(n, m) for n, m in modules if isinstance(m, nn.Linear)]
+    if linears:
+        main, layer = linears[-1]
+        aux = [n for n, m in linears[:-1] if m.out_features == layer.out_features]
+        return [main, *aux]
+    convs = [(n, m) for n, m in modules if isinstance(m, nn.Conv2d)]
+    if convs and convs[-1][1].kernel_size == (1, 1):
+        return [convs[-1][0]]
+    raise FinetunePrepError(
+        "found no head: the model has no nn.Linear and does not end in a 1x1 convolution. "
+        "Name the head with head.module=..."
+    )
+
+
+def _fresh(old: nn.Module, num_outputs: int) -> nn.Module:
+    if isinstance(old, nn.Linear):
+        return nn.Linear(old.in_features, num_outputs, bias=old.bias is not None)
+    assert isinstance(old, nn.Conv2d)
+    return nn.Conv2d(old.in_channels, num_outputs, kernel_size=1, bias=old.bias is not None)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def _timm_head(model: nn.Module) -> tuple[str, ...]:
+    classifier = model.get_classifier()
+    for name, module in model.named_modules():
+        if module is classifier:
+            return (name,)
+    return tuple(find_heads(model)[:1])
+
+
+def _stages(model: nn.Module, model_cfg: Any, head: Sequence[str]) -> tuple[tuple[str, ...], ...]:
+    from finetune_prep.stages import derive_stages, override_stages
+
+    if model_cfg.get("stages"):
+        return override_stages(model, model_cfg.stages, head)
+    return tuple(tuple(s) for s in derive_stages(model, head))
+
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Normalization layers, including library classes named like one (LayerNorm2d, RmsNorm)."""
+    return isinstance(module, NORM_TYPES) or "norm" in type(module).__name__.lower()
+
+
+def has_running_stats(module: nn.Module) -> bool:
+    """BatchNorm-like layers whose running statistics move in train mode."""
+    return getattr(module, "track_running_stats", False) and getattr(
+        module, "running_mean", None
+    ) is not None
+
+
+def describe(
+    model: nn.Module, head: Sequence[str], stages: Sequence[Sequence[str]]
+) -> ParamTable:
+    """Read names, shapes and structure off a model (meta or real; no tensor data read)."""
+    params = list(model.named_parameters())
+    modules = list(model.named_modules())
+    return ParamTable(
+        names=tuple(n for n, _ in params),
+        shapes={n: tuple(p.shape) for n, p in params},
+        owner={n: n.rpartition(".")[0] for n, _ in params},
+        module_types={n: type(m).__name__ for n, m in modules},
+        norm_modules=frozenset(n for n, m in modules if is_norm(m)),
+        stat_modules=frozenset(n for n, m in modules if has_running_stats(m)),
+        head=tuple(head),
+        stages=tuple(tuple(s) for s in stages),
+    )
+
+
+def torchvision_weights_file(arch: str, weights: str) -> Path:
+    """The hub-cache file of a torchvision weights enum member; never downloads."""
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+        member = enum[weights]
+    except (KeyError, ValueError) as err:
+        options = ["DEFAULT", *enum.__members__] if "enum" in locals() else []
+        raise FinetunePrepError(
+            f"model.weights={weights!r} is not a weights name of {arch}. "
+            f"Options: {', '.join(dict.fromkeys(options)) or 'none'}; or null for random init."
+        ) from err
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(member.url).name
+    if not path.is_file():
+        raise FinetunePrepError(
+            f"model.weights={weights} needs {path.name} in torch's hub cache ({path.parent}), "
+            "and finetune_prep never downloads. On a machine with network run "
+            f"`python -c \"import torchvision; torchvision.models.get_model('{arch}', "
+            f"weights='{weights}')\"` and copy {path.name} to {path.parent} here "
+            "(or set TORCH_HOME); or give the file as checkpoint.path=...; "
+            "or set model.weights=null."
+        )
+    return path

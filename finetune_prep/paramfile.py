@@ -1,0 +1,125 @@
+"""The param_groups.json file (format finetune_prep/param_groups@1): write it safely, read it back.
+
+A training script turns the file into an optimizer in one call:
+`torch.optim.AdamW(load_param_groups(model, path))`, or `build_optimizer(model, path)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune_prep.errors import FinetunePrepError
+
+FORMAT = "finetune_prep/param_groups@1"
+GROUP_KEYS = ("lr", "weight_decay")  # the keys of a group that torch.optim takes
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temp file, fsync and rename: all or nothing."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def dumps(document: dict[str, Any]) -> str:
+    """The file's text: stable key order and indentation, so equal plans give equal bytes."""
+    return json.dumps(document, indent=2) + "\n"
+
+
+def read(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a param_groups.json; errors say what is wrong with the file."""
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise FinetunePrepError(f"{path} does not exist; run finetune_prep to make it.") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FinetunePrepError(
+            f"{path} is not valid JSON ({err}); it was edited or truncated. "
+            "Run finetune_prep again to rewrite it."
+        ) from err
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        found = document.get("format") if isinstance(document, dict) else type(document).__name__
+        raise FinetunePrepError(
+            f"{path} has format {found!r}; this finetune_prep reads {FORMAT!r}. "
+            "Run the finetune_prep that wrote it, or prepare the file again."
+        )
+    for key in ("groups", "frozen"):
+        if not isinstance(document.get(key), list):
+            raise FinetunePrepError(f"{path} has no list {key!r}; prepare the file again.")
+    return document
+
+
+def load_param_groups(model: nn.Module, path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Set requires_grad on `model` as the file says; return groups of tensors for torch.optim."""
+    document = read(path)
+    params = dict(model.named_parameters())
+    _check_names(params, document, path)
+    trainable = {n for g in document["groups"] for n in g["params"]}
+    for name, param in params.items():
+        param.requires_grad_(name in trainable)
+    return [
+        {"params": [params[n] for n in g["params"]], **{k: g[k] for k in GROUP_KEYS if k in g}}
+        for g in document["groups"]
+    ]
+
+
+def build_optimizer(model: nn.Module, path: str | os.PathLike) -> torch.optim.Optimizer:
+    """The optimizer the file records (its `_target_` and arguments), on the file's groups."""
+    from hydra.utils import instantiate
+
+    groups = load_param_groups(model, path)
+    spec = read(path).get("optimizer") or {"_target_": "torch.optim.AdamW"}
+    return instantiate(spec, _partial_=True)(groups)
+
+
+def train_mode(model: nn.Module, path: str | os.PathLike | Sequence[str]) -> nn.Module:
+    """model.train(), but the file's `eval_modules` (frozen norm layers) stay in eval mode."""
+    names = path if isinstance(path, (list, tuple)) else read(path).get("eval_modules", [])
+    model.train()
+    modules = dict(model.named_modules())
+    for name in names:
+        modules[name].eval()
+    return model
+
+
+def _check_names(params: dict[str, Any], document: dict[str, Any], path: Any) -> None:
+    listed = [n for g in document["groups"] for n in g["params"]] + list(document["frozen"])
+    missing = [n for n in params if n not in set(listed)]
+    extra = [n for n in listed if n not in params]
+    if missing or extra:
+        model = document.get("model", {})
+        raise FinetunePrepError(
+            f"{path} was made for another model ({model.get('arch', '?')}, "
+            f"{model.get('num_outputs', '?')} outputs): "
+            + "; ".join(
+                part for part in (
+                    _listing("parameters of the model not in the file", missing),
+                    _listing("names in the file not in the model", extra),
+                ) if part
+            )
+            + ". Prepare the file for this model, or build the model the file describes."
+        )
+
+
+def _listing(what: str, names: list[str], limit: int = 8) -> str:
+    if not names:
+        return ""
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{len(names)} {what}: {', '.join(names[:limit])}{more}"

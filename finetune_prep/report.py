@@ -1,0 +1,164 @@
+"""The trainability summary: the text the console shows and trainability.txt keeps.
+
+It grows from the seed script's grouped view, with a third state (Partial) where a top-level
+module is half frozen, parameter counts on every row, and each norm layer's train/eval mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from finetune_prep.models import ParamTable
+from finetune_prep.rules import covers
+
+
+def state(trainable: int, total: int) -> str:
+    """Trainable, Frozen, or Partial for a half-frozen group."""
+    if trainable == 0:
+        return "Frozen"
+    return "Trainable" if trainable == total else "Partial"
+
+
+def top_level_rows(
+    table: ParamTable, trainable: Mapping[str, bool]
+) -> list[tuple[str, int, int]]:
+    """(top-level module, trainable count, total count), in model order."""
+    rows: dict[str, list[int]] = {}
+    for name in table.names:
+        row = rows.setdefault(name.split(".")[0], [0, 0])
+        row[0] += table.numel(name) if trainable[name] else 0
+        row[1] += table.numel(name)
+    return [(top, t, n) for top, (t, n) in rows.items()]
+
+
+def render(
+    document: Mapping[str, Any],
+    table: ParamTable,
+    trainable: Mapping[str, bool],
+    grouped: bool,
+    notes: Sequence[str] = (),
+) -> str:
+    """The whole summary as text."""
+    parts = [
+        _header(document, table),
+        _grouped(table, trainable, document) if grouped else _detailed(table, trainable),
+        _totals(document["counts"]),
+        _groups(document),
+        _memory(document.get("memory")),
+        _verified(document.get("verified")),
+    ]
+    if notes:
+        parts.append("\n".join(f"WARNING: {n}" for n in notes))
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def _header(document: Mapping[str, Any], table: ParamTable) -> str:
+    model, ckpt = document["model"], document["checkpoint"]
+    heads = ", ".join(f"{h} ({table.module_types.get(h, '?')})" for h in table.head)
+    lines = [
+        f"Model: {model['arch']} ({model['source']}), {model['num_outputs']} outputs",
+        f"Head: {heads}",
+        f"Stages ({len(model['stages'])}): "
+        + " | ".join(f"{i} {s}" for i, s in enumerate(model["stages"])),
+    ]
+    lines += _checkpoint_lines(ckpt)
+    return "\n".join(lines)
+
+
+def _checkpoint_lines(ckpt: Mapping[str, Any] | None) -> list[str]:
+    if not ckpt or not ckpt.get("sources"):
+        return ["Checkpoint: none (random init)"]
+    lines = []
+    for src in ckpt["sources"]:
+        lines.append(f"Checkpoint: {src['path']} ({src['loaded']} tensors loaded)")
+        lines += [f"  unwrapped: {step}" for step in src.get("unwrapped", [])]
+        for key in ("missing", "unexpected", "excluded"):
+            if src.get(key):
+                lines.append(f"  {key} ({len(src[key])}): {', '.join(src[key][:6])}"
+                             + (" ..." if len(src[key]) > 6 else ""))
+        for s in src.get("skipped", []):
+            lines.append(f"  skipped (shape mismatch): {s['key']} checkpoint {s['checkpoint']}"
+                         f" vs model {s['model']}")
+    return lines
+
+
+def _grouped(table: ParamTable, trainable: Mapping[str, bool], document: Mapping) -> str:
+    eval_modules = set(document.get("eval_modules", []))
+    stat_modules = sorted(table.stat_modules)
+    lines = [f"{'Module':<20} {'State':<10} {'Trainable':>13} / {'Total':<13} Norm mode"]
+    for top, t, n in top_level_rows(table, trainable):
+        stats = [m for m in stat_modules if covers(top, m)]
+        mode = _mode(stats, eval_modules)
+        lines.append(f"{top:<20} {state(t, n):<10} {t:>13,} / {n:<13,} {mode}".rstrip())
+    return "\n".join(lines)
+
+
+def _mode(stats: Sequence[str], eval_modules: set[str]) -> str:
+    if not stats:
+        return ""
+    in_eval = sum(m in eval_modules for m in stats)
+    if in_eval == 0:
+        return "train"
+    return "eval" if in_eval == len(stats) else f"mixed ({in_eval}/{len(stats)} eval)"
+
+
+def _detailed(table: ParamTable, trainable: Mapping[str, bool]) -> str:
+    width = max((len(n) for n in table.names), default=10) + 2
+    lines = [f"{'Parameter':<{width}} {'State':<10} Shape"]
+    for name in table.names:
+        shape = "x".join(map(str, table.shapes[name])) or "scalar"
+        lines.append(f"{name:<{width}} {'Trainable' if trainable[name] else 'Frozen':<10} {shape}")
+    return "\n".join(lines)
+
+
+def _totals(counts: Mapping[str, int]) -> str:
+    pct = 100.0 * counts["trainable"] / counts["total"] if counts["total"] else 0.0
+    return "\n".join([
+        f"Total parameters:     {counts['total']:,}",
+        f"Trainable parameters: {counts['trainable']:,} ({pct:.2f}%)",
+        f"Frozen parameters:    {counts['frozen']:,}",
+    ])
+
+
+def _groups(document: Mapping[str, Any]) -> str:
+    optimizer = document.get("optimizer", {}).get("_target_", "?")
+    if not document["groups"]:
+        return f"Param groups for {optimizer}: none (nothing trains)"
+    lines = [f"Param groups for {optimizer}:"]
+    for g in document["groups"]:
+        why = f"  [{'; '.join(g['reasons'])}]" if g.get("reasons") else ""
+        lines.append(f"  {g['name']}: lr={g['lr']:g} weight_decay={g['weight_decay']:g}, "
+                     f"{len(g['params'])} tensors{why}")
+    return "\n".join(lines)
+
+
+def _memory(memory: Mapping[str, int] | None) -> str:
+    if not memory:
+        return ""
+    mib = 1024 * 1024
+    return (f"Training memory (fp32 params + grads + optimizer state): "
+            f"{memory['plan_bytes'] / mib:,.1f} MiB for this plan, "
+            f"{memory['full_finetune_bytes'] / mib:,.1f} MiB for full fine-tuning")
+
+
+def _verified(verified: Mapping[str, Any] | None) -> str:
+    if not verified or not verified.get("backward"):
+        reason = (verified or {}).get("reason", "not requested")
+        return f"Verified: no backward pass ({reason})"
+    status = "OK" if verified["ok"] else "FAILED"
+    lines = [f"Verified: one forward/backward/optimizer step on a random batch "
+             f"{verified['input']}: {status}"]
+    labels = {
+        "frozen_with_grad": "frozen parameters that got a gradient",
+        "frozen_changed": "frozen parameters that changed",
+        "trainable_without_grad": "trainable parameters that got no gradient (unused: breaks DDP)",
+        "trainable_unchanged": "trainable parameters the step did not change",
+    }
+    for key, label in labels.items():
+        if verified.get(key):
+            lines.append(f"  {label}: {', '.join(verified[key][:8])}"
+                         + (" ..." if len(verified[key]) > 8 else ""))
+    if verified["ok"]:
+        lines.append("  frozen: no gradient, unchanged; trainable: all got a gradient")
+    return "\n".join(lines)

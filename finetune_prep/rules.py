@@ -1,0 +1,190 @@
+"""The pattern language and the ordered freeze/unfreeze evaluation.
+
+A pattern selects parameters by name, anchored (never a bare substring):
+- a glob over the full name or any enclosing module name: `layer4` covers `layer4.0.conv1.weight`,
+  `*.bn1` covers `layer1.0.bn1.weight`, `*` covers everything;
+- `re:REGEX`, matched with fullmatch against full parameter names;
+- an alias: `@head`, `@stage[i]`, `@stages[a:b]` (Python indexing, negatives too), `@norm`,
+  `@bias`, `@ndim<=1`, `@all`.
+A pattern that selects nothing is an error naming close matches: a typo must never freeze nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from finetune_prep.errors import FinetunePrepError
+from finetune_prep.models import ParamTable
+
+ALIASES = ("@head", "@stage[i]", "@stages[a:b]", "@norm", "@bias", "@ndim<=1", "@all")
+ACTIONS = ("freeze", "unfreeze")
+_FORM = "{freeze: PATTERN} or {unfreeze: PATTERN}"
+_STAGE = re.compile(r"@stage\[\s*(-?\d+)\s*\]")
+_STAGES = re.compile(r"@stages\[\s*(-?\d*)\s*:\s*(-?\d*)\s*(?::\s*(-?\d*)\s*)?\]")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One freeze/unfreeze step, with where it came from for messages."""
+
+    action: str  # "freeze" or "unfreeze"
+    pattern: str
+    where: str  # e.g. "freeze.rules[1]"
+
+    def __str__(self) -> str:
+        return f"{self.where} {{{self.action}: {self.pattern}}}"
+
+
+@dataclass(frozen=True)
+class FreezePlan:
+    """The outcome of the rules: who trains, and which rule decided it."""
+
+    trainable: Mapping[str, bool]
+    decided_by: Mapping[str, str | None]  # parameter -> the rule that set it last (None: default)
+    shadowed: tuple[str, ...]  # rules whose every parameter a later rule overrides
+
+
+def covers(prefix: str, name: str) -> bool:
+    """True if `prefix` is `name` or an enclosing module of it (dot boundary)."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def stage_params(table: ParamTable, stage: Sequence[str]) -> list[str]:
+    """Parameters covered by one stage's module/parameter names, in model order."""
+    return [n for n in table.names if any(covers(p, n) for p in stage)]
+
+
+def stage_label(stage: Sequence[str]) -> str:
+    """A short readable name for a stage: its entries joined by '+'."""
+    return "+".join(stage)
+
+
+def match(pattern: str, table: ParamTable) -> list[str]:
+    """Parameter names selected by `pattern`, in model order (possibly none)."""
+    if pattern.startswith("@"):
+        return _alias(pattern, table)
+    if pattern.startswith("re:"):
+        regex = _compile(pattern)
+        return [n for n in table.names if regex.fullmatch(n)]
+    return [n for n in table.names if any(fnmatch.fnmatchcase(c, pattern) for c in _scopes(n))]
+
+
+def select(pattern: str, table: ParamTable, where: str) -> list[str]:
+    """Like `match`, but a pattern that selects nothing is an error with suggestions."""
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise FinetunePrepError(f"{where}: the pattern is empty; write a name, glob, re: or alias.")
+    names = match(pattern, table)
+    if not names:
+        raise FinetunePrepError(
+            f"{where}: {pattern!r} matches no parameter.{_hint(pattern, table)}"
+        )
+    return names
+
+
+def parse_rules(items: Sequence[Any], where: str = "freeze.rules") -> list[Rule]:
+    """Check the shape of each rule item: a mapping with exactly one of freeze/unfreeze."""
+    rules = []
+    for i, item in enumerate(items):
+        at = f"{where}[{i}]"
+        keys = list(item.keys()) if isinstance(item, Mapping) else None
+        if keys is None:
+            raise FinetunePrepError(
+                f"{at} is {item!r}; a rule is a mapping: {_FORM}."
+            )
+        if not keys:
+            raise FinetunePrepError(f"{at} is empty; write {_FORM}.")
+        if len(keys) > 1 or keys[0] not in ACTIONS:
+            raise FinetunePrepError(
+                f"{at} has keys {', '.join(map(str, keys))}; a rule has exactly one key, freeze or "
+                "unfreeze. To do both, write two rules in the order they should apply."
+            )
+        rules.append(Rule(keys[0], item[keys[0]], at))
+    return rules
+
+
+def evaluate(rules: Sequence[Rule], table: ParamTable) -> FreezePlan:
+    """Apply rules in order to an all-trainable model; later rules win."""
+    trainable = dict.fromkeys(table.names, True)
+    decided_by: dict[str, str | None] = dict.fromkeys(table.names)
+    selections = [select(rule.pattern, table, str(rule)) for rule in rules]
+    for rule, names in zip(rules, selections, strict=True):
+        for name in names:
+            trainable[name] = rule.action == "unfreeze"
+            decided_by[name] = str(rule)
+    return FreezePlan(trainable, decided_by, _shadowed(rules, selections))
+
+
+def _shadowed(rules: Sequence[Rule], selections: Sequence[list[str]]) -> tuple[str, ...]:
+    later: set[str] = set()
+    shadowed = []
+    for rule, names in zip(reversed(rules), reversed(selections), strict=True):
+        if later.issuperset(names):
+            shadowed.append(str(rule))
+        later.update(names)
+    return tuple(reversed(shadowed))
+
+
+def _scopes(name: str) -> list[str]:
+    """The parameter name and every enclosing module name."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern[3:])
+    except re.error as err:
+        raise FinetunePrepError(
+            f"{pattern!r} is not a valid regular expression ({err}); fix it, or use a glob."
+        ) from err
+
+
+def _alias(pattern: str, table: ParamTable) -> list[str]:
+    simple = {
+        "@all": lambda: list(table.names),
+        "@head": lambda: [n for n in table.names if any(covers(h, n) for h in table.head)],
+        "@norm": lambda: [n for n in table.names if table.owner[n] in table.norm_modules],
+        "@bias": lambda: [n for n in table.names if n.rpartition(".")[2] == "bias"],
+        "@ndim<=1": lambda: [n for n in table.names if len(table.shapes[n]) <= 1],
+    }
+    if pattern in simple:
+        return simple[pattern]()
+    if m := _STAGE.fullmatch(pattern):
+        return stage_params(table, _stage_at(table, int(m.group(1)), pattern))
+    if m := _STAGES.fullmatch(pattern):
+        picked = table.stages[slice(*(int(g) if g else None for g in m.groups()))]
+        return [n for s in picked for n in stage_params(table, s)]
+    raise FinetunePrepError(
+        f"{pattern!r} is not an alias. Aliases: {', '.join(ALIASES)}."
+        f"{_close(pattern, ALIASES)}"
+    )
+
+
+def _stage_at(table: ParamTable, index: int, pattern: str) -> Sequence[str]:
+    n = len(table.stages)
+    if not -n <= index < n:
+        listing = ", ".join(f"{i}: {stage_label(s)}" for i, s in enumerate(table.stages))
+        raise FinetunePrepError(
+            f"{pattern}: this model has {n} stages, so the index must be in {-n}..{n - 1}. "
+            f"Stages: {listing}."
+        )
+    return table.stages[index]
+
+
+def _hint(pattern: str, table: ParamTable) -> str:
+    if pattern.startswith("@"):
+        return " (the alias is valid but selects nothing on this model)"
+    words = list(dict.fromkeys(s for n in table.names for s in _scopes(n)))
+    close = _close(pattern.removeprefix("re:"), words)
+    tops = ", ".join(dict.fromkeys(n.split(".")[0] for n in table.names))
+    return f"{close} Top-level modules: {tops}."
+
+
+def _close(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=5, cutoff=0.5)
+    return f" Did you mean: {', '.join(close)}?" if close else ""

@@ -1,0 +1,89 @@
+"""Prove the plan on a real backward pass, and estimate the memory it needs to train.
+
+The proof runs one forward/backward pass on a small random batch and one optimizer step, then
+checks that frozen parameters got no gradient and did not move, and that every trainable
+parameter got a gradient (one that never does breaks DDP) and moved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune_prep.models import ParamTable
+
+# Optimizer state per trainable parameter element, in parameter-sized copies.
+_STATE_COPIES = {"adamw": 2, "adam": 2, "nadam": 2, "radam": 2, "adamax": 2, "adagrad": 1,
+                 "rmsprop": 1, "adadelta": 2, "lion": 1}
+
+
+def state_copies(optimizer: Any) -> int:
+    """How many parameter-sized buffers the optimizer keeps (AdamW 2, SGD+momentum 1)."""
+    name = str(optimizer.get("_target_", "")).rpartition(".")[2].lower()
+    if name == "sgd":
+        return 1 if float(optimizer.get("momentum", 0) or 0) > 0 else 0
+    return _STATE_COPIES.get(name, 2)
+
+
+def memory_estimate(
+    table: ParamTable, trainable: Sequence[str], optimizer: Any, bytes_per: int = 4
+) -> dict[str, int]:
+    """fp32 training memory for parameters + gradients + optimizer state, plan vs. full."""
+    total = sum(table.numel(n) for n in table.names)
+    train = sum(table.numel(n) for n in trainable)
+    copies = state_copies(optimizer)
+    return {
+        "params_bytes": total * bytes_per,
+        "grads_bytes": train * bytes_per,
+        "optimizer_state_bytes": train * copies * bytes_per,
+        "plan_bytes": (total + train * (1 + copies)) * bytes_per,
+        "full_finetune_bytes": total * (2 + copies) * bytes_per,
+    }
+
+
+def prove(
+    model: nn.Module,
+    groups: list[dict[str, Any]],
+    make_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
+    input_size: Sequence[int],
+    batch_size: int,
+    seed: int,
+) -> dict[str, Any]:
+    """One forward/backward/step on `model` (which it changes); return what was checked."""
+    params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    optimizer = make_optimizer(
+        [{**{k: v for k, v in g.items() if k in ("lr", "weight_decay")},
+          "params": [params[n] for n in g["params"]]} for g in groups]
+    )
+    generator = torch.Generator().manual_seed(seed)
+    batch = torch.randn(batch_size, *input_size, generator=generator)
+    optimizer.zero_grad(set_to_none=True)
+    _loss(model(batch)).backward()
+    optimizer.step()
+    frozen = [n for n, p in params.items() if not p.requires_grad]
+    trainable = [n for n, p in params.items() if p.requires_grad]
+    result = {
+        "backward": True,
+        "input": [batch_size, *input_size],
+        "frozen_with_grad": [n for n in frozen if params[n].grad is not None],
+        "frozen_changed": [n for n in frozen if not torch.equal(params[n], before[n])],
+        "trainable_without_grad": [n for n in trainable if params[n].grad is None],
+        "trainable_unchanged": [n for n in trainable if torch.equal(params[n], before[n])],
+    }
+    result["ok"] = not (
+        result["frozen_with_grad"] or result["frozen_changed"] or result["trainable_without_grad"]
+    )
+    return result
+
+
+def _loss(output: Any) -> torch.Tensor:
+    """A scalar from any classifier output (a tensor, or a tuple with auxiliary logits)."""
+    if isinstance(output, torch.Tensor):
+        return output.float().pow(2).mean()
+    tensors = [o for o in (output.values() if isinstance(output, dict) else output)
+               if isinstance(o, torch.Tensor)]
+    return sum(t.float().pow(2).mean() for t in tensors)

@@ -1,0 +1,73 @@
+"""Shared fixtures: composed configs, models built once per session, checkpoints the tests make."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+from finetune_prep.__main__ import CONF_DIR
+from finetune_prep.models import BuiltModel, build_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def make_cfg() -> Iterator[Callable[..., DictConfig]]:
+    """Compose the packaged config with overrides, as the CLI would (without running it)."""
+
+    def _compose(*overrides: str) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+@cache
+def meta_model(arch: str, num_outputs: int = 1, source: str = "torchvision") -> BuiltModel:
+    """A model built on the meta device, once per session (do not mutate it)."""
+    cfg = OmegaConf.create({"source": source, "arch": arch})
+    return build_model(cfg, OmegaConf.create({"num_outputs": num_outputs}), meta=True)
+
+
+@pytest.fixture(scope="session")
+def resnet18_table():
+    return meta_model("resnet18").table
+
+
+@pytest.fixture(scope="session")
+def vit_table():
+    return meta_model("vit_b_16").table
+
+
+@pytest.fixture(scope="session")
+def resnet18_ckpt(tmp_path_factory) -> Path:
+    """A random-init resnet18 with a 1-output head, saved as a plain state_dict."""
+    torch.manual_seed(0)
+    cfg = OmegaConf.create({"source": "torchvision", "arch": "resnet18"})
+    model = build_model(cfg, OmegaConf.create({"num_outputs": 1}), meta=False).model
+    path = tmp_path_factory.mktemp("ckpt") / "resnet18_binary.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m finetune_prep ARGS` as a user would; output captured as text."""
+    full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "finetune_prep", *args],
+        cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )

@@ -1,0 +1,178 @@
+"""The pattern language and the ordered freeze/unfreeze evaluation, on real models' names."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from finetune_prep.errors import FinetunePrepError
+from finetune_prep.rules import Rule, evaluate, match, parse_rules, select
+
+
+def rules(*pairs: tuple[str, str]) -> list[Rule]:
+    return parse_rules([{action: pattern} for action, pattern in pairs])
+
+
+def trainable(plan) -> list[str]:
+    return [n for n, t in plan.trainable.items() if t]
+
+
+def test_bare_module_name_covers_its_subtree_at_a_dot_boundary(resnet18_table):
+    names = match("layer4", resnet18_table)
+    assert names and all(n.startswith("layer4.") for n in names)
+    assert len(names) == sum(n.startswith("layer4.") for n in resnet18_table.names)
+    assert match("layer", resnet18_table) == []  # no bare substring matching
+    assert match("layer4.0.conv1", resnet18_table) == ["layer4.0.conv1.weight"]
+
+
+def test_glob_matches_full_names_and_enclosing_modules(resnet18_table):
+    bn1 = match("*.bn1", resnet18_table)
+    assert "layer1.0.bn1.weight" in bn1 and "bn1.weight" not in bn1
+    assert match("*", resnet18_table) == list(resnet18_table.names)
+    assert match("layer[12]", resnet18_table) == [
+        n for n in resnet18_table.names if n.split(".")[0] in ("layer1", "layer2")
+    ]
+    assert match("*.weight", resnet18_table) == [
+        n for n in resnet18_table.names if n.endswith(".weight")
+    ]
+
+
+def test_regex_is_a_fullmatch_on_parameter_names(resnet18_table):
+    assert match(r"re:layer4\.\d\.bn\d\.bias", resnet18_table) == [
+        "layer4.0.bn1.bias", "layer4.0.bn2.bias", "layer4.1.bn1.bias", "layer4.1.bn2.bias",
+    ]
+    assert match("re:layer4", resnet18_table) == []  # fullmatch, not search
+
+
+def test_aliases_on_resnet18(resnet18_table):
+    t = resnet18_table
+    assert match("@head", t) == ["fc.weight", "fc.bias"]
+    assert match("@stage[0]", t) == ["conv1.weight", "bn1.weight", "bn1.bias"]
+    assert match("@stage[-1]", t) == [n for n in t.names if n.startswith("layer4.")]
+    assert match("@stages[-2:]", t) == [n for n in t.names if n[:6] in ("layer3", "layer4")]
+    assert match("@stages[:1]", t) == match("@stage[0]", t)
+    assert match("@bias", t) == [n for n in t.names if n.endswith(".bias")]
+    norm = match("@norm", t)
+    assert norm and all(".bn" in n or n.startswith("bn1") or ".downsample.1." in n for n in norm)
+    assert sum(t.numel(n) for n in norm) == 9600  # DESIGN.md: resnet18's BN affine parameters
+    assert match("@ndim<=1", t) == [n for n in t.names if len(t.shapes[n]) <= 1]
+    assert match("@all", t) == list(t.names)
+
+
+def test_stage_index_out_of_range_lists_the_stages(resnet18_table):
+    with pytest.raises(FinetunePrepError) as err:
+        match("@stage[9]", resnet18_table)
+    text = str(err.value)
+    assert "5 stages" in text and "-5..4" in text and "layer4" in text
+
+
+def test_unknown_alias_lists_the_aliases(resnet18_table):
+    with pytest.raises(FinetunePrepError, match=r"not an alias.*@head.*Did you mean: @head"):
+        match("@haed", resnet18_table)
+
+
+def test_a_pattern_matching_nothing_is_an_error_with_close_names(resnet18_table):
+    with pytest.raises(FinetunePrepError) as err:
+        select("layr4", resnet18_table, "freeze.rules[1]")
+    text = str(err.value)
+    assert "freeze.rules[1]" in text and "'layr4' matches no parameter" in text
+    assert "Did you mean: layer4" in text and "Top-level modules: conv1, bn1" in text
+
+
+def test_malformed_regex_is_named(resnet18_table):
+    with pytest.raises(FinetunePrepError, match="not a valid regular expression"):
+        match("re:layer4.(", resnet18_table)
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ({}, r"freeze.rules\[0\] is empty"),
+        ({"freeze": "*", "unfreeze": "fc"}, "exactly one key, freeze or unfreeze"),
+        ({"frezee": "*"}, "exactly one key"),
+        ("layer4", "a rule is a mapping"),
+    ],
+)
+def test_malformed_rules(item, message):
+    with pytest.raises(FinetunePrepError, match=message):
+        parse_rules([item])
+
+
+def test_empty_pattern_is_an_error(resnet18_table):
+    with pytest.raises(FinetunePrepError, match="the pattern is empty"):
+        evaluate(rules(("freeze", "")), resnet18_table)
+
+
+def test_seed_recipe_freeze_all_then_unfreeze_head(resnet18_table):
+    plan = evaluate(rules(("freeze", "*"), ("unfreeze", "@head")), resnet18_table)
+    assert trainable(plan) == ["fc.weight", "fc.bias"]
+    assert plan.decided_by["fc.bias"] == "freeze.rules[1] {unfreeze: @head}"
+    assert plan.decided_by["conv1.weight"] == "freeze.rules[0] {freeze: *}"
+
+
+def test_later_rules_win_and_no_rules_train_everything(resnet18_table):
+    t = resnet18_table
+    assert trainable(evaluate([], t)) == list(t.names)
+    plan = evaluate(rules(("unfreeze", "*"), ("freeze", "layer4"), ("unfreeze", "layer4.1")), t)
+    assert [n for n in t.names if not plan.trainable[n]] == [
+        n for n in t.names if n.startswith("layer4.0.")
+    ]
+
+
+def test_fully_shadowed_rule_is_reported(resnet18_table):
+    plan = evaluate(rules(("freeze", "layer4"), ("unfreeze", "*")), resnet18_table)
+    assert plan.shadowed == ("freeze.rules[0] {freeze: layer4}",)
+    plan = evaluate(rules(("freeze", "*"), ("unfreeze", "layer4")), resnet18_table)
+    assert plan.shadowed == ()
+
+
+def reference(rule_list, names):
+    """A straightforward evaluation, written independently of rules.py."""
+    state = dict.fromkeys(names, True)
+    for action, pattern in rule_list:
+        for n in names:
+            parts = n.split(".")
+            scopes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+            if pattern.startswith("re:"):
+                hit = re.fullmatch(pattern[3:], n) is not None
+            else:
+                hit = any(fnmatch.fnmatchcase(s, pattern) for s in scopes)
+            if hit:
+                state[n] = action == "unfreeze"
+    return state
+
+
+def _patterns(table):
+    modules = sorted({".".join(n.split(".")[:k]) for n in table.names
+                      for k in range(1, len(n.split(".")) + 1)})
+    return st.one_of(
+        st.sampled_from(modules),
+        st.sampled_from(["*", "*.weight", "*.bias", "layer*", "*.bn?", "*downsample*"]),
+        st.sampled_from(modules).map(lambda m: "re:" + re.escape(m) + r"\..*"),
+    )
+
+
+@pytest.mark.parametrize("fixture", ["resnet18_table", "vit_table"])
+def test_rules_agree_with_a_reference_evaluation(fixture, request):
+    table = request.getfixturevalue(fixture)
+    rule = st.tuples(st.sampled_from(["freeze", "unfreeze"]), _patterns(table))
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(rule, max_size=6))
+    def check(rule_list):
+        expected = reference(rule_list, table.names)
+        try:
+            plan = evaluate(rules(*rule_list), table)
+        except FinetunePrepError:  # only a pattern that matches nothing may fail
+            assert any(all(reference([("freeze", p)], table.names).values())
+                       for _, p in rule_list)
+            return
+        assert dict(plan.trainable) == expected
+        again = evaluate(rules(*rule_list, *rule_list), table)
+        assert dict(again.trainable) == expected  # applying the rules twice changes nothing
+
+    check()
