@@ -71,3 +71,18 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
         [sys.executable, "-m", "finetune_prep", *args],
         cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+class TwoBranchNet(torch.nn.Module):
+    """A small custom network with a layer its forward never uses (the DDP-breaking bug)."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, width, 3)
+        self.bn = torch.nn.BatchNorm2d(width)
+        self.unused = torch.nn.Linear(width, width)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.bn(self.stem(x))).flatten(1))

@@ -1,0 +1,101 @@
+"""param_groups.json: atomic writing, reading back, and the training-script API."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from finetune_prep import paramfile
+from finetune_prep.errors import FinetunePrepError
+
+
+@pytest.fixture
+def planned(make_cfg, tmp_path):
+    """A head_only plan for resnet18, written to tmp_path/param_groups.json."""
+    from finetune_prep.runner import run
+
+    cfg = make_cfg("freeze=last_stage", "verify.backward=false", "optim=sgd")
+    return run(cfg, tmp_path)
+
+
+def fresh_resnet18(num_outputs: int = 1) -> torch.nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet18(weights=None, num_classes=num_outputs)
+
+
+def test_file_keeps_the_contract_invariants(planned):
+    doc = json.loads(planned.read_text())
+    assert doc["format"] == "finetune_prep/param_groups@1"
+    names = [n for n, _ in fresh_resnet18().named_parameters()]
+    grouped = [n for g in doc["groups"] for n in g["params"]]
+    assert sorted(grouped + doc["frozen"]) == sorted(names)
+    assert len(set(grouped + doc["frozen"])) == len(names)
+    assert doc["frozen"] == [n for n in names if n in doc["frozen"]]
+    assert set(grouped) == {n for n in names if n.startswith(("layer4.", "fc."))}
+    assert all(isinstance(g["lr"], float) and isinstance(g["weight_decay"], float)
+               for g in doc["groups"])
+    assert doc["optimizer"] == {"_target_": "torch.optim.SGD", "momentum": 0.9, "nesterov": True}
+    assert "layer3.1.bn2" in doc["eval_modules"] and "layer4.1.bn2" not in doc["eval_modules"]
+
+
+def test_load_param_groups_sets_requires_grad_and_gives_tensors(planned):
+    model = fresh_resnet18()
+    groups = paramfile.load_param_groups(model, planned)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters()
+                         if n.startswith(("layer4.", "fc."))}
+    params = {id(p) for g in groups for p in g["params"]}
+    assert params == {id(p) for p in model.parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(groups)  # the one-call contract
+    head = next(g for g in optimizer.param_groups if g["lr"] == pytest.approx(0.1))
+    assert head["params"][0] is model.fc.weight
+
+
+def test_build_optimizer_uses_the_recorded_target(planned):
+    optimizer = paramfile.build_optimizer(fresh_resnet18(), planned)
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.defaults["momentum"] == 0.9 and optimizer.defaults["nesterov"] is True
+
+
+def test_train_mode_keeps_frozen_batchnorm_in_eval(planned):
+    model = paramfile.train_mode(fresh_resnet18(), planned)
+    assert not model.layer3[1].bn2.training and not model.bn1.training
+    assert model.layer4[1].bn2.training and model.training
+
+
+def test_a_file_for_another_model_lists_the_differences(planned):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(FinetunePrepError) as err:
+        paramfile.load_param_groups(model, planned)
+    text = str(err.value)
+    assert "made for another model (resnet18, 1 outputs)" in text
+    assert "2 parameters of the model not in the file: 0.weight, 0.bias" in text
+    assert "62 names in the file not in the model: layer4.0.conv1.weight" in text
+
+
+def test_wrong_format_and_broken_json(tmp_path, planned):
+    other = tmp_path / "old.json"
+    other.write_text(json.dumps({"format": "finetune_prep/param_groups@0", "groups": []}))
+    with pytest.raises(FinetunePrepError, match="has format 'finetune_prep/param_groups@0'"):
+        paramfile.read(other)
+    broken = tmp_path / "broken.json"
+    broken.write_text(planned.read_text()[:-40])
+    with pytest.raises(FinetunePrepError, match="is not valid JSON"):
+        paramfile.read(broken)
+
+
+def test_write_atomic_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    target = tmp_path / "param_groups.json"
+    target.write_text("good\n")
+
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(paramfile.os, "fsync", no_space)
+    with pytest.raises(OSError):
+        paramfile.write_atomic(target, "partial")
+    assert target.read_text() == "good\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["param_groups.json"]

@@ -1,0 +1,64 @@
+"""The trainability summary, compared with the seed script's logic on the same model."""
+
+from __future__ import annotations
+
+import pytest
+
+from finetune_prep.report import state, top_level_rows
+
+
+def seed_grouped(model) -> dict[str, str]:
+    """The seed's print_trainable_layers(grouped=True), returning instead of printing."""
+    groups: dict[str, list[bool]] = {}
+    for name, param in model.named_parameters():
+        groups.setdefault(name.split(".")[0], []).append(param.requires_grad)
+    return {g: "Trainable" if any(p) else "Frozen" for g, p in groups.items()}
+
+
+@pytest.mark.parametrize("preset", ["head_only", "last_stage", "full", "frozen", "norm_only"])
+def test_grouped_rows_agree_with_the_seed_and_split_partial(make_cfg, preset):
+    from finetune_prep import prepare
+
+    prepared = prepare(make_cfg(f"freeze={preset}"), materialize=False)
+    trainable = {n: p.requires_grad for n, p in prepared.model.named_parameters()}
+    ours = {top: state(t, n) for top, t, n in top_level_rows(prepared.table, trainable)}
+    seed = seed_grouped(prepared.model)
+    assert list(ours) == list(seed)
+    for top in seed:  # the seed calls a half-frozen group Trainable; we call it Partial
+        assert (ours[top] != "Frozen") == (seed[top] == "Trainable")
+    if preset == "norm_only":
+        assert ours["layer1"] == "Partial" and seed["layer1"] == "Trainable"
+
+
+def test_head_only_summary_has_the_reference_counts(make_cfg):
+    from finetune_prep import prepare
+
+    summary = prepare(make_cfg("freeze=head_only"), materialize=False).summary
+    assert "Total parameters:     11,177,025" in summary
+    assert "Trainable parameters: 513 (0.00%)" in summary
+    assert "fc                   Trainable            513 / 513" in summary
+    assert "layer4               Frozen                 0 / 8,393,728     eval" in summary
+    assert "Stages (5): 0 conv1+bn1 | 1 layer1 | 2 layer2 | 3 layer3 | 4 layer4" in summary
+
+
+def test_ten_class_head_matches_design_reference(make_cfg):
+    from finetune_prep import prepare
+
+    doc = prepare(make_cfg("head.num_outputs=10"), materialize=False).document
+    assert doc["counts"] == {"total": 11181642, "trainable": 5130, "frozen": 11176512}
+
+
+def test_detailed_view_lists_every_parameter_with_its_shape(make_cfg):
+    from finetune_prep import prepare
+
+    prepared = prepare(make_cfg("report.grouped=false"), materialize=False)
+    lines = prepared.summary.splitlines()
+    assert any(line.split() == ["fc.weight", "Trainable", "1x512"] for line in lines)
+    assert any(line.split() == ["conv1.weight", "Frozen", "64x3x7x7"] for line in lines)
+    rows = [line for line in lines if line.split()[:1] and line.split()[0] in
+            dict(prepared.model.named_parameters())]
+    assert len(rows) == len(prepared.table.names)
+
+
+def test_states():
+    assert [state(0, 5), state(5, 5), state(2, 5)] == ["Frozen", "Trainable", "Partial"]

@@ -1,0 +1,104 @@
+"""The Python API `prepare`: a real model, weights loaded, the plan proven."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from finetune_prep import prepare
+from finetune_prep.errors import FinetunePrepError
+
+
+def test_prepare_loads_the_checkpoint_and_sets_requires_grad(make_cfg, resnet18_ckpt):
+    prepared = prepare(make_cfg(f"checkpoint.path={resnet18_ckpt}"))
+    state = torch.load(resnet18_ckpt, weights_only=True)
+    model_state = prepared.model.state_dict()
+    assert all(torch.equal(model_state[k], v) for k, v in state.items())
+    assert not any(t.is_meta for t in model_state.values())
+    assert [n for n, p in prepared.model.named_parameters() if p.requires_grad] == [
+        "fc.weight", "fc.bias"]
+    assert [g["params"] for g in prepared.param_groups] == [["fc.weight"], ["fc.bias"]]
+    optimizer = prepared.build_optimizer()
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.param_groups[0]["params"][0] is prepared.model.fc.weight
+
+
+def test_prepare_accepts_a_plain_dict():
+    cfg = {"model": {"arch": "resnet18"}, "freeze": {"rules": [{"freeze": "*"},
+                                                               {"unfreeze": "layer4"}]}}
+    prepared = prepare(cfg)
+    trainable = {n for n, p in prepared.model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in prepared.model.named_parameters()
+                         if n.startswith("layer4.")}
+
+
+def test_prepare_rejects_an_unknown_key():
+    with pytest.raises(FinetunePrepError, match="archh"):
+        prepare({"model": {"archh": "resnet18"}})
+
+
+def test_strict_false_lists_a_skipped_head(make_cfg, tmp_path):
+    import torchvision
+
+    path = tmp_path / "imagenet_like.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    prepared = prepare(make_cfg(f"checkpoint.path={path}", "checkpoint.strict=false"),
+                       materialize=False)
+    skipped = prepared.document["checkpoint"]["skipped"]
+    assert {s["key"]: (s["checkpoint"], s["model"]) for s in skipped} == {
+        "fc.weight": ([1000, 512], [1, 512]), "fc.bias": ([1000], [1])}
+    assert "skipped (shape mismatch): fc.weight checkpoint [1000, 512] vs model [1, 512]" in (
+        prepared.summary)
+    excluded = prepare(make_cfg(f"checkpoint.path={path}", "checkpoint.exclude_head=true"))
+    assert excluded.document["checkpoint"]["excluded"] == ["fc.weight", "fc.bias"]
+    assert excluded.model.fc.weight.shape == (1, 512) and not excluded.model.fc.weight.is_meta
+
+
+def test_proof_reports_a_trainable_layer_that_gets_no_gradient():
+    cfg = {"model": {"source": "target", "target": {"_target_": "conftest.TwoBranchNet"},
+                     "input_size": [3, 16, 16]},
+           "freeze": {"rules": [{"freeze": "stem"}]}, "verify": {"backward": True}}
+    prepared = prepare(cfg)
+    verified = prepared.document["verified"]
+    assert verified["backward"] and not verified["ok"]
+    assert verified["trainable_without_grad"] == ["unused.weight", "unused.bias"]
+    assert verified["frozen_changed"] == [] and verified["frozen_with_grad"] == []
+    assert "got no gradient (unused: breaks DDP): unused.weight, unused.bias" in prepared.summary
+    # the proof ran on a copy: the returned model is untouched by its optimizer step
+    assert prepared.model.unused.weight.grad is None and prepared.model.fc.weight.grad is None
+
+
+def test_proof_passes_on_head_only_and_keeps_frozen_batchnorm_fixed(make_cfg):
+    prepared = prepare(make_cfg("freeze=last_stage"), verify=True)
+    verified = prepared.document["verified"]
+    assert verified["ok"] and verified["input"] == [2, 3, 224, 224]
+    assert verified["trainable_unchanged"] == []
+    assert "layer3.1.bn2" in prepared.eval_modules
+
+
+def test_memory_estimate_counts_params_grads_and_adamw_state(make_cfg):
+    memory = prepare(make_cfg(), materialize=False).document["memory"]
+    assert memory["plan_bytes"] == (11_177_025 + 513 * 3) * 4
+    assert memory["full_finetune_bytes"] == 11_177_025 * 4 * 4
+    sgd = prepare(make_cfg("optim=sgd", "freeze=full"), materialize=False).document["memory"]
+    assert sgd["plan_bytes"] == 11_177_025 * 3 * 4  # params + grads + one momentum buffer
+
+
+def test_a_wrong_optimizer_argument_fails_at_plan_time(make_cfg):
+    with pytest.raises(FinetunePrepError, match="rejects its arguments.*momentum"):
+        prepare(make_cfg("+optim.optimizer.momentum=0.9"), materialize=False)
+
+
+def test_bn_stats_train_warns_about_live_running_statistics(make_cfg):
+    prepared = prepare(make_cfg("freeze.bn_stats=train"), materialize=False)
+    assert prepared.eval_modules == []
+    assert "WARNING: freeze.bn_stats=train: 20 frozen norm layers" in prepared.summary
+
+
+def test_config_object_round_trips_through_omegaconf(make_cfg):
+    cfg = make_cfg("freeze=full")
+    a = prepare(cfg, materialize=False).document
+    b = prepare(OmegaConf.to_container(cfg), materialize=False).document
+    assert a["groups"] == b["groups"]
+    assert a["provenance"]["config_sha256"] == b["provenance"]["config_sha256"]
