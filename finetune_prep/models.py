@@ -257,11 +257,11 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _timm_head(model: nn.Module) -> tuple[str, ...]:
-    classifier = model.get_classifier()
-    for name, module in model.named_modules():
-        if module is classifier:
-            return (name,)
-    return tuple(find_heads(model)[:1])
+    """timm's own classifier(s): distilled models return (head, head_dist)."""
+    found = model.get_classifier()
+    targets = found if isinstance(found, tuple) else (found,)
+    names = tuple(n for n, m in model.named_modules() if any(m is t for t in targets))
+    return names or tuple(find_heads(model)[:1])
 
 
 def _stages(model: nn.Module, model_cfg: Any, head: Sequence[str]) -> tuple[tuple[str, ...], ...]:

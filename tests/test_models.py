@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from functools import cache
-
 import pytest
 import torch
 import torchvision
+from conftest import meta_model
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -22,10 +21,9 @@ def build(model: dict, num_outputs: int = 3, meta: bool = True, **head) -> Built
     return build_model(OmegaConf.create(model), head_cfg, meta=meta)
 
 
-@cache
 def built(arch: str) -> BuiltModel:
     """Each torchvision classifier on meta with a 3-output head, once per session."""
-    return build({"arch": arch})
+    return meta_model(arch, 3)
 
 
 def count(model: nn.Module) -> int:
@@ -167,3 +165,13 @@ def test_timm_source():
     assert all(p.is_meta for p in b.model.parameters())
     with pytest.raises(FinetunePrepError, match="resnet18"):
         build({"source": "timm", "arch": "resnet181"})
+
+
+def test_timm_distilled_model_has_both_heads():
+    pytest.importorskip("timm")
+    b = build({"source": "timm", "arch": "deit_tiny_distilled_patch16_224"}, num_outputs=3)
+    assert b.table.head == ("head", "head_dist")
+    assert b.model.head.out_features == 3 and b.model.head_dist.out_features == 3
+    staged = {n for s in b.table.stages for e in s for n in b.table.names
+              if n == e or n.startswith(e + ".")}
+    assert not staged & {"head.weight", "head_dist.weight"}

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from functools import cache
-
 import pytest
 import torch
 import torchvision
+from conftest import meta_model
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -18,11 +17,9 @@ ARCHS = torchvision.models.list_models(module=torchvision.models)
 NUM_OUTPUTS = 3
 
 
-@cache
 def built(arch: str, source: str = "torchvision") -> BuiltModel:
     """A model on the meta device with a 3-output head, built once per session (do not mutate)."""
-    cfg = OmegaConf.create({"source": source, "arch": arch})
-    return build_model(cfg, OmegaConf.create({"num_outputs": NUM_OUTPUTS}), meta=True)
+    return meta_model(arch, NUM_OUTPUTS, source)
 
 
 def covers(prefix: str, name: str) -> bool:
