@@ -47,6 +47,7 @@ class FreezePlan:
     trainable: Mapping[str, bool]
     decided_by: Mapping[str, str | None]  # parameter -> the rule that set it last (None: default)
     shadowed: tuple[str, ...]  # rules whose every parameter a later rule overrides
+    empty: tuple[str, ...] = ()  # alias rules that select nothing on this model
 
 
 def covers(prefix: str, name: str) -> bool:
@@ -75,11 +76,14 @@ def match(pattern: str, table: ParamTable) -> list[str]:
 
 
 def select(pattern: str, table: ParamTable, where: str) -> list[str]:
-    """Like `match`, but a pattern that selects nothing is an error with suggestions."""
+    """Like `match`, but a name, glob or regex that selects nothing is an error with suggestions.
+
+    An alias may select nothing (a model without norm layers has no `@norm`): no typo there.
+    """
     if not isinstance(pattern, str) or not pattern.strip():
         raise FinetunePrepError(f"{where}: the pattern is empty; write a name, glob, re: or alias.")
     names = match(pattern, table)
-    if not names:
+    if not names and not pattern.startswith("@"):
         raise FinetunePrepError(
             f"{where}: {pattern!r} matches no parameter.{_hint(pattern, table)}"
         )
@@ -116,14 +120,15 @@ def evaluate(rules: Sequence[Rule], table: ParamTable) -> FreezePlan:
         for name in names:
             trainable[name] = rule.action == "unfreeze"
             decided_by[name] = str(rule)
-    return FreezePlan(trainable, decided_by, _shadowed(rules, selections))
+    empty = tuple(str(r) for r, names in zip(rules, selections, strict=True) if not names)
+    return FreezePlan(trainable, decided_by, _shadowed(rules, selections), empty)
 
 
 def _shadowed(rules: Sequence[Rule], selections: Sequence[list[str]]) -> tuple[str, ...]:
     later: set[str] = set()
     shadowed = []
     for rule, names in zip(reversed(rules), reversed(selections), strict=True):
-        if later.issuperset(names):
+        if names and later.issuperset(names):
             shadowed.append(str(rule))
         later.update(names)
     return tuple(reversed(shadowed))
@@ -177,8 +182,6 @@ def _stage_at(table: ParamTable, index: int, pattern: str) -> Sequence[str]:
 
 
 def _hint(pattern: str, table: ParamTable) -> str:
-    if pattern.startswith("@"):
-        return " (the alias is valid but selects nothing on this model)"
     words = list(dict.fromkeys(s for n in table.names for s in _scopes(n)))
     close = _close(pattern.removeprefix("re:"), words)
     tops = ", ".join(dict.fromkeys(n.split(".")[0] for n in table.names))

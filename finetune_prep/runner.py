@@ -102,6 +102,7 @@ def prepare(
     eval_modules, notes = _norm_stats(built.table, freeze, cfg.freeze.bn_stats)
     notes += [f"{rule} has no effect: later rules override every parameter it selects"
               for rule in freeze.shadowed]
+    notes += [f"{rule} selects nothing on {built.arch}" for rule in freeze.empty]
     do_verify = _should_verify(cfg, built.table, verify)
     model = built.model
     if materialize or do_verify:

@@ -1,0 +1,46 @@
+"""Every freeze preset on every torchvision classifier: the presets mean the same everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torchvision
+from conftest import REPO, meta_model
+from omegaconf import OmegaConf
+
+from finetune_prep.rules import evaluate, match, parse_rules
+
+ARCHS = torchvision.models.list_models(module=torchvision.models)
+PRESETS = sorted(p.stem for p in (REPO / "conf" / "freeze").glob("*.yaml"))
+
+
+def trainable_under(table, preset: str) -> set[str]:
+    rules = OmegaConf.load(REPO / "conf" / "freeze" / f"{preset}.yaml").rules
+    plan = evaluate(parse_rules(rules), table)
+    return {n for n, t in plan.trainable.items() if t}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_presets_order_and_meaning(arch):
+    table = meta_model(arch, 3).table
+    head = set(match("@head", table))
+    every = set(table.names)
+    got = {p: trainable_under(table, p) for p in PRESETS}
+    assert got["head_only"] == head
+    assert got["full"] == every and got["frozen"] == set()
+    assert head < got["last_stage"] < every  # strictly between head_only and full
+    assert got["last_stage"] <= got["last_two_stages"] < every
+    norms = set(match("@norm", table))
+    assert got["norm_only"] == norms | head
+    assert got["bn_frozen"] == every - norms
+
+
+def test_every_preset_file_is_tested():
+    assert {"head_only", "last_stage", "last_two_stages", "full", "frozen", "norm_only",
+            "bn_frozen"} == set(PRESETS)
+
+
+def test_an_alias_that_selects_nothing_is_reported_not_fatal():
+    table = meta_model("vgg16", 3).table  # no normalization layers
+    plan = evaluate(parse_rules([{"unfreeze": "*"}, {"freeze": "@norm"}]), table)
+    assert plan.empty == ("freeze.rules[1] {freeze: @norm}",)
+    assert all(plan.trainable.values())
