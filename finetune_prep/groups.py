@@ -22,7 +22,8 @@ class Setting:
 
     lr: float
     weight_decay: float
-    label: str  # the group name it contributes to, before merging
+    label: str  # what placed it (head, backbone, stage3, a group rule's name)
+    no_decay: bool  # weight decay switched off by optim.no_decay
     reasons: tuple[str, ...]
 
 
@@ -52,11 +53,11 @@ def assign(table: ParamTable, trainable: Sequence[str], optim: Any) -> dict[str,
             lr, wd = lr * cfg.lr_mult, wd * cfg.wd_mult
             label = cfg.name or cfg.match
             reasons.append(f"{where} ({cfg.match})")
-        if name in no_decay and wd != 0.0:
+        off = name in no_decay and wd != 0.0
+        if off:
             wd = 0.0
-            label += "/no_decay"
             reasons.append(f"optim.no_decay ({no_decay[name]})")
-        settings[name] = Setting(lr, wd, label, tuple(reasons))
+        settings[name] = Setting(lr, wd, label, off, tuple(reasons))
     return settings
 
 
@@ -67,14 +68,15 @@ def merge(settings: Mapping[str, Setting], base_lr: float) -> list[dict[str, Any
         group = groups.setdefault(
             (s.lr, s.weight_decay),
             {"labels": [], "lr": s.lr, "weight_decay": s.weight_decay, "reasons": [],
-             "params": []},
+             "no_decay": False, "params": []},
         )
         group["params"].append(name)
         _add_unique(group["labels"], [s.label])
+        group["no_decay"] |= s.no_decay
         _add_unique(group["reasons"], s.reasons)
     return [
         {
-            "name": "+".join(g["labels"]),
+            "name": "+".join(g["labels"]) + ("/no_decay" if g["no_decay"] else ""),
             "lr": g["lr"],
             "weight_decay": g["weight_decay"],
             "lr_scale": g["lr"] / base_lr if base_lr else 1.0,

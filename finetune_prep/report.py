@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from finetune_prep.models import ParamTable
-from finetune_prep.rules import covers
+from finetune_prep.rules import covers, stage_params
 
 
 def state(trainable: int, total: int) -> str:
@@ -43,6 +43,7 @@ def render(
     parts = [
         _header(document, table),
         _grouped(table, trainable, document) if grouped else _detailed(table, trainable),
+        _stages(table, trainable),
         _totals(document["counts"]),
         _groups(document),
         _memory(document.get("memory")),
@@ -59,8 +60,6 @@ def _header(document: Mapping[str, Any], table: ParamTable) -> str:
     lines = [
         f"Model: {model['arch']} ({model['source']}), {model['num_outputs']} outputs",
         f"Head: {heads}",
-        f"Stages ({len(model['stages'])}): "
-        + " | ".join(f"{i} {s}" for i, s in enumerate(model["stages"])),
     ]
     lines += _checkpoint_lines(ckpt)
     return "\n".join(lines)
@@ -101,6 +100,21 @@ def _mode(stats: Sequence[str], eval_modules: set[str]) -> str:
     if in_eval == 0:
         return "train"
     return "eval" if in_eval == len(stats) else f"mixed ({in_eval}/{len(stats)} eval)"
+
+
+def _stages(table: ParamTable, trainable: Mapping[str, bool]) -> str:
+    """One row per stage (the units that @stage[i] and layer decay index), then the head."""
+    rows = [(f"{i} {'+'.join(s)}", stage_params(table, s)) for i, s in enumerate(table.stages)]
+    rows.append(("head " + "+".join(table.head),
+                 [n for n in table.names if any(covers(h, n) for h in table.head)]))
+    width = min(max(len(label) for label, _ in rows) + 2, 60)
+    lines = [f"{f'Stages ({len(table.stages)}) and head':<{width}} {'State':<10} "
+             f"{'Trainable':>13} / Total"]
+    for label, names in rows:
+        t = sum(table.numel(n) for n in names if trainable[n])
+        n = sum(table.numel(n) for n in names)
+        lines.append(f"{label:<{width}} {state(t, n):<10} {t:>13,} / {n:,}")
+    return "\n".join(lines)
 
 
 def _detailed(table: ParamTable, trainable: Mapping[str, bool]) -> str:

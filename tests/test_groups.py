@@ -31,7 +31,7 @@ def test_head_only_gives_a_decay_and_a_no_decay_group(resnet18_table):
 def test_no_decay_covers_biases_norms_and_1d_parameters(resnet18_table, vit_table):
     t = resnet18_table
     groups = by_name(build_groups(t, list(t.names), optim()))
-    no_decay = set(groups["backbone/no_decay+head/no_decay"]["params"])
+    no_decay = set(groups["backbone+head/no_decay"]["params"])
     assert no_decay == {n for n in t.names if len(t.shapes[n]) <= 1}
     assert "bn1.weight" in no_decay and "conv1.weight" not in no_decay
     # a ViT's class token and position embedding are not 1-d: decayed unless a pattern says so
