@@ -74,9 +74,15 @@ def load_param_groups(model: nn.Module, path: str | os.PathLike) -> list[dict[st
     trainable = {n for g in document["groups"] for n in g["params"]}
     for name, param in params.items():
         param.requires_grad_(name in trainable)
+    return tensor_groups(model, document["groups"])
+
+
+def tensor_groups(model: nn.Module, groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Groups of parameter names -> the groups of tensors that torch.optim takes."""
+    params = dict(model.named_parameters())
     return [
         {"params": [params[n] for n in g["params"]], **{k: g[k] for k in GROUP_KEYS if k in g}}
-        for g in document["groups"]
+        for g in groups
     ]
 
 

@@ -59,9 +59,7 @@ class Prepared:
 
     def optimizer_groups(self) -> list[dict[str, Any]]:
         """The groups with tensors, ready for torch.optim."""
-        params = dict(self.model.named_parameters())
-        return [{"params": [params[n] for n in g["params"]],
-                 **{k: g[k] for k in paramfile.GROUP_KEYS}} for g in self.param_groups]
+        return paramfile.tensor_groups(self.model, self.param_groups)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The configured optimizer on the groups."""
@@ -183,11 +181,9 @@ def _check_optimizer(model: nn.Module, groups: list[dict], spec: Any) -> None:
     """Construct the optimizer now, so a wrong argument fails here and not on the cluster."""
     if not groups:
         return
-    params = dict(model.named_parameters())
     factory = _optimizer_factory(spec)
     try:
-        factory([{"params": [params[n] for n in g["params"]],
-                  **{k: g[k] for k in paramfile.GROUP_KEYS}} for g in groups])
+        factory(paramfile.tensor_groups(model, groups))
     except (TypeError, ValueError) as err:
         raise FinetunePrepError(
             f"optim.optimizer ({spec.get('_target_')}) rejects its arguments: {err}"
@@ -255,7 +251,8 @@ def _verify(
         return {"backward": False, "reason": "nothing trains"}
     model = copy.deepcopy(model) if keep else model
     paramfile.train_mode(model, eval_modules)
-    return prove(model, groups, _optimizer_factory(cfg.optim.optimizer), built.input_size,
+    return prove(model, paramfile.tensor_groups(model, groups),
+                 _optimizer_factory(cfg.optim.optimizer), built.input_size,
                  cfg.verify.batch_size, cfg.verify.seed)
 
 

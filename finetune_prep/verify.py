@@ -52,13 +52,13 @@ def prove(
     batch_size: int,
     seed: int,
 ) -> dict[str, Any]:
-    """One forward/backward/step on `model` (which it changes); return what was checked."""
+    """One forward/backward/step on `model` (which it changes); return what was checked.
+
+    `groups` are torch.optim groups of `model`'s own tensors.
+    """
     params = dict(model.named_parameters())
     before = {n: p.detach().clone() for n, p in params.items()}
-    optimizer = make_optimizer(
-        [{**{k: v for k, v in g.items() if k in ("lr", "weight_decay")},
-          "params": [params[n] for n in g["params"]]} for g in groups]
-    )
+    optimizer = make_optimizer(groups)
     generator = torch.Generator().manual_seed(seed)
     batch = torch.randn(batch_size, *input_size, generator=generator)
     optimizer.zero_grad(set_to_none=True)
