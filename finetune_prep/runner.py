@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from finetune_prep import paramfile, provenance
+from finetune_prep import cache, paramfile, provenance
 from finetune_prep.checkpoint import Checkpoint, Fit, check_fit, load_into, read_checkpoint
 from finetune_prep.config import Config
 from finetune_prep.errors import FinetunePrepError
@@ -90,8 +90,9 @@ def prepare(
 ) -> Prepared:
     """Build, load, freeze and plan. `materialize=False` keeps the model on the meta device."""
     cfg = to_config(cfg)
-    built = build_model(cfg.model, cfg.head, meta=True)
-    sources = _read_sources(cfg, built)
+    built = cache.build_meta_model(cfg.model, cfg.head)  # a fresh meta copy per call
+    do_verify = _should_verify(cfg, built.table, verify)
+    sources = _read_sources(cfg, built, reuse=not (materialize or do_verify))
     freeze = evaluate(parse_rules(cfg.freeze.rules), built.table)
     trainable = [n for n in built.table.names if freeze.trainable[n]]
     _set_trainable(built.model, trainable)
@@ -101,7 +102,6 @@ def prepare(
     notes += [f"{rule} has no effect: later rules override every parameter it selects"
               for rule in freeze.shadowed]
     notes += [f"{rule} selects nothing on {built.arch}" for rule in freeze.empty]
-    do_verify = _should_verify(cfg, built.table, verify)
     model = built.model
     if materialize or do_verify:
         model = _materialize(cfg, built, sources, trainable)
@@ -124,14 +124,18 @@ def run(
             log.info(line)
     output_dir.mkdir(parents=True, exist_ok=True)
     target = output_dir / "param_groups.json"
-    paramfile.write_atomic(output_dir / "trainability.txt", prepared.summary)
+    # the plan first: if it cannot be written, an earlier run's summary stays beside its plan
     paramfile.write_atomic(target, paramfile.dumps(prepared.document))
+    paramfile.write_atomic(output_dir / "trainability.txt", prepared.summary)
     log.info("Wrote %s", target)
     return target
 
 
-def _read_sources(cfg: DictConfig, built: BuiltModel) -> list[Source]:
-    """Open and fit each checkpoint: torchvision weights first, then checkpoint.path."""
+def _read_sources(cfg: DictConfig, built: BuiltModel, reuse: bool = False) -> list[Source]:
+    """Open and fit each checkpoint: torchvision weights first, then checkpoint.path.
+    `reuse`: take an opened checkpoint from the process cache (only when no weights are loaded,
+    so no job ever gets tensors another job may have changed)."""
+    read = cache.read_checkpoint if reuse else read_checkpoint
     shapes = {k: tuple(v.shape) for k, v in built.model.state_dict().items()}
     sources = []
     if cfg.model.weights:
@@ -141,13 +145,13 @@ def _read_sources(cfg: DictConfig, built: BuiltModel) -> list[Source]:
                 "give pretrained weights as checkpoint.path=FILE (nothing is downloaded)."
             )
         path = torchvision_weights_file(built.arch, cfg.model.weights)
-        ckpt = read_checkpoint(path)
+        ckpt = read(path)
         fit = check_fit(_shapes(ckpt), shapes, strict=True, exclude=built.table.head,
                         source=f"model.weights={cfg.model.weights}")
         sources.append(Source("model.weights", ckpt, fit))
     if cfg.checkpoint.path:
         c = cfg.checkpoint
-        ckpt = read_checkpoint(c.path, key=c.key, prefix=c.prefix)
+        ckpt = read(c.path, key=c.key, prefix=c.prefix)
         exclude = built.table.head if c.exclude_head else ()
         fit = check_fit(_shapes(ckpt), shapes, strict=c.strict, exclude=exclude,
                         source=f"checkpoint.path={c.path}")

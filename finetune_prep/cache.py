@@ -1,0 +1,93 @@
+"""A process-level cache of meta-built models and opened checkpoints.
+
+In a basic-launcher multirun every job runs in this one process; jobs that share the model
+and head config, or the checkpoint, reuse the meta model and the checkpoint's index instead of
+building and opening them again. What is cached never holds real weights:
+
+- models: the meta-built `BuiltModel`, kept as a master that no job touches; each call gets
+  its own `copy.deepcopy` of the meta model (cheap: no tensor data), so setting requires_grad
+  or loading real tensors into it never reaches the next job;
+- checkpoints: the opened `Checkpoint` (mmap'd or header-only tensors) for planning only; a
+  run that materializes re-reads the file, so weights it hands out (and may train in place)
+  are never shared. The key holds the file's size, mtime, ctime and inode, so a file
+  rewritten between calls is read again.
+
+Both are small LRUs; `clear()` empties them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+from finetune_prep import checkpoint, models
+
+MAX_ENTRIES = 4
+T = TypeVar("T")
+_models: OrderedDict[Hashable, models.BuiltModel] = OrderedDict()
+_checkpoints: OrderedDict[Hashable, checkpoint.Checkpoint] = OrderedDict()
+
+
+def build_meta_model(model_cfg: Any, head_cfg: Any) -> models.BuiltModel:
+    """`build_model(model_cfg, head_cfg, meta=True)`, built once per config: a fresh copy."""
+    key = _model_key(model_cfg, head_cfg)
+    if key is None:
+        return models.build_model(model_cfg, head_cfg, meta=True)
+    master = _get(_models, key, lambda: models.build_model(model_cfg, head_cfg, meta=True))
+    return dataclasses.replace(master, model=copy.deepcopy(master.model))
+
+
+def read_checkpoint(
+    path: str | os.PathLike, key: str | None = None, prefix: str | None = None
+) -> checkpoint.Checkpoint:
+    """`checkpoint.read_checkpoint`, opened once per file version (for planning only)."""
+    try:
+        st = os.stat(os.path.expanduser(os.fspath(path)))
+    except (OSError, TypeError, ValueError):
+        return checkpoint.read_checkpoint(path, key=key, prefix=prefix)  # its own message
+    ident = (os.path.realpath(os.path.expanduser(os.fspath(path))), key, prefix,
+             st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+    return _get(_checkpoints, ident,
+                lambda: checkpoint.read_checkpoint(path, key=key, prefix=prefix))
+
+
+def clear() -> None:
+    """Forget every cached model and checkpoint."""
+    _models.clear()
+    _checkpoints.clear()
+
+
+def _get(store: OrderedDict[Hashable, T], key: Hashable, make: Callable[[], T]) -> T:
+    if key in store:
+        store.move_to_end(key)
+        return store[key]
+    value = store[key] = make()
+    while len(store) > MAX_ENTRIES:
+        store.popitem(last=False)
+    return value
+
+
+def _model_key(model_cfg: Any, head_cfg: Any) -> Hashable | None:
+    """The resolved model and head config; for a `_target_` model also the class object itself
+    (so a class redefined in a notebook is built again). None: do not cache."""
+    try:
+        plain = [OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else c
+                 for c in (model_cfg, head_cfg)]
+        key: tuple = (json.dumps(plain, sort_keys=True),)
+    except Exception:  # unresolvable or not JSON-able: build it uncached, with its own errors
+        return None
+    if plain[0].get("source") == "target":
+        from hydra.utils import get_object
+
+        try:
+            key += (id(get_object(str(plain[0]["target"]["_target_"]))),)
+        except Exception:
+            return None
+    return key

@@ -1,0 +1,95 @@
+"""The process cache: same config reuses the meta model and checkpoint; changes do not."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from finetune_prep import cache, checkpoint, models, runner
+from finetune_prep.runner import prepare
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Empty caches, and counts of meta builds and checkpoint reads."""
+    cache.clear()
+    calls = {"build": 0, "read": 0}
+    build, read = models.build_model, checkpoint.read_checkpoint
+
+    def counting_build(*args, **kwargs):
+        calls["build"] += kwargs.get("meta", args[2] if len(args) > 2 else False)
+        return build(*args, **kwargs)
+
+    def counting_read(*args, **kwargs):
+        calls["read"] += 1
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(models, "build_model", counting_build)
+    monkeypatch.setattr(checkpoint, "read_checkpoint", counting_read)  # the cache's reads
+    monkeypatch.setattr(runner, "read_checkpoint", counting_read)  # uncached reads
+    yield calls
+    cache.clear()
+
+
+def _plan(make_cfg, *overrides):
+    return prepare(make_cfg(*overrides), materialize=False, verify=False)
+
+
+def test_same_config_reuses_model_and_checkpoint(counted, make_cfg, resnet18_ckpt):
+    args = (f"checkpoint.path={resnet18_ckpt}",)
+    first = _plan(make_cfg, *args, "freeze=full")
+    second = _plan(make_cfg, *args, "freeze=head_only")
+    assert counted == {"build": 1, "read": 1}
+    assert first.model is not second.model  # each job its own copy
+    # the second job's requires_grad did not leak into the first job's model
+    assert all(p.requires_grad for p in first.model.parameters())
+    assert not second.model.conv1.weight.requires_grad
+    assert first.document["counts"]["trainable"] == first.document["counts"]["total"]
+
+
+def test_different_head_builds_again(counted, make_cfg):
+    a = _plan(make_cfg, "head.num_outputs=1")
+    b = _plan(make_cfg, "head.num_outputs=7")
+    assert counted["build"] == 2
+    assert a.model.fc.out_features == 1 and b.model.fc.out_features == 7
+
+
+def test_rewritten_checkpoint_is_read_again(counted, make_cfg, tmp_path, resnet18_ckpt):
+    path = tmp_path / "ckpt.pth"
+    state = torch.load(resnet18_ckpt, weights_only=True)
+    torch.save(state, path)
+    ok = _plan(make_cfg, f"checkpoint.path={path}")
+    assert ok.document["checkpoint"]["loaded"] == len(state)
+    torch.save({k: v for k, v in state.items() if not k.startswith("fc.")}, path)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # coarse clocks
+    redone = _plan(make_cfg, f"checkpoint.path={path}", "checkpoint.strict=false")
+    assert counted["read"] == 2
+    assert redone.document["checkpoint"]["missing"] == ["fc.weight", "fc.bias"]
+
+
+def test_cached_equals_uncached(counted, make_cfg, resnet18_ckpt):
+    args = (f"checkpoint.path={resnet18_ckpt}", "freeze=last_stage")
+    cold = _plan(make_cfg, *args)
+    warm = _plan(make_cfg, *args)
+    assert counted == {"build": 1, "read": 1}
+    for doc in (cold.document, warm.document):
+        doc.pop("provenance")
+    assert warm.document == cold.document
+    assert warm.summary == cold.summary
+
+
+def test_materialized_models_never_share_weights(counted, make_cfg, resnet18_ckpt):
+    cfg = make_cfg(f"checkpoint.path={resnet18_ckpt}", "freeze=full")
+    first = prepare(cfg, verify=False)
+    with torch.no_grad():
+        first.model.conv1.weight.add_(1.0)  # training in place
+    second = prepare(cfg, verify=False)
+    assert counted["build"] == 1  # the meta model is reused ...
+    assert counted["read"] == 2  # ... but weights are read afresh
+    assert not second.model.conv1.weight.is_meta
+    expected = torch.load(resnet18_ckpt, weights_only=True)["conv1.weight"]
+    assert torch.equal(second.model.conv1.weight, expected)
+    assert second.model.conv1.weight.data_ptr() != first.model.conv1.weight.data_ptr()
