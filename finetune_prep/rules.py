@@ -82,7 +82,10 @@ def select(pattern: str, table: ParamTable, where: str) -> list[str]:
     """
     if not isinstance(pattern, str) or not pattern.strip():
         raise FinetunePrepError(f"{where}: the pattern is empty; write a name, glob, re: or alias.")
-    names = match(pattern, table)
+    try:
+        names = match(pattern, table)
+    except FinetunePrepError as err:
+        raise FinetunePrepError(f"{where}: {err}") from None
     if not names and not pattern.startswith("@"):
         raise FinetunePrepError(
             f"{where}: {pattern!r} matches no parameter.{_hint(pattern, table)}"

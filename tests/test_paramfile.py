@@ -95,7 +95,7 @@ def test_write_atomic_leaves_the_old_file_when_writing_fails(tmp_path, monkeypat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(paramfile.os, "fsync", no_space)
-    with pytest.raises(OSError):
+    with pytest.raises(FinetunePrepError, match="No space left on device"):
         paramfile.write_atomic(target, "partial")
     assert target.read_text() == "good\n"
     assert [p.name for p in tmp_path.iterdir()] == ["param_groups.json"]
