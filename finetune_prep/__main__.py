@@ -71,6 +71,8 @@ def main() -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    if "joblib" in sys.modules:  # a normal exit shuts joblib's loky workers down; skipping it
+        sys.exit(code)  # leaves them holding our stdout (a pipe stays open for minutes)
     os._exit(code)
 
 

@@ -1,0 +1,316 @@
+"""Multirun summary: one row per job in sweep_summary.csv / .md (and a .png heatmap).
+
+Hydra 1.3 skips `on_multirun_end` when any job failed, but runs `on_job_end` for every job,
+inside the worker process (joblib too). So each job writes its own `job_result.json` and then
+rebuilds the whole summary from all result files under the sweep dir, under a file lock; the
+summary is complete after the last job whichever launcher ran it. `on_multirun_end` rebuilds
+once more. Every number comes from the job's own param_groups.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("finetune_prep")
+
+RESULT_FILE = "job_result.json"
+PARAM_FILE = "param_groups.json"
+CSV_FILE = "sweep_summary.csv"
+MD_FILE = "sweep_summary.md"
+PNG_FILE = "sweep_summary.png"
+LOCK_FILE = ".sweep_summary.lock"
+COLUMNS = ("job", "overrides", "status", "error", "trainable", "total", "trainable_pct",
+           "groups", "memory_mib", "verified", "job_dir")
+PLOT_HINT = "pip install 'finetune_prep[plot]' to get sweep_summary.png"
+_hinted = False
+
+
+class SweepSummary(Callback):
+    """Registered in conf/config.yaml under hydra.callbacks; acts in MULTIRUN mode only."""
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        hydra = config.get("hydra")
+        if hydra is None or hydra.get("mode") != RunMode.MULTIRUN:
+            return
+        job_dir = Path(str(hydra.runtime.output_dir))
+        sweep_dir = _sweep_dir(job_dir, str(hydra.sweep.subdir))
+        result = {
+            "job": int(hydra.job.num),
+            "overrides": list(OmegaConf.to_container(hydra.overrides.task, resolve=False)),
+            "status": "COMPLETED" if job_return.status == JobStatus.COMPLETED else "FAILED",
+            "error": _error_text(job_return),
+            "job_dir": str(job_dir),
+        }
+        try:
+            doc = _read_json(job_dir / PARAM_FILE) if result["status"] == "COMPLETED" else None
+            if doc is not None:
+                sizes = _param_sizes(config)
+                result["stage_params"] = stage_counts(doc, sizes)
+                result["stage_unit"] = "elements" if sizes else "tensors"
+            job_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(job_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
+            write_summary(sweep_dir, plot_if_failed_only=True)
+        except Exception:  # a summary problem must never turn a good job into a failed one
+            log.exception("could not write the sweep summary in %s", sweep_dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            sweep_dir = Path(str(config.hydra.sweep.dir))
+            write_summary(sweep_dir)
+            (sweep_dir / LOCK_FILE).unlink(missing_ok=True)
+        except Exception:
+            log.exception("could not write the sweep summary")
+
+
+def _sweep_dir(job_dir: Path, subdir: str) -> Path:
+    """The sweep root: the job dir without its subdir (both already resolved in the job)."""
+    depth = len(Path(subdir).parts) or 1
+    return job_dir.parents[depth - 1]
+
+
+def _error_text(job_return: JobReturn) -> str:
+    if job_return.status == JobStatus.COMPLETED:
+        return ""
+    err = job_return._return_value
+    if err is None:
+        return "unknown error"
+    from finetune_prep.errors import FinetunePrepError
+
+    if isinstance(err, FinetunePrepError):
+        return str(err)
+    return f"internal error: {type(err).__name__}: {err}"
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job result file under `sweep_dir`, numbers read from its param_groups.json."""
+    rows = []
+    for path in sorted(Path(sweep_dir).rglob(RESULT_FILE)):
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        rows.append(_row(result, path.parent / PARAM_FILE))
+    return sorted(rows, key=lambda r: r["job"])
+
+
+def _row(result: dict[str, Any], param_file: Path) -> dict[str, Any]:
+    row = {k: "" for k in COLUMNS}
+    row.update({k: result.get(k, "") for k in ("job", "status", "error", "job_dir")})
+    row["overrides"] = " ".join(result.get("overrides", []))
+    doc = _read_json(param_file) if result.get("status") == "COMPLETED" else None
+    if doc is not None:
+        counts = doc["counts"]
+        row["trainable"] = counts["trainable"]
+        row["total"] = counts["total"]
+        row["trainable_pct"] = float(f"{100 * counts['trainable'] / max(counts['total'], 1):.4g}")
+        row["groups"] = len(doc["groups"])
+        row["memory_mib"] = round(doc["memory"]["plan_bytes"] / 2**20, 1)
+        row["verified"] = _verified_text(doc["verified"])
+        row["_stages"] = result.get("stage_params") or stage_counts(doc)
+        row["_unit"] = result.get("stage_unit", "tensors") if "stage_params" in result \
+            else "tensors"
+    return row
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _verified_text(verified: dict[str, Any]) -> str:
+    if not verified.get("backward"):
+        return f"not run ({verified.get('reason', '')})"
+    return "ok" if verified.get("ok") else "FAILED"
+
+
+def to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    head = ["job", "overrides", "status", "trainable", "total", "trainable %", "groups",
+            "memory (MiB)", "verified", "error", "job dir"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["job"], f"`{r['overrides']}`" if r["overrides"] else "", r["status"],
+                 _num(r["trainable"]), _num(r["total"]), r["trainable_pct"], r["groups"],
+                 r["memory_mib"], r["verified"], r["error"], r["job_dir"]]
+        lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
+    failed = sum(r["status"] != "COMPLETED" for r in rows)
+    lines += ["", f"{len(rows)} jobs, {failed} failed."]
+    return "# Sweep summary\n\n" + "\n".join(lines) + "\n"
+
+
+def _num(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _md(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def write_summary(sweep_dir: Path, plot_if_failed_only: bool = False) -> list[dict[str, Any]]:
+    """Rebuild sweep_summary.{csv,md,png} from every job's result file (under a lock).
+
+    After each job the plot (about 2 s of matplotlib) is drawn only once a job has failed,
+    because Hydra then skips on_multirun_end, which draws it otherwise.
+    """
+    sweep_dir = Path(sweep_dir)
+    with _locked(sweep_dir / LOCK_FILE):
+        rows = collect(sweep_dir)
+        _write_atomic(sweep_dir / CSV_FILE, to_csv(rows))
+        _write_atomic(sweep_dir / MD_FILE, to_markdown(rows))
+        if not plot_if_failed_only or any(r["status"] == "FAILED" for r in rows):
+            plot(rows, sweep_dir / PNG_FILE)
+    return rows
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock between concurrent workers (fcntl; no lock where it is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the atomic renames still keep every file whole
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def stage_counts(doc: dict[str, Any], numel: dict[str, int] | None = None) -> dict[str, list]:
+    """[trainable, total] per stage (plus 'head' and, if any, 'other'), from the names in
+    param_groups.json; counted in elements with `numel` (name -> size), else in tensors."""
+    from finetune_prep.rules import covers
+
+    trainable = {n for g in doc["groups"] for n in g["params"]}
+    model = doc["model"]
+    heads = model.get("heads") or [model["head"]]
+    buckets = [(label, label.split("+")) for label in model["stages"]] + [("head", heads)]
+    totals: dict[str, list[int]] = {label: [0, 0] for label, _ in buckets}
+    for name in [*trainable, *doc["frozen"]]:
+        label = next((lbl for lbl, mods in buckets if any(covers(m, name) for m in mods)),
+                     "other")
+        size = numel.get(name, 1) if numel else 1
+        counts = totals.setdefault(label, [0, 0])
+        counts[0] += size if name in trainable else 0
+        counts[1] += size
+    return {label: c for label, c in totals.items() if c[1]}
+
+
+def _param_sizes(config: DictConfig) -> dict[str, int] | None:
+    """Element count of each parameter: the job's model built again on the meta device."""
+    try:
+        from finetune_prep.models import build_model
+
+        table = build_model(config.model, config.head, meta=True).table
+        return {n: table.numel(n) for n in table.names}
+    except Exception as err:  # the plot falls back to counting tensors
+        log.info("sweep summary: counting tensors, not elements (%s)", err)
+        return None
+
+
+def plot(rows: Sequence[dict[str, Any]], target: Path) -> bool:
+    """Heatmap: stages x jobs, colour = trainable share. False (and one hint) without
+    matplotlib."""
+    global _hinted
+    if not any("_stages" in r for r in rows):
+        return False  # no job has finished yet: nothing to draw
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if not _hinted:
+            log.info("sweep summary: %s", PLOT_HINT)
+            _hinted = True
+        return False
+    fractions = [{k: t / n for k, (t, n) in r["_stages"].items()} if "_stages" in r else {}
+                 for r in rows]
+    units = {r["_unit"] for r in rows if "_unit" in r}
+    unit = "parameters" if units == {"elements"} else "parameter tensors"
+    labels: list[str] = []
+    for f in fractions:
+        labels += [k for k in f if k not in labels and k not in ("head", "other")]
+    labels += [k for k in ("head", "other") if any(k in f for f in fractions)]
+    grid = [[f.get(label, math.nan) for f in fractions] for label in labels]
+    shared = set.intersection(*(set(r["overrides"].split()) for r in rows)) if rows else set()
+    columns = [_column_label(r, shared) for r in rows]
+
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * max(len(rows), 1), 1.4 + 0.45 * len(labels)))
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("#dddddd")
+    image = ax.imshow(grid, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    for i, line in enumerate(grid):
+        for j, value in enumerate(line):
+            text = "—" if math.isnan(value) else _percent(value)
+            color = "white" if not math.isnan(value) and value < 0.6 else "black"
+            ax.text(j, i, text, ha="center", va="center", fontsize=9, color=color)
+    ax.set_xticks(range(len(columns)), columns, fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=9)
+    ax.set_xlabel("job")
+    ax.set_ylabel("stage")
+    ax.set_title(f"Share of each stage's {unit} that train", fontsize=10)
+    fig.colorbar(image, ax=ax, label=f"trainable share ({unit})", fraction=0.05, pad=0.02)
+    fig.tight_layout()
+    tmp = target.with_name(f".{target.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, target)
+    return True
+
+
+def _percent(value: float) -> str:
+    """0% and 100% only when exact, so 0.06% of a stage stays visible."""
+    if value in (0.0, 1.0) or 0.01 <= value <= 0.99:
+        return f"{value:.0%}"
+    return f"{100 * value:.2g}%" if value < 0.01 else f"{100 * value:.1f}%"
+
+
+def _column_label(row: dict[str, Any], shared: set[str]) -> str:
+    """'#num' and the overrides that differ between jobs (freeze=X shown as X)."""
+    parts = [f"#{row['job']}"] + [o.split("=", 1)[-1] if o.startswith("freeze=") else o
+                                  for o in row["overrides"].split() if o not in shared]
+    label = "\n".join(_wrap(p, 18) for p in parts)
+    return label + ("\nFAILED" if row["status"] != "COMPLETED" else "")
+
+
+def _wrap(text: str, width: int) -> str:
+    return "\n".join(text[i:i + width] for i in range(0, len(text), width)) or text

@@ -1,0 +1,119 @@
+"""Provenance of a plan made with a user --config-dir, and the installed wheel."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli
+
+from finetune_prep import provenance
+
+PRESET = """defaults:
+  - /schema/freeze@_here_
+  - _self_
+rules:
+  - freeze: "*"
+  - unfreeze: layer4
+"""
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def _plan(conf: Path, out: Path, *overrides: str, cwd: Path | None = None) -> dict:
+    done = run_cli("--config-dir", str(conf), "freeze=my_preset", f"hydra.run.dir={out}",
+                   "verify.backward=false", *overrides, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    return json.loads((out / "param_groups.json").read_text())["provenance"]
+
+
+def _entry(prov: dict, folder: Path) -> dict:
+    found = [g for g in prov["git"] if Path(g["config_dir"]).resolve() == folder.resolve()]
+    assert len(found) == 1, prov["git"]
+    return found[0]
+
+
+def test_user_config_dir_git_state_and_hash(tmp_path):
+    repo = tmp_path / "project"
+    conf = repo / "my_conf"
+    (conf / "freeze").mkdir(parents=True)
+    (conf / "freeze" / "my_preset.yaml").write_text(PRESET)
+    _git(repo, "init", "-q")
+    _git(repo, "config", "user.email", "t@example.com")
+    _git(repo, "config", "user.name", "t")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "configs")
+    commit = _git(repo, "rev-parse", "HEAD")
+
+    # relative --config-dir from the user's project, a user preset beside the packaged ones
+    clean = _plan(Path("./my_conf"), tmp_path / "run1", cwd=repo)
+    assert _entry(clean, conf) == {"config_dir": str(conf.resolve()), "commit": commit,
+                                   "branch": _git(repo, "rev-parse", "--abbrev-ref", "HEAD"),
+                                   "dirty": False}
+    assert "freeze=my_preset" in clean["overrides"]
+
+    (conf / "notes.txt").write_text("not a config, but the folder is now dirty\n")
+    dirty = _plan(conf, tmp_path / "run2")
+    assert _entry(dirty, conf)["dirty"] is True and _entry(dirty, conf)["commit"] == commit
+    assert dirty["config_sha256"] == clean["config_sha256"]  # same composed config
+
+    outside = tmp_path / "loose_conf"
+    shutil.copytree(conf, outside)
+    other = _plan(outside, tmp_path / "run3", "head.num_outputs=3")
+    assert "not in a git work tree" in _entry(other, outside)["git"]
+    assert other["config_sha256"] != clean["config_sha256"]
+
+
+def test_git_state_never_raises(tmp_path):
+    assert "folder not found" in provenance.git_state(tmp_path / "missing")["git"]
+    assert "not in a git work tree" in provenance.git_state(tmp_path)["git"]
+    assert provenance.config_sha256("a: 1\n") == provenance.config_sha256("a: 1\n")
+    assert provenance.config_sha256("a: 1\n") != provenance.config_sha256("a: 2\n")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    offline = [] if importlib.util.find_spec("hatchling") is None else ["--no-build-isolation"]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *offline,
+                    "-q", "-w", str(out), str(REPO)], check=True, capture_output=True,
+                   timeout=120)
+    return next(out.glob("finetune_prep-*.whl"))
+
+
+def test_wheel_ships_the_configs(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {p.relative_to(REPO).as_posix() for p in (REPO / "conf").rglob("*.yaml")}
+    assert "conf/config.yaml" in shipped and "conf/sweep/freeze_presets.yaml" in shipped
+    assert {"finetune_prep/" + p for p in shipped} <= names
+
+
+def test_installed_wheel_runs_from_another_folder(wheel, tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
+                   check=True, timeout=120)
+    python = venv / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                    str(wheel)], check=True, capture_output=True, timeout=120)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = subprocess.run(
+        [str(python), "-c", "import finetune_prep, sys; print(finetune_prep.__file__)"],
+        cwd=elsewhere, capture_output=True, text=True, check=True)
+    assert str(venv) in done.stdout  # the wheel, not the checkout
+    done = subprocess.run([str(python), "-m", "finetune_prep", "hydra.run.dir=out",
+                           "verify.backward=false"], cwd=elsewhere, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads((elsewhere / "out" / "param_groups.json").read_text())
+    assert doc["counts"]["trainable"] == 513
+    assert "site-packages" in doc["provenance"]["git"][0]["config_dir"]
