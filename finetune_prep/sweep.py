@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -203,15 +202,9 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    from finetune_prep.paramfile import write_atomic  # the one atomic writer (temp+fsync+rename)
+
+    write_atomic(path, text)
 
 
 def stage_counts(doc: dict[str, Any], numel: dict[str, int] | None = None) -> dict[str, list]:
