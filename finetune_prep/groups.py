@@ -13,7 +13,7 @@ from typing import Any
 
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.models import ParamTable
-from finetune_prep.rules import covers, match, select, stage_label
+from finetune_prep.rules import head_params, match, select, stage_label, stage_params
 
 
 @dataclass(frozen=True)
@@ -39,15 +39,17 @@ def build_groups(
 def assign(table: ParamTable, trainable: Sequence[str], optim: Any) -> dict[str, Setting]:
     """Each trainable parameter's lr and weight decay: group rules, layer decay, no-decay."""
     rules = _group_rules(table, optim.groups)
-    no_decay = _pattern_union(table, optim.no_decay, "optim.no_decay")
-    depth = _layer_depth(table, optim.layer_decay)
+    no_decay = _pattern_union(table, optim.no_decay)
+    positions = _positions(table)
+    n = len(table.stages)
     settings = {}
     for name in trainable:
         lr, wd = float(optim.lr), float(optim.weight_decay)
-        label, reasons = _base_label(table, name, depth), []
-        if name in depth:
-            lr *= optim.layer_decay ** depth[name]
-            reasons.append(f"layer_decay {optim.layer_decay}^{depth[name]}")
+        label, reasons = _base_label(positions[name], n, optim.layer_decay is not None), []
+        if optim.layer_decay is not None:
+            depth = n - (positions[name] or 0)  # outside every stage: decays like stage 0
+            lr *= optim.layer_decay ** depth
+            reasons.append(f"layer_decay {optim.layer_decay}^{depth}")
         if rule := rules.get(name):
             where, cfg = rule
             lr, wd = lr * cfg.lr_mult, wd * cfg.wd_mult
@@ -91,14 +93,11 @@ def _add_unique(items: list[str], new: Sequence[str]) -> None:
     items.extend(x for x in new if x not in items)
 
 
-def _base_label(table: ParamTable, name: str, depth: Mapping[str, int]) -> str:
-    if any(covers(h, name) for h in table.head):
+def _base_label(position: int | None, n_stages: int, by_stage: bool) -> str:
+    if position == n_stages:
         return "head"
-    if depth:
-        return next(
-            (f"stage{i}" for i, s in enumerate(table.stages) if any(covers(p, name) for p in s)),
-            "unstaged",
-        )
+    if by_stage:
+        return "unstaged" if position is None else f"stage{position}"
     return "backbone"
 
 
@@ -112,7 +111,7 @@ def _group_rules(table: ParamTable, rules: Sequence[Any]) -> dict[str, tuple[str
     return placed
 
 
-def _pattern_union(table: ParamTable, patterns: Sequence[str], where: str) -> dict[str, str]:
+def _pattern_union(table: ParamTable, patterns: Sequence[str]) -> dict[str, str]:
     """Parameter -> the first pattern that selects it. A pattern may match nothing here
     (a model without biases is fine), but it must be well-formed."""
     hit: dict[str, str] = {}
@@ -122,20 +121,13 @@ def _pattern_union(table: ParamTable, patterns: Sequence[str], where: str) -> di
     return hit
 
 
-def _layer_depth(table: ParamTable, decay: float | None) -> dict[str, int]:
-    """Distance from the head: last stage 1, the one before 2, ...; head 0."""
-    if decay is None:
-        return {}
-    n = len(table.stages)
-    depth = dict.fromkeys(table.names, n)  # parameters outside every stage decay like stage 0
+def _positions(table: ParamTable) -> dict[str, int | None]:
+    """Each parameter's stage index; the head's is len(stages); None outside every stage."""
+    positions: dict[str, int | None] = dict.fromkeys(table.names)
     for i, stage in enumerate(table.stages):
-        for p in table.names:
-            if any(covers(s, p) for s in stage):
-                depth[p] = n - i
-    for p in table.names:
-        if any(covers(h, p) for h in table.head):
-            depth[p] = 0
-    return depth
+        positions.update(dict.fromkeys(stage_params(table, stage), i))
+    positions.update(dict.fromkeys(head_params(table), len(table.stages)))
+    return positions
 
 
 def _check_numbers(optim: Any) -> None:

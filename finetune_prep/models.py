@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,15 +211,10 @@ def _replace_heads(
         heads = [name]
     else:
         heads = find_heads(model)
-    with init_on_meta() if meta else _nothing():
+    with init_on_meta() if meta else nullcontext():
         for name in heads:
             _set_module(model, name, _fresh(modules[name], num_outputs))
     return tuple(heads)
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def find_heads(model: nn.Module) -> list[str]:

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from finetune_prep.models import ParamTable
-from finetune_prep.rules import covers, stage_params
+from finetune_prep.rules import covers, head_params, stage_params
 
 
 def state(trainable: int, total: int) -> str:
@@ -105,8 +105,7 @@ def _mode(stats: Sequence[str], eval_modules: set[str]) -> str:
 def _stages(table: ParamTable, trainable: Mapping[str, bool]) -> str:
     """One row per stage (the units that @stage[i] and layer decay index), then the head."""
     rows = [(f"{i} {'+'.join(s)}", stage_params(table, s)) for i, s in enumerate(table.stages)]
-    rows.append(("head " + "+".join(table.head),
-                 [n for n in table.names if any(covers(h, n) for h in table.head)]))
+    rows.append(("head " + "+".join(table.head), head_params(table)))
     width = min(max(len(label) for label, _ in rows) + 2, 60)
     lines = [f"{f'Stages ({len(table.stages)}) and head':<{width}} {'State':<10} "
              f"{'Trainable':>13} / Total"]

@@ -60,6 +60,11 @@ def stage_params(table: ParamTable, stage: Sequence[str]) -> list[str]:
     return [n for n in table.names if any(covers(p, n) for p in stage)]
 
 
+def head_params(table: ParamTable) -> list[str]:
+    """Parameters of the head module(s), in model order."""
+    return stage_params(table, table.head)
+
+
 def stage_label(stage: Sequence[str]) -> str:
     """A short readable name for a stage: its entries joined by '+'."""
     return "+".join(stage)
@@ -155,7 +160,7 @@ def _compile(pattern: str) -> re.Pattern[str]:
 def _alias(pattern: str, table: ParamTable) -> list[str]:
     simple = {
         "@all": lambda: list(table.names),
-        "@head": lambda: [n for n in table.names if any(covers(h, n) for h in table.head)],
+        "@head": lambda: head_params(table),
         "@norm": lambda: [n for n in table.names if table.owner[n] in table.norm_modules],
         "@bias": lambda: [n for n in table.names if n.rpartition(".")[2] == "bias"],
         "@ndim<=1": lambda: [n for n in table.names if len(table.shapes[n]) <= 1],
