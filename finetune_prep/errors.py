@@ -1,4 +1,9 @@
-"""The one user-facing error type: a message that says what is wrong and how to fix it."""
+"""The one user-facing error type, and the one "Did you mean" hint that its messages share."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
 
 from hydra.errors import CompactHydraException
 
@@ -9,3 +14,9 @@ class FinetunePrepError(CompactHydraException):
     It is a CompactHydraException so that Hydra, too, prints only the message (not a
     traceback) when it re-raises a failed multirun job at the end of a sweep.
     """
+
+
+def did_you_mean(word: str, options: Iterable[str], n: int = 5, cutoff: float = 0.6) -> str:
+    """' Did you mean: a, b?' naming the options closest to `word`, or '' if none is close."""
+    close = difflib.get_close_matches(word, list(options), n=n, cutoff=cutoff)
+    return f" Did you mean: {', '.join(close)}?" if close else ""

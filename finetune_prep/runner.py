@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from finetune_prep import cache, paramfile, provenance
+from finetune_prep.atomic import write_atomic
 from finetune_prep.checkpoint import Checkpoint, Fit, check_fit, load_into, read_checkpoint
 from finetune_prep.config import Config
 from finetune_prep.errors import FinetunePrepError
@@ -125,8 +126,8 @@ def run(
     output_dir.mkdir(parents=True, exist_ok=True)
     target = output_dir / "param_groups.json"
     # the plan first: if it cannot be written, an earlier run's summary stays beside its plan
-    paramfile.write_atomic(target, paramfile.dumps(prepared.document))
-    paramfile.write_atomic(output_dir / "trainability.txt", prepared.summary)
+    write_atomic(target, paramfile.dumps(prepared.document))
+    write_atomic(output_dir / "trainability.txt", prepared.summary)
     log.info("Wrote %s", target)
     return target
 
