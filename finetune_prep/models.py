@@ -98,7 +98,7 @@ def build_model(model_cfg: Any, head_cfg: Any, meta: bool) -> BuiltModel:
             f"head.num_outputs={num_outputs}: a head needs at least one output. "
             "Set head.num_outputs to the number of classes (1 for a binary logit)."
         )
-    source = model_cfg.source
+    source = str(getattr(model_cfg.source, "value", model_cfg.source))  # the enum's name
     if source not in SOURCES:
         raise FinetunePrepError(
             f"model.source={source!r} is not one of {', '.join(SOURCES)}."
@@ -119,12 +119,34 @@ def build_model(model_cfg: Any, head_cfg: Any, meta: bool) -> BuiltModel:
     return BuiltModel(model, table, source, arch, num_outputs, input_size)
 
 
+RESERVED_KWARGS = {  # keyword arguments the builder sets itself, and the key that sets them
+    "torchvision": {"weights": "model.weights", "num_classes": "head.num_outputs"},
+    "timm": {"pretrained": "checkpoint.path", "num_classes": "head.num_outputs",
+             "pretrained_cfg_overlay": "checkpoint.path"},
+}
+
+
 def _construct(model_cfg: Any, num_outputs: int) -> tuple[nn.Module, tuple[int, ...] | None]:
     kwargs = dict(model_cfg.get("kwargs") or {})
-    if model_cfg.source == "torchvision":
-        return _torchvision(model_cfg.arch, kwargs)
-    if model_cfg.source == "timm":
-        return _timm(model_cfg.arch, num_outputs, kwargs)
+    source = str(getattr(model_cfg.source, "value", model_cfg.source))
+    for key, instead in RESERVED_KWARGS.get(source, {}).items():
+        if key in kwargs:
+            raise FinetunePrepError(
+                f"model.kwargs.{key}: finetune_prep sets {key} itself; use {instead} instead "
+                "(and remove it from model.kwargs)."
+            )
+    try:
+        if source == "torchvision":
+            return _torchvision(model_cfg.arch, kwargs)
+        if source == "timm":
+            return _timm(model_cfg.arch, num_outputs, kwargs)
+    except TypeError as err:
+        if not kwargs or "argument" not in str(err):
+            raise
+        raise FinetunePrepError(
+            f"model.kwargs ({', '.join(kwargs)}) rejected by {model_cfg.arch}: {err}. "
+            "Check the names against the model's constructor, or remove them."
+        ) from err
     return _target(model_cfg), None
 
 

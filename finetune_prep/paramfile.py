@@ -1,4 +1,5 @@
-"""The param_groups.json file (format finetune_prep/param_groups@1): write it safely, read it back.
+"""The param_groups.json file (format finetune_prep/param_groups@1): the one writer and the one
+reader of the format, and the optimizer factory both sides use.
 
 A training script turns the file into an optimizer in one call:
 `torch.optim.AdamW(load_param_groups(model, path))`, or `build_optimizer(model, path)`.
@@ -16,6 +17,9 @@ import torch
 from torch import nn
 
 from finetune_prep.errors import FinetunePrepError
+from finetune_prep.groups import describe_stages
+from finetune_prep.models import BuiltModel
+from finetune_prep.rules import FreezePlan
 
 FORMAT = "finetune_prep/param_groups@1"
 GROUP_KEYS = ("lr", "weight_decay")  # the keys of a group that torch.optim takes
@@ -70,21 +74,34 @@ def tensor_groups(model: nn.Module, groups: Sequence[dict[str, Any]]) -> list[di
     ]
 
 
-def build_optimizer(model: nn.Module, path: str | os.PathLike) -> torch.optim.Optimizer:
-    """The optimizer the file records (its `_target_` and arguments), on the file's groups."""
+def optimizer_factory(spec: Any) -> Any:
+    """`groups -> optimizer` from an optimizer spec (`_target_` and arguments): the one factory
+    that the plan-time check, the proof and `build_optimizer` share."""
     from hydra.utils import instantiate
 
+    try:
+        return instantiate(spec, _partial_=True)
+    except Exception as err:
+        raise FinetunePrepError(f"optim.optimizer cannot be built: {err}") from err
+
+
+def build_optimizer(model: nn.Module, path: str | os.PathLike) -> torch.optim.Optimizer:
+    """The optimizer the file records (its `_target_` and arguments), on the file's groups."""
     groups = load_param_groups(model, path)
     spec = read(path).get("optimizer") or {"_target_": "torch.optim.AdamW"}
-    return instantiate(spec, _partial_=True)(groups)
+    return optimizer_factory(spec)(groups)
 
 
-def train_mode(model: nn.Module, path: str | os.PathLike | Sequence[str]) -> nn.Module:
+def train_mode(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """model.train(), but the file's `eval_modules` (frozen norm layers) stay in eval mode."""
-    names = path if isinstance(path, (list, tuple)) else read(path).get("eval_modules", [])
+    return set_train_mode(model, read(path).get("eval_modules", []))
+
+
+def set_train_mode(model: nn.Module, eval_modules: Sequence[str]) -> nn.Module:
+    """model.train(), then the named modules back to eval mode."""
     model.train()
     modules = dict(model.named_modules())
-    for name in names:
+    for name in eval_modules:
         modules[name].eval()
     return model
 
@@ -113,3 +130,61 @@ def _listing(what: str, names: list[str], limit: int = 8) -> str:
         return ""
     more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
     return f"{len(names)} {what}: {', '.join(names[:limit])}{more}"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def document(
+    built: BuiltModel, sources: Sequence[Any], freeze: FreezePlan, groups: list[dict[str, Any]],
+    eval_modules: list[str], optimizer: Any, verified: dict[str, Any], prov: dict[str, Any],
+) -> dict[str, Any]:
+    """The content of param_groups.json (`sources`: checkpoints read, each with a label,
+    the opened checkpoint and its fit to the model)."""
+    from omegaconf import OmegaConf
+
+    from finetune_prep.verify import memory_estimate
+
+    table = built.table
+    trainable = [n for n in table.names if freeze.trainable[n]]
+    total = sum(table.numel(n) for n in table.names)
+    n_trainable = sum(table.numel(n) for n in trainable)
+    return {
+        "format": FORMAT,
+        "model": {"source": built.source, "arch": built.arch, "num_outputs": built.num_outputs,
+                  "head": table.head[0], "heads": list(table.head),
+                  "stages": describe_stages(table)},
+        "checkpoint": _checkpoint_block(sources),
+        "counts": {"total": total, "trainable": n_trainable, "frozen": total - n_trainable},
+        "groups": groups,
+        "frozen": [n for n in table.names if not freeze.trainable[n]],
+        "eval_modules": eval_modules,
+        "optimizer": OmegaConf.to_container(optimizer, resolve=True)
+        if OmegaConf.is_config(optimizer) else dict(optimizer),
+        "verified": verified,
+        "memory": memory_estimate(table, trainable, optimizer),
+        "rules": {n: freeze.decided_by[n] for n in table.names},
+        "provenance": prov,
+    }
+
+
+def _checkpoint_block(sources: Sequence[Any]) -> dict[str, Any]:
+    blocks = [_source_block(s) for s in sources]
+    last = blocks[-1] if blocks else {"path": None, "unwrapped": [], "missing": [],
+                                      "unexpected": [], "skipped": [], "excluded": [],
+                                      "loaded": 0}
+    return {**last, "sources": blocks}
+
+
+def _source_block(s: Any) -> dict[str, Any]:
+    return {
+        "path": s.checkpoint.path,
+        "from": s.label,
+        "unwrapped": list(s.checkpoint.steps),
+        "loaded": len(s.fit.loaded),
+        "missing": list(s.fit.missing),
+        "unexpected": list(s.fit.unexpected),
+        "skipped": [{"key": k, "checkpoint": list(a), "model": list(b)}
+                    for k, a, b in s.fit.skipped],
+        "excluded": list(s.fit.excluded),
+    }

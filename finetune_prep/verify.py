@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune_prep.models import ParamTable
+from finetune_prep.models import BuiltModel, ParamTable
 
 # Optimizer state per trainable parameter element, in parameter-sized copies.
 _STATE_COPIES = {"adamw": 2, "adam": 2, "nadam": 2, "radam": 2, "adamax": 2, "adagrad": 1,
@@ -87,3 +87,44 @@ def _loss(output: Any) -> torch.Tensor:
     tensors = [o for o in (output.values() if isinstance(output, dict) else output)
                if isinstance(o, torch.Tensor)]
     return sum(t.float().pow(2).mean() for t in tensors)
+
+
+def should_verify(verify_cfg: Any, table: ParamTable, requested: bool | None) -> bool:
+    """Whether the proof runs: the caller's request, else verify.backward, else the size bound."""
+    if requested is not None:
+        return requested
+    if verify_cfg.backward is not None:
+        return bool(verify_cfg.backward)
+    return sum(table.numel(n) for n in table.names) <= verify_cfg.max_params
+
+
+def run_proof(
+    verify_cfg: Any, built: BuiltModel, do_verify: bool, groups: list[dict[str, Any]],
+    eval_modules: Sequence[str], optimizer: Any, make_model: Callable[[], nn.Module],
+) -> dict[str, Any]:
+    """The `verified` block: the proof's findings, or why it did not run.
+
+    `make_model` returns a model with real weights that the proof may change (a copy, never
+    the model handed to the user)."""
+    from finetune_prep.paramfile import optimizer_factory, set_train_mode, tensor_groups
+
+    if not do_verify:
+        reason = ("verify.backward=false" if verify_cfg.backward is False
+                  else f"model above verify.max_params={verify_cfg.max_params:,}"
+                  if verify_cfg.backward is None else "not requested")
+        return {"backward": False, "reason": reason}
+    if built.input_size is None:
+        return {"backward": False, "reason": "input size unknown: set model.input_size=[C,H,W]"}
+    if not groups:
+        return {"backward": False, "reason": "nothing trains"}
+    model = set_train_mode(make_model(), eval_modules)
+    return prove(model, tensor_groups(model, groups), optimizer_factory(optimizer),
+                 built.input_size, verify_cfg.batch_size, verify_cfg.seed)
+
+
+def notes(verified: dict[str, Any]) -> list[str]:
+    """A warning when the proof ran and found problems."""
+    if not verified.get("backward") or verified["ok"]:
+        return []
+    return ["the verification step found problems (see Verified above): fix the rules or the "
+            "model before training"]

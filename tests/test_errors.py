@@ -21,8 +21,9 @@ import torchvision
 from conftest import REPO, run_cli
 from safetensors.torch import save_file
 
+from finetune_prep import atomic, prepare
 from finetune_prep import checkpoint as ckpt_module
-from finetune_prep import paramfile, prepare
+from finetune_prep.config import CONF_DIR
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.paramfile import load_param_groups
 
@@ -211,7 +212,7 @@ def test_config_mistake_is_one_message_exit_1_and_no_file(case, tmp_path):
 HYDRA_CASES = {
     "unknown_preset": (["freeze=nope"],
                        ["Could not find 'freeze/nope'", "Available options in 'freeze':",
-                        *sorted(p.stem for p in (REPO / "conf" / "freeze").glob("*.yaml"))]),
+                        *sorted(p.stem for p in (CONF_DIR / "freeze").glob("*.yaml"))]),
     "misspelt_key": (["model.archh=x"], ["Key 'archh' not in 'ModelConfig'"]),
     "wrong_type": (["head.num_outputs=abc"],
                    ["Value 'abc' of type 'str' could not be converted to Integer",
@@ -274,7 +275,7 @@ def test_unwritable_folder_at_function_level(make_cfg, monkeypatch, tmp_path):
     def refuse(*args, **kwargs):  # root writes anywhere: simulate the refusal
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
-    monkeypatch.setattr(paramfile.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", refuse)
     msg = function_error(run, make_cfg(FAST), tmp_path)
     assert f"cannot write {tmp_path / 'param_groups.json'}: Permission denied" in msg
     assert "make the folder writable" in msg
@@ -290,7 +291,7 @@ def test_disk_full_at_function_level_keeps_the_old_file(make_cfg, monkeypatch, t
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(paramfile.os, "fsync", full)
+    monkeypatch.setattr(atomic.os, "fsync", full)
     msg = function_error(run, make_cfg(FAST, "freeze=full"), tmp_path)
     assert "param_groups.json: No space left on device" in msg
     assert (tmp_path / "param_groups.json").read_bytes() == good

@@ -85,17 +85,3 @@ def test_wrong_format_and_broken_json(tmp_path, planned):
     broken.write_text(planned.read_text()[:-40])
     with pytest.raises(FinetunePrepError, match="is not valid JSON"):
         paramfile.read(broken)
-
-
-def test_write_atomic_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatch):
-    target = tmp_path / "param_groups.json"
-    target.write_text("good\n")
-
-    def no_space(fd):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(paramfile.os, "fsync", no_space)
-    with pytest.raises(FinetunePrepError, match="No space left on device"):
-        paramfile.write_atomic(target, "partial")
-    assert target.read_text() == "good\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["param_groups.json"]

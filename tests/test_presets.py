@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torchvision
-from conftest import REPO, meta_model
+from conftest import meta_model
 from omegaconf import OmegaConf
 
+from finetune_prep.config import CONF_DIR
 from finetune_prep.rules import evaluate, match, parse_rules
 
 ARCHS = torchvision.models.list_models(module=torchvision.models)
-PRESETS = sorted(p.stem for p in (REPO / "conf" / "freeze").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in (CONF_DIR / "freeze").glob("*.yaml"))
 
 
 def trainable_under(table, preset: str) -> set[str]:
-    rules = OmegaConf.load(REPO / "conf" / "freeze" / f"{preset}.yaml").rules
+    rules = OmegaConf.load(CONF_DIR / "freeze" / f"{preset}.yaml").rules
     plan = evaluate(parse_rules(rules), table)
     return {n for n, t in plan.trainable.items() if t}
 

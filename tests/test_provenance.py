@@ -16,7 +16,7 @@ from conftest import REPO, run_cli
 from finetune_prep import provenance
 
 PRESET = """defaults:
-  - /schema/freeze@_here_
+  - /finetune_prep/schema/freeze@_here_
   - _self_
 rules:
   - freeze: "*"
@@ -92,8 +92,10 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_ships_the_configs(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    shipped = {p.relative_to(REPO).as_posix() for p in (REPO / "conf").rglob("*.yaml")}
-    assert "conf/config.yaml" in shipped and "conf/sweep/freeze_presets.yaml" in shipped
+    shipped = {p.relative_to(REPO).as_posix()
+               for p in (REPO / "finetune_prep" / "conf").rglob("*.yaml")}
+    assert "finetune_prep/conf/config.yaml" in shipped
+    assert "finetune_prep/conf/sweep/freeze_presets.yaml" in shipped
     assert {"finetune_prep/" + p for p in shipped} <= names
 
 
