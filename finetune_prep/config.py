@@ -158,7 +158,9 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
     except FinetunePrepError:
         raise
     except Exception as err:  # Hydra's own config errors: a bad override, an unknown preset
-        raise FinetunePrepError(f"invalid config: {err}") from err
+        cause = str(err.__cause__ or "").strip().splitlines()
+        detail = f": {cause[0]}" if cause else ""
+        raise FinetunePrepError(f"invalid config: {err}{detail}") from err
     return cfg
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from importlib.metadata import version
 
+import pytest
 from conftest import REPO, run_cli
 
 
@@ -63,3 +65,37 @@ def test_example_training_loop_leaves_frozen_weights_alone(tmp_path):
     assert result["frozen_max_change"] == 0.0
     assert result["trainable_max_change"] > 0.0
     assert result["frozen_norm_stats_changed"] == []
+
+
+@pytest.mark.slow
+def test_version_names_finetune_prep_and_torch():
+    done = run_cli("--version")
+    assert done.returncode == 0
+    assert done.stdout.startswith(f"finetune_prep {finetune_prep_version()} (torch ")
+
+
+@pytest.mark.slow
+def test_help_says_what_each_preset_does():
+    done = run_cli("--help")
+    lines = [line.strip() for line in done.stdout.splitlines()]
+    assert any(line.startswith("head_only") and "Train only the fresh head" in line
+               for line in lines), done.stdout
+    assert any(line.startswith("sgd") and "SGD with Nesterov momentum" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_console_shows_plain_summary_and_warnings_before_the_last_line(tmp_path):
+    done = run_cli("verify.backward=false", f"hydra.run.dir={tmp_path}",
+                   "freeze.rules=[{freeze: layer4}, {freeze: '*'}, {unfreeze: '@head'}]")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("Model: resnet18 (torchvision)")  # no timestamp prefix
+    warnings = [i for i, line in enumerate(lines) if line.startswith("[WARNING] ")]
+    assert warnings and "freeze.rules[0] {freeze: layer4} has no effect" in lines[warnings[0]]
+    assert max(warnings) < len(lines) - 1 and lines[-1].startswith("Wrote ")
+    log = (tmp_path / "finetune_prep.log").read_text()
+    assert "][finetune_prep][WARNING] - freeze.rules[0]" in log  # the file keeps timestamps
+
+
+def finetune_prep_version() -> str:
+    return version("finetune_prep")

@@ -102,3 +102,19 @@ def test_config_object_round_trips_through_omegaconf(make_cfg):
     b = prepare(OmegaConf.to_container(cfg), materialize=False).document
     assert a["groups"] == b["groups"]
     assert a["provenance"]["config_sha256"] == b["provenance"]["config_sha256"]
+
+
+def test_prepare_without_materialize_returns_the_meta_model_even_after_the_proof(make_cfg):
+    prepared = prepare(make_cfg("freeze=last_stage"), materialize=False, verify=True)
+    assert prepared.document["verified"]["ok"] is True  # the proof ran, on its own copy
+    assert all(p.is_meta for p in prepared.model.parameters())
+    assert all(b.is_meta for b in prepared.model.buffers())
+
+
+def test_the_proof_never_touches_the_model_it_returns(make_cfg, resnet18_ckpt):
+    prepared = prepare(make_cfg(f"checkpoint.path={resnet18_ckpt}", "freeze=full"), verify=True)
+    assert prepared.document["verified"]["ok"] is True
+    state = torch.load(resnet18_ckpt, weights_only=True)
+    model_state = prepared.model.state_dict()
+    assert all(torch.equal(model_state[k], v) for k, v in state.items())  # no optimizer step
+    assert all(p.grad is None for p in prepared.model.parameters())  # no backward either
