@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
 
-from finetune_prep import checkpoint as ckpt_module
 from finetune_prep.checkpoint import (
     Checkpoint,
     Fit,
@@ -30,6 +29,7 @@ from finetune_prep.checkpoint import (
     load_tensors,
     read_checkpoint,
 )
+from finetune_prep.checkpoint import read as ckpt_read  # the module that opens files
 from finetune_prep.errors import FinetunePrepError
 
 # --------------------------------------------------------------------------- fixtures
@@ -588,7 +588,7 @@ def test_unreadable_file(tmp_path, monkeypatch, files):
         def refuse(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
 
-        monkeypatch.setattr(ckpt_module, "open", refuse, raising=False)
+        monkeypatch.setattr(ckpt_read, "open", refuse, raising=False)
     msg = error(path)
     assert "cannot be read (permission denied)" in msg and "chmod" in msg
 

@@ -1,0 +1,261 @@
+"""Open a checkpoint file: check the path, sniff its bytes, read torch or safetensors files.
+
+Reading never touches tensor data: torch files are opened with `weights_only=True` and
+`mmap=True`, safetensors files through their header only (meta tensors until `load_tensors`).
+Every user mistake raises `FinetunePrepError` with one message saying what is wrong and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import struct
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from finetune_prep.checkpoint.unwrap import strip_prefixes, unwrap
+from finetune_prep.errors import FinetunePrepError, did_you_mean
+
+EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar")
+SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
+}
+MAGIC = (  # (leading bytes, what the file looks like)
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"GIF8", "a GIF image"),
+    (b"\x1f\x8b", "a gzip archive (decompress it first)"),
+    (b"BZh", "a bzip2 archive (decompress it first)"),
+    (b"\xfd7zXZ\x00", "an xz archive (decompress it first)"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive (extract it first)"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras/TensorFlow .h5 weights, not PyTorch)"),
+    (b"\x93NUMPY", "a NumPy .npy array"),
+    (b"GGUF", "a GGUF file (llama.cpp), not a PyTorch checkpoint"),
+    (b"%PDF", "a PDF document"),
+    (b"\x7fELF", "an executable program"),
+)
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint unwrapped to a flat state dict, with a log of what unwrapping did."""
+
+    path: str
+    tensors: dict[str, torch.Tensor]  # mmap'd (torch files) or meta placeholders (safetensors)
+    steps: list[str]
+    _stored: dict[str, str] = field(default_factory=dict, repr=False)  # lazy key -> name in file
+
+
+
+def read_checkpoint(
+    path: str | os.PathLike, key: str | None = None, prefix: str | None = None
+) -> Checkpoint:
+    """Open a torch.save or safetensors file and unwrap it to a flat state dict (no data read)."""
+    file = _check_file(path)
+    kind, named = _sniff(file), file.lower().endswith(".safetensors")
+    if kind == "safetensors" or (kind is None and named):
+        raw, stored = _open_safetensors(file)
+    elif named:  # torch.load itself would treat the file as safetensors
+        looks = "a torch.save file" if kind in ("zip", "pickle") else kind
+        raise FinetunePrepError(f"checkpoint.path={file} is not a safetensors file: it looks "
+                                f"like {looks}. Check the path (or rename a torch file to .pt).")
+    elif kind in ("zip", "pickle"):  # a torch.save file, whatever its extension
+        raw, stored = _torch_load(file, mmap=kind == "zip"), {}
+    else:
+        raise FinetunePrepError(_not_a_checkpoint(file, kind))
+    steps: list[str] = []
+    weights = unwrap(raw, key, file, steps)
+    names = strip_prefixes(list(weights), prefix, steps)
+    tensors = {new: weights[old] for old, new in names.items()}
+    stored = {new: stored[old] for old, new in names.items()} if stored else {}
+    return Checkpoint(file, tensors, steps, stored)
+
+
+def _check_file(path: str | os.PathLike) -> str:
+    """The path as a string, after checking it names a readable, non-empty file."""
+    raw = os.fspath(path)
+    if not str(raw).strip():
+        raise FinetunePrepError("checkpoint.path is empty: give the file that holds the weights.")
+    file = os.path.expanduser(str(raw))
+    if not os.path.exists(file):
+        raise FinetunePrepError(f"checkpoint.path={raw} does not exist "
+                                f"(looked for {os.path.abspath(file)}).{_near_files(file)}")
+    if os.path.isdir(file):
+        raise FinetunePrepError(f"checkpoint.path={raw} is a directory: give the weights file "
+                                f"inside it.{_candidates(file)}")
+    if os.path.getsize(file) == 0:
+        raise FinetunePrepError(f"checkpoint.path={raw} is an empty file (0 bytes): the save or "
+                                "copy that made it failed; save or copy it again.")
+    return file
+
+
+def _near_files(file: str) -> str:
+    """A hint naming files with a similar name next to where `file` was expected."""
+    folder = os.path.dirname(os.path.abspath(file))
+    if not os.path.isdir(folder):
+        return f" The folder {folder} does not exist either."
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return ""
+    return did_you_mean(os.path.basename(file), names, n=3, cutoff=0.8)
+
+
+def _candidates(folder: str) -> str:
+    """A hint listing the weight files in a folder."""
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(EXTENSIONS))
+    except OSError:
+        return ""
+    if not names:
+        return " It holds no .pt/.pth/.bin/.ckpt/.safetensors file."
+    shown = ", ".join(names[:5]) + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
+    return f" Weight files there: {shown}."
+
+
+def _sniff(file: str) -> str | None:
+    """What the file's first bytes say it is: 'zip', 'pickle', 'safetensors' or a description."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(512)
+    except PermissionError as err:
+        raise FinetunePrepError(
+            f"checkpoint.path={file} cannot be read (permission denied): make it readable "
+            "(chmod +r) or copy it somewhere you can read."
+        ) from err
+    except OSError as err:
+        raise FinetunePrepError(f"checkpoint.path={file} cannot be read: {err.strerror}.") from err
+    size = os.path.getsize(file)
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "zip"
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return "safetensors"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    for magic, what in MAGIC:
+        if head.startswith(magic):
+            return what
+    if len(head) > 262 and head[257:262] == b"ustar":
+        return "a tar archive (extract it first)"
+    return _sniff_text(head)
+
+
+def _sniff_text(head: bytes) -> str | None:
+    """A description of a text file from its first bytes, or None for unknown binary data."""
+    if b"\x00" in head:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    first = text.strip().splitlines()[0][:60] if text.strip() else ""
+    lower = text.lstrip().lower()
+    if lower.startswith("version https://git-lfs"):
+        return "a Git LFS pointer, not the weights themselves (run `git lfs pull`)"
+    if lower.startswith(("<!doctype html", "<html")):
+        return "an HTML page (a failed download? download the file itself)"
+    if lower.startswith(("{", "[")):
+        return f"a JSON text file (it starts with {first!r})"
+    return f"a text file (it starts with {first!r})"
+
+
+def _not_a_checkpoint(file: str, kind: str | None) -> str:
+    looks = f"it looks like {kind}" if kind else "its first bytes match no known format"
+    return (f"checkpoint.path={file} is not a checkpoint: {looks}. finetune_prep reads "
+            "torch.save files (.pt/.pth/.bin/.ckpt) and .safetensors files; check the path.")
+
+
+def _torch_load(file: str, mmap: bool) -> Any:
+    """torch.load with weights_only=True (always), mmap'd when the file is in zip format."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise FinetunePrepError(_refused(file, str(err))) from err
+    except (EOFError, RuntimeError, zipfile.BadZipFile, UnicodeDecodeError, KeyError,
+            ValueError, struct.error) as err:
+        raise FinetunePrepError(_corrupt(file, mmap, err)) from err
+    except Exception as err:  # anything else torch may raise on a bad file: still one message
+        raise FinetunePrepError(
+            f"checkpoint.path={file} could not be read as a torch checkpoint "
+            f"({type(err).__name__}: {_first_line(str(err))}). Re-save it with "
+            "torch.save(model.state_dict(), path) or as .safetensors."
+        ) from err
+
+
+def _refused(file: str, reason: str) -> str:
+    """The message for a pickle that weights_only=True refuses."""
+    glob = re.search(r"GLOBAL ([\w.]+)", reason)
+    if not glob:  # an opcode torch's safe unpickler does not know: not a torch.save file
+        why = _quote(reason)
+        return (f"checkpoint.path={file} is a Python pickle but not a plain torch weights file: "
+                f"the safe loader (weights_only=True) rejects it ({why}). Save the weights with "
+                "torch.save(model.state_dict(), path) or as .safetensors.")
+    name = glob.group(1)
+    whole = re.match(r"(torch\.nn|torchvision|timm)\.", name) or name.endswith(("Module", "Net"))
+    fix = ("it seems to hold a whole pickled model: in a trusted environment load it and save "
+           "only the weights with torch.save(model.state_dict(), path)" if whole else
+           "if you trust its source, load it once in a trusted environment and save only the "
+           "weights: torch.save(model.state_dict(), path) or as .safetensors")
+    return (f"checkpoint.path={file} is not a plain weights file: it was refused because "
+            f"unpickling it would run code or reference non-tensor globals ({name}); torch says: "
+            f"{_quote(reason)}. finetune_prep never loads checkpoints with weights_only=False; "
+            f"{fix}.")
+
+
+def _quote(reason: str) -> str:
+    """The informative sentence of torch's weights_only error, shortened."""
+    for line in reason.splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if line.startswith(("Unsupported", "Trying to load")):
+            return repr(line.split(". ")[0].rstrip(".")[:160])
+    return repr(_first_line(reason)[:160])
+
+
+def _corrupt(file: str, mmap: bool, err: BaseException) -> str:
+    """The message for a torch file that is truncated or damaged."""
+    text = str(err)
+    if mmap and "not in a subdirectory" in text:
+        return (f"checkpoint.path={file} is a zip archive but not a torch checkpoint: extract "
+                "it, or give the .pt/.pth/.safetensors file itself.")
+    what = "zip-format torch file" if mmap else "legacy-format torch file"
+    detail = _first_line(text).split(". ")[0] or type(err).__name__
+    return (f"checkpoint.path={file} is truncated or corrupt: it starts like a {what} but cannot "
+            f"be read ({detail[:120]}). The download or copy was probably cut short: fetch or "
+            "save it again.")
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def _open_safetensors(file: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Names, shapes and dtypes from a safetensors header, as meta tensors (no data read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework="pt") as f:
+            info = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as err:  # SafetensorError is not importable as a stable name
+        raise FinetunePrepError(
+            f"checkpoint.path={file} has a corrupt safetensors header "
+            f"({_first_line(str(err))[:120]}): the file is damaged or incomplete; "
+            "download or save it again."
+        ) from err
+    tensors = {k: torch.empty(shape, dtype=_dtype(dt), device="meta")
+               for k, (shape, dt) in info.items()}
+    return tensors, {k: k for k in tensors}
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, SAFETENSORS_DTYPES.get(name, ""), None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.uint8

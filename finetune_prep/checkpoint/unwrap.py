@@ -1,0 +1,205 @@
+"""Unwrap a loaded checkpoint to a flat state dict: nested keys (NESTED order or
+`checkpoint.key`), then wrapper and attribute prefixes (`module.`, `_orig_mod.`, `model.`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from finetune_prep.errors import FinetunePrepError
+
+NESTED = ("state_dict_ema", "model_ema", "state_dict", "model", "model_state", "module", "ema")
+WRAPPERS = {"module.": "DataParallel/DDP", "_orig_mod.": "torch.compile"}
+ATTRIBUTES = ("model.", "net.", "network.")  # Lightning-style: a LightningModule's attribute
+
+
+def unwrap(raw: Any, key: str | None, file: str, steps: list[str]) -> dict[str, torch.Tensor]:
+    """The flat dict of tensors: at `key` if given, else auto-detected; non-tensors dropped."""
+    if not isinstance(raw, Mapping):
+        raise FinetunePrepError(
+            f"checkpoint.path={file} holds {_describe(raw)}, not a dict of named tensors: save "
+            "the weights with torch.save(model.state_dict(), path)."
+        )
+    obj = _take_key(raw, key, file, steps) if key else raw
+    found = _auto(obj, [])
+    if found is None:
+        raise FinetunePrepError(_no_tensors(obj, key, file))
+    weights, trail = found
+    if trail:
+        others = [n for n in NESTED if n not in trail and _auto_candidate(obj, n)]
+        also = f" (also present: {', '.join(others)}; choose with checkpoint.key)" if others else ""
+        steps.append(f"took nested key '{'.'.join(trail)}'{also}")
+    dropped = [k for k, v in weights.items() if not isinstance(v, torch.Tensor)]
+    if dropped:
+        steps.append(f"ignored {len(dropped)} non-tensor entries ({_names(dropped, 3)})")
+    return {str(k): v for k, v in weights.items() if isinstance(v, torch.Tensor)}
+
+
+def _take_key(raw: Mapping, key: str, file: str, steps: list[str]) -> Mapping:
+    """The value at a dotted key; a part may itself contain dots, or name a flat key prefix."""
+    parts, obj, at = key.split("."), raw, []
+    while parts:
+        for n in range(len(parts), 0, -1):
+            name = ".".join(parts[:n])
+            if isinstance(obj, Mapping) and name in obj:
+                obj, at, parts = obj[name], [*at, name], parts[n:]
+                break
+        else:
+            rest = ".".join(parts) + "."
+            flat = {k[len(rest):]: v for k, v in obj.items() if str(k).startswith(rest)} \
+                if isinstance(obj, Mapping) else {}
+            if not flat:
+                raise FinetunePrepError(_key_not_found(raw, obj, key, at, file))
+            obj, at, parts = flat, [*at, rest], []
+    if not isinstance(obj, Mapping):
+        raise FinetunePrepError(f"checkpoint.key={key} holds {_describe(obj)}, not a dict of "
+                                f"tensors. {_top_keys(raw)} Set checkpoint.key to the one that "
+                                "holds the weights (or null to auto-detect).")
+    steps.append(f"took nested key '{key}' (checkpoint.key)")
+    return obj
+
+
+def _key_not_found(raw: Mapping, obj: Any, key: str, at: list[str], file: str) -> str:
+    where = f"under '{'.'.join(at)}' the keys are: {_listing(obj)}" if at else _top_keys(raw)
+    return (f"checkpoint.key={key} not found in {file}: {where}. Set checkpoint.key to one "
+            "of them (dotted for nested keys), or null to auto-detect.")
+
+
+def _auto(obj: Any, trail: list[str]) -> tuple[Mapping, list[str]] | None:
+    """Nested weights by the usual names first, then the dict itself if it holds tensors."""
+    for name in NESTED:
+        value = obj.get(name) if isinstance(obj, Mapping) else None
+        if isinstance(value, Mapping):
+            found = _auto(value, [*trail, name])
+            if found is not None and (found[1] != [*trail, name] or _mostly_tensors(value)):
+                return found
+    if isinstance(obj, Mapping) and any(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, trail
+    return None
+
+
+def _auto_candidate(obj: Any, name: str) -> bool:
+    value = obj.get(name) if isinstance(obj, Mapping) else None
+    return isinstance(value, Mapping) and _auto(value, []) is not None
+
+
+def _mostly_tensors(d: Mapping) -> bool:
+    return sum(isinstance(v, torch.Tensor) for v in d.values()) * 2 > len(d)
+
+
+def _no_tensors(obj: Any, key: str | None, file: str) -> str:
+    where = f"checkpoint.key={key}" if key else f"checkpoint.path={file}"
+    nested = _tensor_dicts(obj, [], depth=3)
+    hint = (f" Weights may be under: {', '.join(nested[:5])}; set checkpoint.key to one of "
+            "them." if nested else " Save the weights with torch.save(model.state_dict(), path).")
+    return f"{where} holds no tensors: {_top_keys(obj)}.{hint}"
+
+
+def _tensor_dicts(obj: Any, trail: list[str], depth: int) -> list[str]:
+    """Dotted keys of nested dicts that hold tensors, with their tensor counts."""
+    if not isinstance(obj, Mapping) or depth < 0:
+        return []
+    n = sum(isinstance(v, torch.Tensor) for v in obj.values())
+    found = [f"{'.'.join(trail)} ({n} tensors)"] if n and trail else []
+    for k, v in list(obj.items())[:200]:
+        found += _tensor_dicts(v, [*trail, str(k)], depth - 1)
+    return found
+
+
+def _top_keys(obj: Any) -> str:
+    return f"its top-level keys are: {_listing(obj)}" if isinstance(obj, Mapping) else \
+        f"it holds {_describe(obj)}"
+
+
+def _listing(obj: Any, limit: int = 12) -> str:
+    if not isinstance(obj, Mapping) or not obj:
+        return "(none)"
+    items = [f"{k} ({_kind(v)})" for k, v in list(obj.items())[:limit]]
+    more = f", ... ({len(obj)} keys)" if len(obj) > limit else ""
+    return ", ".join(items) + more
+
+
+def _kind(value: Any) -> str:
+    """What a value is, in a few words: 'int', 'tensor [3, 4]', 'dict of 122 tensors'."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor {list(value.shape)}"
+    if isinstance(value, Mapping):
+        n = sum(isinstance(v, torch.Tensor) for v in value.values())
+        if n:
+            return f"dict of {n} tensors" if n == len(value) else \
+                f"dict of {len(value)} entries, {n} tensors"
+        return f"dict of {len(value)} entries"
+    return "None" if value is None else type(value).__name__
+
+
+def _describe(value: Any) -> str:
+    kind = _kind(value)
+    return kind if kind == "None" else ("an " if kind[0] in "aeiouAEIOU" else "a ") + kind
+
+
+def _names(keys: Sequence[str], n: int) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+# --------------------------------------------------------------------------- prefixes
+
+
+def strip_prefixes(keys: list[str], prefix: str | None, steps: list[str]) -> dict[str, str]:
+    """Old key -> new key after removing wrapper prefixes and the user's `prefix`."""
+    names = {k: k for k in keys}
+    names = _drop_n_averaged(names, steps)
+    if prefix:
+        if not any(k.startswith(prefix) for k in names.values()):
+            names = _strip_all(names, steps, WRAPPERS)
+        names = _strip_user(names, prefix, steps)
+    return _strip_all(names, steps, WRAPPERS if prefix else (*WRAPPERS, *ATTRIBUTES))
+
+
+def _drop_n_averaged(names: dict[str, str], steps: list[str]) -> dict[str, str]:
+    """torch.optim.swa_utils.AveragedModel adds a counter beside its `module.` weights."""
+    rest = [k for k in names if k != "n_averaged"]
+    if "n_averaged" in names and rest and all(k.startswith("module.") for k in rest):
+        steps.append("dropped 'n_averaged' (the AveragedModel counter)")
+        return {k: names[k] for k in rest}
+    return names
+
+
+def _strip_all(names: dict[str, str], steps: list[str], prefixes: Iterable[str]) -> dict[str, str]:
+    """Strip, repeatedly, any of `prefixes` that every key has (wrappers before attributes)."""
+    prefixes = list(prefixes)
+    while names:
+        hit = next((p for p in prefixes if all(v.startswith(p) for v in names.values())), None)
+        if hit is None or any(v == hit for v in names.values()):
+            return names
+        why = WRAPPERS.get(hit, "a Lightning-style attribute prefix")
+        steps.append(f"stripped prefix '{hit}' from all {len(names)} keys ({why})")
+        names = {k: v[len(hit):] for k, v in names.items()}
+    return names
+
+
+def _strip_user(names: dict[str, str], prefix: str, steps: list[str]) -> dict[str, str]:
+    """Strip the user's prefix from every key that has it; an error if none has it."""
+    values = list(names.values())
+    if not prefix.endswith(".") and any(v.startswith(prefix + ".") for v in values):
+        prefix += "."
+    hits = [v for v in values if v.startswith(prefix)]
+    if not hits:
+        raise FinetunePrepError(
+            f"checkpoint.prefix={prefix} matches no key of the checkpoint; its keys look like: "
+            f"{', '.join(values[:3])}. Set checkpoint.prefix to the leading part to remove "
+            "(e.g. 'backbone.'), or null to auto-detect."
+        )
+    new = {k: v[len(prefix):] if v.startswith(prefix) else v for k, v in names.items()}
+    if len(set(new.values())) < len(new):
+        clash = next(v for v in new.values() if list(new.values()).count(v) > 1)
+        raise FinetunePrepError(
+            f"checkpoint.prefix={prefix}: stripping it makes keys collide with keys that lack "
+            f"it (e.g. {clash}). Use checkpoint.key or a longer checkpoint.prefix."
+        )
+    kept = len(values) - len(hits)
+    rest = f" ({kept} keys without it kept as they are)" if kept else ""
+    scope = f"all {len(hits)}" if not kept else f"{len(hits)} of {len(values)}"
+    steps.append(f"stripped prefix '{prefix}' from {scope} keys (checkpoint.prefix){rest}")
+    return new
