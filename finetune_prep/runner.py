@@ -20,7 +20,7 @@ from finetune_prep.atomic import write_atomic
 from finetune_prep.checkpoint import Checkpoint, Fit, check_fit, load_into, read_checkpoint
 from finetune_prep.config import Config
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.groups import build_groups, describe_stages
+from finetune_prep.groups import build_groups
 from finetune_prep.models import BuiltModel, ParamTable, build_model, torchvision_weights_file
 from finetune_prep.report import render
 from finetune_prep.rules import FreezePlan, evaluate, parse_rules
@@ -279,7 +279,7 @@ def _document(
         "format": paramfile.FORMAT,
         "model": {"source": built.source, "arch": built.arch, "num_outputs": built.num_outputs,
                   "head": table.head[0], "heads": list(table.head),
-                  "stages": describe_stages(table)},
+                  "stages": table.stage_lists()},
         "checkpoint": _checkpoint_block(sources),
         "counts": {"total": total, "trainable": trainable, "frozen": total - trainable},
         "groups": groups,
