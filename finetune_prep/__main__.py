@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from finetune_prep import presets
+from finetune_prep import naming, presets
 from finetune_prep.config import CONF_DIR, register_configs
 from finetune_prep.errors import FinetunePrepError
 
@@ -82,6 +82,7 @@ def main() -> None:
         print(version_text())
         return
     register_configs()
+    naming.register_resolvers()
     OmegaConf.register_new_resolver(
         "finetune_prep_presets",
         lambda: presets.listing([CONF_DIR, *_user_config_dirs(sys.argv[1:])]), replace=True,

@@ -13,7 +13,7 @@ from typing import Any
 
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.models import ParamTable
-from finetune_prep.rules import head_params, match, select, stage_label, stage_params
+from finetune_prep.rules import match, select
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def assign(table: ParamTable, trainable: Sequence[str], optim: Any) -> dict[str,
     """Each trainable parameter's lr and weight decay: group rules, layer decay, no-decay."""
     rules = _group_rules(table, optim.groups)
     no_decay = _pattern_union(table, optim.no_decay)
-    positions = _positions(table)
+    positions = table.position
     n = len(table.stages)
     settings = {}
     for name in trainable:
@@ -121,15 +121,6 @@ def _pattern_union(table: ParamTable, patterns: Sequence[str]) -> dict[str, str]
     return hit
 
 
-def _positions(table: ParamTable) -> dict[str, int | None]:
-    """Each parameter's stage index; the head's is len(stages); None outside every stage."""
-    positions: dict[str, int | None] = dict.fromkeys(table.names)
-    for i, stage in enumerate(table.stages):
-        positions.update(dict.fromkeys(stage_params(table, stage), i))
-    positions.update(dict.fromkeys(head_params(table), len(table.stages)))
-    return positions
-
-
 def _check_numbers(optim: Any) -> None:
     if not optim.lr > 0:
         raise FinetunePrepError(f"optim.lr={optim.lr}: the learning rate must be > 0.")
@@ -142,8 +133,3 @@ def _check_numbers(optim: Any) -> None:
     for i, rule in enumerate(optim.groups):
         if rule.lr_mult < 0 or rule.wd_mult < 0:
             raise FinetunePrepError(f"optim.groups[{i}]: lr_mult and wd_mult must be >= 0.")
-
-
-def describe_stages(table: ParamTable) -> list[str]:
-    """Stage labels for reports and the param-group file."""
-    return [stage_label(s) for s in table.stages]

@@ -7,25 +7,34 @@ and module facts that rules, groups and the report work on without touching tens
 
 from __future__ import annotations
 
-import difflib
+import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from finetune_prep.errors import FinetunePrepError
+from finetune_prep.errors import FinetunePrepError, did_you_mean
 
 SOURCES = ("torchvision", "timm", "target")
 
 
+def covers(prefix: str, name: str) -> bool:
+    """True if `prefix` is `name` or an enclosing module of it (dot boundary)."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
 @dataclass(frozen=True)
 class ParamTable:
-    """What the pure stages of the pipeline know about a model: names, shapes and structure."""
+    """What the pure stages of the pipeline know about a model: names, shapes and structure.
+
+    It is the one place that says which parameters a stage or the head holds.
+    """
 
     names: tuple[str, ...]  # parameters in model order, tied weights once
     shapes: Mapping[str, tuple[int, ...]]
@@ -38,10 +47,40 @@ class ParamTable:
 
     def numel(self, name: str) -> int:
         """Number of elements of one parameter."""
-        n = 1
-        for d in self.shapes[name]:
-            n *= d
-        return n
+        return math.prod(self.shapes[name])
+
+    def count(self, names: Sequence[str] | None = None) -> int:
+        """Number of elements of `names` (all parameters by default)."""
+        return sum(self.numel(n) for n in (self.names if names is None else names))
+
+    def params_under(self, entries: Sequence[str]) -> list[str]:
+        """Parameters that any of `entries` (module or parameter names) covers, model order."""
+        return [n for n in self.names if any(covers(e, n) for e in entries)]
+
+    def stage_params(self, index: int) -> list[str]:
+        """Parameters of stage `index` (Python indexing), in model order."""
+        return self.params_under(self.stages[index])
+
+    def head_params(self) -> list[str]:
+        """Parameters of the head module(s), in model order."""
+        return self.params_under(self.head)
+
+    def stage_label(self, index: int) -> str:
+        """A short readable name for a stage, for people (files keep the list)."""
+        return "+".join(self.stages[index])
+
+    def stage_lists(self) -> list[list[str]]:
+        """The stages as JSON-ready lists of module/parameter names."""
+        return [list(s) for s in self.stages]
+
+    @cached_property
+    def position(self) -> Mapping[str, int | None]:
+        """Each parameter's stage index; the head's is len(stages); None outside every stage."""
+        positions: dict[str, int | None] = dict.fromkeys(self.names)
+        for i in range(len(self.stages)):
+            positions.update(dict.fromkeys(self.stage_params(i), i))
+        positions.update(dict.fromkeys(self.head_params(), len(self.stages)))
+        return positions
 
 
 @dataclass
@@ -157,7 +196,8 @@ def _torchvision(arch: str, kwargs: dict) -> tuple[nn.Module, tuple[int, ...]]:
     if arch not in names:
         raise FinetunePrepError(
             f"model.arch={arch!r} is not a torchvision classification model."
-            f"{_suggest(arch, names)} See torchvision.models.list_models() for all {len(names)}."
+            f"{did_you_mean(arch, names)} "
+            f"See torchvision.models.list_models() for all {len(names)}."
         )
     model = torchvision.models.get_model(arch, weights=None, **kwargs)
     return model, (3, 299, 299) if arch == "inception_v3" else (3, 224, 224)
@@ -173,7 +213,7 @@ def _timm(arch: str, num_outputs: int, kwargs: dict) -> tuple[nn.Module, tuple[i
     if not timm.is_model(arch):
         names = timm.list_models()
         raise FinetunePrepError(
-            f"model.arch={arch!r} is not a timm model.{_suggest(arch, names)}"
+            f"model.arch={arch!r} is not a timm model.{did_you_mean(arch, names)}"
             " See timm.list_models('*pattern*')."
         )
     model = timm.create_model(arch, pretrained=False, num_classes=num_outputs, **kwargs)
@@ -204,11 +244,6 @@ def _target_name(model_cfg: Any) -> str:
     return str(model_cfg.target["_target_"])
 
 
-def _suggest(word: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=5, cutoff=0.6)
-    return f" Did you mean: {', '.join(close)}?" if close else ""
-
-
 def _replace_heads(
     model: nn.Module, model_cfg: Any, head_cfg: Any, num_outputs: int, meta: bool
 ) -> tuple[str, ...]:
@@ -221,7 +256,7 @@ def _replace_heads(
         if name not in modules:
             linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
             raise FinetunePrepError(
-                f"head.module={name!r} is not a module of this model.{_suggest(name, linears)}"
+                f"head.module={name!r} is not a module of this model.{did_you_mean(name, linears)}"
                 f" Its Linear layers: {', '.join(linears[-5:]) or 'none'}."
             )
         if not isinstance(modules[name], nn.Linear):

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.groups import describe_stages
 from finetune_prep.models import BuiltModel
 from finetune_prep.rules import FreezePlan
 
@@ -153,7 +152,7 @@ def document(
         "format": FORMAT,
         "model": {"source": built.source, "arch": built.arch, "num_outputs": built.num_outputs,
                   "head": table.head[0], "heads": list(table.head),
-                  "stages": describe_stages(table)},
+                  "stages": table.stage_lists()},
         "checkpoint": _checkpoint_block(sources),
         "counts": {"total": total, "trainable": n_trainable, "frozen": total - n_trainable},
         "groups": groups,

@@ -9,8 +9,26 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from finetune_prep.models import ParamTable
-from finetune_prep.rules import covers, head_params, stage_params
+from finetune_prep.models import ParamTable, covers
+
+MAX_LABEL = 60  # longer stage labels are clipped so the columns stay aligned
+
+
+def plural(count: int, word: str) -> str:
+    """'1 tensor', '2 tensors', '1,000 tensors'."""
+    return f"{count:,} {word}{'' if count == 1 else 's'}"
+
+
+def share(part: int, total: int) -> str:
+    """A percentage that is 0% or 100% only when exact: 513 of 11 M is '<0.01%', not '0.00%'."""
+    if total <= 0 or part <= 0:
+        return "0%"
+    if part >= total:
+        return "100%"
+    pct = 100.0 * part / total
+    if pct < 0.01:
+        return "<0.01%"
+    return ">99.99%" if pct > 99.99 else f"{pct:.2f}%"
 
 
 def state(trainable: int, total: int) -> str:
@@ -57,8 +75,10 @@ def render(
 def _header(document: Mapping[str, Any], table: ParamTable) -> str:
     model, ckpt = document["model"], document["checkpoint"]
     heads = ", ".join(f"{h} ({table.module_types.get(h, '?')})" for h in table.head)
+    outputs = model.get("num_outputs")
     lines = [
-        f"Model: {model['arch']} ({model['source']}), {model['num_outputs']} outputs",
+        f"Model: {model['arch']} ({model['source']})"
+        + (f", {plural(outputs, 'output')}" if outputs else ""),
         f"Head: {heads}",
     ]
     lines += _checkpoint_lines(ckpt)
@@ -70,7 +90,7 @@ def _checkpoint_lines(ckpt: Mapping[str, Any] | None) -> list[str]:
         return ["Checkpoint: none (random init)"]
     lines = []
     for src in ckpt["sources"]:
-        lines.append(f"Checkpoint: {src['path']} ({src['loaded']} tensors loaded)")
+        lines.append(f"Checkpoint: {src['path']} ({plural(src['loaded'], 'tensor')} loaded)")
         lines += [f"  unwrapped: {step}" for step in src.get("unwrapped", [])]
         for key in ("missing", "unexpected", "excluded"):
             if src.get(key):
@@ -85,11 +105,13 @@ def _checkpoint_lines(ckpt: Mapping[str, Any] | None) -> list[str]:
 def _grouped(table: ParamTable, trainable: Mapping[str, bool], document: Mapping) -> str:
     eval_modules = set(document.get("eval_modules", []))
     stat_modules = sorted(table.stat_modules)
-    lines = [f"{'Module':<20} {'State':<10} {'Trainable':>13} / {'Total':<13} Norm mode"]
-    for top, t, n in top_level_rows(table, trainable):
+    rows = top_level_rows(table, trainable)
+    width = max([20, *(len(top) + 1 for top, _, _ in rows)])
+    lines = [f"{'Module':<{width}} {'State':<10} {'Trainable':>13} / {'Total':<13} Norm mode"]
+    for top, t, n in rows:
         stats = [m for m in stat_modules if covers(top, m)]
         mode = _mode(stats, eval_modules)
-        lines.append(f"{top:<20} {state(t, n):<10} {t:>13,} / {n:<13,} {mode}".rstrip())
+        lines.append(f"{top:<{width}} {state(t, n):<10} {t:>13,} / {n:<13,} {mode}".rstrip())
     return "\n".join(lines)
 
 
@@ -104,16 +126,21 @@ def _mode(stats: Sequence[str], eval_modules: set[str]) -> str:
 
 def _stages(table: ParamTable, trainable: Mapping[str, bool]) -> str:
     """One row per stage (the units that @stage[i] and layer decay index), then the head."""
-    rows = [(f"{i} {'+'.join(s)}", stage_params(table, s)) for i, s in enumerate(table.stages)]
-    rows.append(("head " + "+".join(table.head), head_params(table)))
-    width = min(max(len(label) for label, _ in rows) + 2, 60)
-    lines = [f"{f'Stages ({len(table.stages)}) and head':<{width}} {'State':<10} "
-             f"{'Trainable':>13} / Total"]
+    rows = [(f"{i} {table.stage_label(i)}", table.stage_params(i))
+            for i in range(len(table.stages))]
+    rows.append(("head " + "+".join(table.head), table.head_params()))
+    title = f"Stages ({len(table.stages)}) and head"
+    width = min(max(len(title), *(len(label) for label, _ in rows)), MAX_LABEL)
+    lines = [f"{title:<{width}}  {'State':<10} {'Trainable':>13} / Total"]
     for label, names in rows:
-        t = sum(table.numel(n) for n in names if trainable[n])
-        n = sum(table.numel(n) for n in names)
-        lines.append(f"{label:<{width}} {state(t, n):<10} {t:>13,} / {n:,}")
+        t = table.count([n for n in names if trainable[n]])
+        n = table.count(names)
+        lines.append(f"{_clip(label, width):<{width}}  {state(t, n):<10} {t:>13,} / {n:,}")
     return "\n".join(lines)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _detailed(table: ParamTable, trainable: Mapping[str, bool]) -> str:
@@ -126,10 +153,10 @@ def _detailed(table: ParamTable, trainable: Mapping[str, bool]) -> str:
 
 
 def _totals(counts: Mapping[str, int]) -> str:
-    pct = 100.0 * counts["trainable"] / counts["total"] if counts["total"] else 0.0
+    pct = share(counts["trainable"], counts["total"])
     return "\n".join([
         f"Total parameters:     {counts['total']:,}",
-        f"Trainable parameters: {counts['trainable']:,} ({pct:.2f}%)",
+        f"Trainable parameters: {counts['trainable']:,} ({pct})",
         f"Frozen parameters:    {counts['frozen']:,}",
     ])
 
@@ -142,7 +169,7 @@ def _groups(document: Mapping[str, Any]) -> str:
     for g in document["groups"]:
         why = f"  [{'; '.join(g['reasons'])}]" if g.get("reasons") else ""
         lines.append(f"  {g['name']}: lr={g['lr']:g} weight_decay={g['weight_decay']:g}, "
-                     f"{len(g['params'])} tensors{why}")
+                     f"{plural(len(g['params']), 'tensor')}{why}")
     return "\n".join(lines)
 
 

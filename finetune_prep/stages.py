@@ -30,7 +30,6 @@ joins the stage before it. timm models without one take the general derivation.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +37,8 @@ from typing import Any
 
 from torch import nn
 
-from finetune_prep.errors import FinetunePrepError
+from finetune_prep.errors import FinetunePrepError, did_you_mean
+from finetune_prep.models import covers
 
 MIN_STAGES = 3  # fewer than this means "stem + trunk": open the trunk
 
@@ -62,11 +62,6 @@ class _Unit:
     kind: str  # "param", "leaf", "shallow" (conv+bn), "deep", "pool" (marker, no parameters)
     numel: int
     aux: bool = False  # part of an auxiliary classifier
-
-
-def covers(prefix: str, name: str) -> bool:
-    """True if `prefix` is `name` or an enclosing module of it (dot boundary)."""
-    return name == prefix or name.startswith(prefix + ".")
 
 
 def _read(model: nn.Module, head: Sequence[str]) -> _Tree:
@@ -267,8 +262,7 @@ def _resolve_name(pattern: str, known: Sequence[str], where: str) -> list[str]:
     else:
         found = [pattern] if pattern in known else []
     if not found:
-        close = difflib.get_close_matches(pattern, list(known), n=5, cutoff=0.6)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        hint = did_you_mean(pattern, known)
         tops = ", ".join(dict.fromkeys(n.split(".")[0] for n in known))
         raise FinetunePrepError(
             f"{where}: {pattern!r} is not a module or parameter name of this model.{hint}"

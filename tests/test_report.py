@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from finetune_prep.report import state, top_level_rows
+from finetune_prep.report import plural, share, state, top_level_rows
 
 
 def seed_grouped(model) -> dict[str, str]:
@@ -35,7 +35,9 @@ def test_head_only_summary_has_the_reference_counts(make_cfg):
 
     summary = prepare(make_cfg("freeze=head_only"), materialize=False).summary
     assert "Total parameters:     11,177,025" in summary
-    assert "Trainable parameters: 513 (0.00%)" in summary
+    assert "Trainable parameters: 513 (<0.01%)" in summary
+    assert "Model: resnet18 (torchvision), 1 output\n" in summary
+    assert "head: lr=0.001 weight_decay=0.05, 1 tensor\n" in summary
     assert "fc                   Trainable            513 / 513" in summary
     assert "layer4               Frozen                 0 / 8,393,728     eval" in summary
     rows = [line.split() for line in summary.splitlines()]
@@ -65,3 +67,37 @@ def test_detailed_view_lists_every_parameter_with_its_shape(make_cfg):
 
 def test_states():
     assert [state(0, 5), state(5, 5), state(2, 5)] == ["Frozen", "Trainable", "Partial"]
+
+
+def test_a_share_is_zero_or_whole_only_when_exact():
+    assert [share(0, 10), share(10, 10), share(513, 11_177_025)] == ["0%", "100%", "<0.01%"]
+    assert [share(1, 3), share(999_999, 1_000_000), share(1, 0)] == ["33.33%", ">99.99%", "0%"]
+
+
+def test_plural_forms():
+    assert [plural(1, "tensor"), plural(2, "output"), plural(1500, "tensor")] == [
+        "1 tensor", "2 outputs", "1,500 tensors"]
+
+
+def _columns(line: str, words: list[str]) -> list[int]:
+    return [line.index(w) + len(w) for w in words]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit_b_16"])
+def test_stage_table_header_lines_up_with_its_rows(make_cfg, arch):
+    """'State' starts where each row's state starts; 'Trainable' ends where its number ends."""
+    from finetune_prep import prepare
+
+    prepared = prepare(make_cfg(f"model={arch}", "freeze=last_stage",
+                                "verify.backward=false"), materialize=False)
+    lines = prepared.summary.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Stages ("))
+    header, rows = lines[start], lines[start + 1: start + 2 + len(prepared.table.stages)]
+    state_at = header.index("State")
+    number_end = header.index("Trainable") + len("Trainable")
+    slash_at = header.index(" / ")
+    for row in rows:
+        assert row[state_at:].split()[0] in ("Frozen", "Trainable", "Partial"), row
+        assert row[state_at - 1] == " " and row[number_end - 1].isdigit(), row
+        assert row[number_end] == " " and row.index(" / ") == slash_at, row
+    assert rows[-1].startswith("head ") and "Trainable" in rows[-1]
