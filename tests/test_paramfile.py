@@ -13,7 +13,7 @@ from finetune_prep.errors import FinetunePrepError
 
 @pytest.fixture
 def planned(make_cfg, tmp_path):
-    """A head_only plan for resnet18, written to tmp_path/param_groups.json."""
+    """A last_stage plan with SGD for resnet18, written to tmp_path/param_groups.json."""
     from finetune_prep.runner import run
 
     cfg = make_cfg("freeze=last_stage", "verify.backward=false", "optim=sgd")
@@ -86,16 +86,3 @@ def test_wrong_format_and_broken_json(tmp_path, planned):
     with pytest.raises(FinetunePrepError, match="is not valid JSON"):
         paramfile.read(broken)
 
-
-def test_write_atomic_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatch):
-    target = tmp_path / "param_groups.json"
-    target.write_text("good\n")
-
-    def no_space(fd):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(paramfile.os, "fsync", no_space)
-    with pytest.raises(FinetunePrepError, match="No space left on device"):
-        paramfile.write_atomic(target, "partial")
-    assert target.read_text() == "good\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["param_groups.json"]
