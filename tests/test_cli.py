@@ -1,4 +1,4 @@
-"""The CLI end to end, run as a subprocess the way a user runs it."""
+"""The CLI end to end, run as a subprocess the way a user runs it (all slow)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, run_cli
 
 
+@pytest.mark.slow
 def test_default_run_writes_the_plan_files(tmp_path, resnet18_ckpt):
     run_dir = tmp_path / "run"
     done = run_cli("freeze=head_only", f"checkpoint.path={resnet18_ckpt}",
@@ -30,6 +32,7 @@ def test_default_run_writes_the_plan_files(tmp_path, resnet18_ckpt):
         "freeze=head_only", f"checkpoint.path={resnet18_ckpt}"]
 
 
+@pytest.mark.slow
 def test_same_config_gives_a_byte_identical_groups_section(tmp_path):
     docs = []
     for name in ("a", "b"):
@@ -41,6 +44,7 @@ def test_same_config_gives_a_byte_identical_groups_section(tmp_path):
     assert docs[0]["provenance"]["config_sha256"] == docs[1]["provenance"]["config_sha256"]
 
 
+@pytest.mark.slow
 def test_a_typo_in_a_pattern_is_one_clear_message_and_no_file(tmp_path):
     done = run_cli("freeze.rules=[{freeze: '*'}, {unfreeze: layr4}]", "verify.backward=false",
                    f"hydra.run.dir={tmp_path}")
@@ -52,6 +56,7 @@ def test_a_typo_in_a_pattern_is_one_clear_message_and_no_file(tmp_path):
     assert "Did you mean: layer4" in (tmp_path / "finetune_prep.log").read_text()
 
 
+@pytest.mark.slow
 def test_example_training_loop_leaves_frozen_weights_alone(tmp_path):
     done = run_cli("freeze=last_stage", "verify.backward=false", f"hydra.run.dir={tmp_path}")
     assert done.returncode == 0, done.stderr
