@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -62,7 +63,8 @@ def test_example_training_loop_leaves_frozen_weights_alone(tmp_path):
     assert done.returncode == 0, done.stderr
     example = subprocess.run(
         [sys.executable, str(REPO / "examples" / "train.py"), str(tmp_path / "param_groups.json"),
-         "--steps", "2"], capture_output=True, text=True, timeout=300)
+         "--steps", "2"], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)})  # this checkout's finetune_prep
     assert example.returncode == 0, example.stderr
     result = json.loads(example.stdout.strip().splitlines()[-1])
     assert result["frozen_max_change"] == 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import site
 import subprocess
@@ -130,13 +131,14 @@ def test_installed_wheel_runs_from_another_folder(wheel, tmp_path):
                     str(wheel)], check=True, capture_output=True, timeout=120)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(
         [str(python), "-c", "import finetune_prep, sys; print(finetune_prep.__file__)"],
-        cwd=elsewhere, capture_output=True, text=True, check=True)
+        cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
     assert str(tmp_path / "venv") in done.stdout  # the wheel, not the checkout
     done = subprocess.run([str(python), "-m", "finetune_prep", "hydra.run.dir=out",
-                           "verify.backward=false"], cwd=elsewhere, capture_output=True,
-                          text=True, timeout=120)
+                           "verify.backward=false"], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     doc = json.loads((elsewhere / "out" / "param_groups.json").read_text())
     assert doc["counts"]["trainable"] == 513
