@@ -59,9 +59,13 @@ def resnet18_ckpt(tmp_path_factory) -> Path:
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python -m finetune_prep ARGS` as a user would; output captured as text."""
+    """Run `python -m finetune_prep ARGS` as a user would; output captured as text.
+    This checkout's package comes first on the path, whatever `cwd` is: an installed
+    finetune_prep (another checkout's editable install, say) is not what is under test."""
     full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     full_env.update(env or {})
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO), *filter(None, [full_env.get("PYTHONPATH")])])
     return subprocess.run(
         [sys.executable, "-m", "finetune_prep", *args],
         cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,

@@ -1,8 +1,9 @@
-"""The CLI end to end, run as a subprocess the way a user runs it."""
+"""The CLI end to end, run as a subprocess the way a user runs it (all slow)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from importlib.metadata import version
@@ -11,6 +12,7 @@ import pytest
 from conftest import REPO, run_cli
 
 
+@pytest.mark.slow
 def test_default_run_writes_the_plan_files(tmp_path, resnet18_ckpt):
     run_dir = tmp_path / "run"
     done = run_cli("freeze=head_only", f"checkpoint.path={resnet18_ckpt}",
@@ -32,6 +34,7 @@ def test_default_run_writes_the_plan_files(tmp_path, resnet18_ckpt):
         "freeze=head_only", f"checkpoint.path={resnet18_ckpt}"]
 
 
+@pytest.mark.slow
 def test_same_config_gives_a_byte_identical_groups_section(tmp_path):
     docs = []
     for name in ("a", "b"):
@@ -43,6 +46,7 @@ def test_same_config_gives_a_byte_identical_groups_section(tmp_path):
     assert docs[0]["provenance"]["config_sha256"] == docs[1]["provenance"]["config_sha256"]
 
 
+@pytest.mark.slow
 def test_a_typo_in_a_pattern_is_one_clear_message_and_no_file(tmp_path):
     done = run_cli("freeze.rules=[{freeze: '*'}, {unfreeze: layr4}]", "verify.backward=false",
                    f"hydra.run.dir={tmp_path}")
@@ -54,12 +58,14 @@ def test_a_typo_in_a_pattern_is_one_clear_message_and_no_file(tmp_path):
     assert "Did you mean: layer4" in (tmp_path / "finetune_prep.log").read_text()
 
 
+@pytest.mark.slow
 def test_example_training_loop_leaves_frozen_weights_alone(tmp_path):
     done = run_cli("freeze=last_stage", "verify.backward=false", f"hydra.run.dir={tmp_path}")
     assert done.returncode == 0, done.stderr
     example = subprocess.run(
         [sys.executable, str(REPO / "examples" / "train.py"), str(tmp_path / "param_groups.json"),
-         "--steps", "2"], capture_output=True, text=True, timeout=300)
+         "--steps", "2"], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)})  # this checkout's finetune_prep
     assert example.returncode == 0, example.stderr
     result = json.loads(example.stdout.strip().splitlines()[-1])
     assert result["frozen_max_change"] == 0.0

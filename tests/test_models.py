@@ -1,4 +1,4 @@
-"""build_model: meta construction of all 80 torchvision classifiers, heads, sources, errors."""
+"""build_model: meta construction of every torchvision classifier, heads, sources, errors."""
 
 from __future__ import annotations
 
@@ -42,8 +42,9 @@ def test_every_parameter_and_buffer_is_on_meta(arch):
 
 
 def test_regnets_build_on_meta_too():
-    regnets = [a for a in ARCHS if a.startswith("regnet")]
-    assert len(regnets) == 15  # `with torch.device("meta")` cannot build these (block widths)
+    # `with torch.device("meta")` cannot build these (their block widths use torch ops)
+    regnets = [a for a in ARCHS if "regnet" in a]
+    assert regnets, "torchvision's registry lists regnets"
     assert all(built(a).model.stem[0].weight.is_meta for a in regnets)
 
 

@@ -46,10 +46,6 @@ def check_invariants(b: BuiltModel) -> None:
     assert all(p.is_meta for p in b.model.parameters())  # never materialized
 
 
-def test_all_torchvision_classifiers_are_listed():
-    assert len(ARCHS) == 80
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_stage_invariants(arch):
     check_invariants(built(arch))
@@ -65,11 +61,6 @@ def test_head_is_replaced(arch):
         head = modules[name]
         outputs = head.out_features if isinstance(head, nn.Linear) else head.out_channels
         assert outputs == NUM_OUTPUTS, name
-
-
-def test_derive_stages_is_what_build_model_stored():
-    b = built("resnet18")
-    assert tuple(map(tuple, derive_stages(b.model, b.table.head))) == b.table.stages
 
 
 # --- the expected stage lists --------------------------------------------------------------------

@@ -33,6 +33,7 @@ def _check_against_job_files(row: dict[str, str]) -> None:
     assert row["status"] == "COMPLETED" and row["error"] == ""
 
 
+@pytest.mark.slow
 def test_sweep_with_a_failing_job(tmp_path):
     sweep_dir = tmp_path / "sweep"
     done = run_cli("-m", *FAST, f"hydra.sweep.dir={sweep_dir}",
@@ -76,6 +77,7 @@ def test_sweep_with_a_failing_job(tmp_path):
     assert result["stage_params"]["head"] == [513, 513]  # head trains, 1 output
 
 
+@pytest.mark.slow
 def test_joblib_launcher(tmp_path):
     sweep_dir = tmp_path / "sweep"
     done = run_cli("-m", *FAST, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
