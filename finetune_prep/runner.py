@@ -16,7 +16,7 @@ from torch import nn
 
 from finetune_prep import cache, paramfile, provenance
 from finetune_prep import verify as proof
-from finetune_prep.atomic import write_atomic
+from finetune_prep.atomic import write_files
 from finetune_prep.checkpoint import Checkpoint, Fit, check_fit, load_into, read_checkpoint
 from finetune_prep.config import BnStats, validate
 from finetune_prep.errors import FinetunePrepError
@@ -125,9 +125,8 @@ def run(
         log.warning("%s", note)
     output_dir.mkdir(parents=True, exist_ok=True)
     target = output_dir / "param_groups.json"
-    # the plan first: if it cannot be written, an earlier run's summary stays beside its plan
-    write_atomic(target, paramfile.dumps(prepared.document))
-    write_atomic(output_dir / "trainability.txt", prepared.summary)
+    write_files({target: paramfile.dumps(prepared.document),
+                 output_dir / "trainability.txt": prepared.summary})  # both or neither
     log.info("Wrote %s", target)
     return target
 

@@ -286,7 +286,7 @@ def test_unwritable_folder_at_function_level(make_cfg, monkeypatch, tmp_path):
     def refuse(*args, **kwargs):  # root writes anywhere: simulate the refusal
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
-    monkeypatch.setattr(atomic.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(atomic, "_write_temp", refuse)
     msg = function_error(run, make_cfg(FAST), tmp_path)
     assert f"cannot write {tmp_path / 'param_groups.json'}: Permission denied" in msg
     assert "make the folder writable" in msg
