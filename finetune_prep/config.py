@@ -178,7 +178,22 @@ def validate(cfg: Any) -> DictConfig:
         OmegaConf.to_object(merged)  # raises on a required value left as ???
     except OmegaConfBaseException as err:
         raise FinetunePrepError(f"invalid config: {err}") from err
+    _check_ranges(merged)
     return merged
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    """Sizes and counts that the types allow but no run can use."""
+    v = cfg.verify
+    if v.batch_size < 1:
+        raise FinetunePrepError(f"verify.batch_size={v.batch_size}: the proof needs a batch of "
+                                "at least 1 (2 or more for BatchNorm in train mode).")
+    if v.max_params < 0:
+        raise FinetunePrepError(f"verify.max_params={v.max_params}: must be >= 0.")
+    size = cfg.model.input_size
+    if size is not None and (not size or any(d < 1 for d in size)):
+        raise FinetunePrepError(f"model.input_size={list(size)}: give [C, H, W] with every "
+                                "size >= 1 (e.g. [3, 224, 224]), or null for the model's own.")
 
 
 def unknown_keys(given: Mapping, schema: type, where: str = "") -> list[str]:

@@ -7,6 +7,7 @@ groups, byte for byte.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -122,14 +123,16 @@ def _pattern_union(table: ParamTable, patterns: Sequence[str]) -> dict[str, str]
 
 
 def _check_numbers(optim: Any) -> None:
-    if not optim.lr > 0:
-        raise FinetunePrepError(f"optim.lr={optim.lr}: the learning rate must be > 0.")
-    if optim.weight_decay < 0:
-        raise FinetunePrepError(f"optim.weight_decay={optim.weight_decay}: must be >= 0.")
-    if optim.layer_decay is not None and not 0 < optim.layer_decay <= 1:
-        raise FinetunePrepError(
-            f"optim.layer_decay={optim.layer_decay}: must be in (0, 1] (e.g. 0.75), or null."
-        )
+    """Every number a group gets is finite and in range (NaN or inf would reach the file)."""
+    checks = [("optim.lr", optim.lr, lambda x: x > 0, "> 0 (e.g. 0.001)"),
+              ("optim.weight_decay", optim.weight_decay, lambda x: x >= 0, ">= 0 (e.g. 0.05)")]
+    if optim.layer_decay is not None:
+        checks.append(("optim.layer_decay", optim.layer_decay, lambda x: 0 < x <= 1,
+                       "in (0, 1] (e.g. 0.75), or null"))
     for i, rule in enumerate(optim.groups):
-        if rule.lr_mult < 0 or rule.wd_mult < 0:
-            raise FinetunePrepError(f"optim.groups[{i}]: lr_mult and wd_mult must be >= 0.")
+        for key in ("lr_mult", "wd_mult"):
+            checks.append((f"optim.groups[{i}].{key}", getattr(rule, key), lambda x: x >= 0,
+                           ">= 0"))
+    for key, value, ok, bound in checks:
+        if not (math.isfinite(value) and ok(value)):
+            raise FinetunePrepError(f"{key}={value}: must be a finite number {bound}.")

@@ -26,7 +26,7 @@ GROUP_KEYS = ("lr", "weight_decay")  # the keys of a group that torch.optim take
 
 def dumps(document: dict[str, Any]) -> str:
     """The file's text: stable key order and indentation, so equal plans give equal bytes."""
-    return json.dumps(document, indent=2) + "\n"
+    return json.dumps(document, indent=2, allow_nan=False) + "\n"  # strict JSON: no NaN
 
 
 def read(path: str | os.PathLike) -> dict[str, Any]:

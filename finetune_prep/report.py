@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from finetune_prep.models import ParamTable, covers
+from finetune_prep.verify import FAILURES
 
 MAX_LABEL = 60  # longer stage labels are clipped so the columns stay aligned
 
@@ -189,12 +190,7 @@ def _verified(verified: Mapping[str, Any] | None) -> str:
     status = "OK" if verified["ok"] else "FAILED"
     lines = [f"Verified: one forward/backward/optimizer step on a random batch "
              f"{verified['input']}: {status}"]
-    labels = {
-        "frozen_with_grad": "frozen parameters that got a gradient",
-        "frozen_changed": "frozen parameters that changed",
-        "trainable_without_grad": "trainable parameters that got no gradient (unused: breaks DDP)",
-        "trainable_unchanged": "trainable parameters the step did not change",
-    }
+    labels = {**FAILURES, "trainable_unchanged": "trainable parameters the step did not change"}
     for key, label in labels.items():
         if verified.get(key):
             lines.append(f"  {label}: {', '.join(verified[key][:8])}"

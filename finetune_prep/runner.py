@@ -119,6 +119,12 @@ def run(
 ) -> Path:
     """The CLI's job: plan on the meta device, write trainability.txt and param_groups.json."""
     prepared = prepare(cfg, materialize=False, overrides=overrides, config_dirs=config_dirs)
+    failed = proof.failure(prepared.document["verified"])
+    if failed:
+        raise FinetunePrepError(
+            f"the one-step proof failed: {failed}. Nothing was written. Fix the rules, the model "
+            "or the checkpoint; verify.backward=false skips the proof (not recommended)."
+        )
     for line in prepared.report.splitlines():
         log.info("%s", line)
     for note in prepared.notes:

@@ -57,6 +57,7 @@ def prove(
     `groups` are torch.optim groups of `model`'s own tensors.
     """
     params = dict(model.named_parameters())
+    non_finite = _non_finite(model)
     before = {n: p.detach().clone() for n, p in params.items()}
     optimizer = make_optimizer(groups)
     generator = torch.Generator().manual_seed(seed)
@@ -69,15 +70,51 @@ def prove(
     result = {
         "backward": True,
         "input": [batch_size, *input_size],
+        "non_finite": non_finite,
         "frozen_with_grad": [n for n in frozen if params[n].grad is not None],
-        "frozen_changed": [n for n in frozen if not torch.equal(params[n], before[n])],
+        "frozen_changed": [n for n in frozen if not _same(params[n], before[n])],
         "trainable_without_grad": [n for n in trainable if params[n].grad is None],
-        "trainable_unchanged": [n for n in trainable if torch.equal(params[n], before[n])],
+        "trainable_unchanged": [n for n in trainable if _same(params[n], before[n])],
+        "non_finite_after_step": [n for n in _non_finite(model) if n not in non_finite],
     }
-    result["ok"] = not (
-        result["frozen_with_grad"] or result["frozen_changed"] or result["trainable_without_grad"]
-    )
+    result["ok"] = not any(result[k] for k in FAILURES)
     return result
+
+
+FAILURES = {  # what makes the proof fail, in plain words
+    "non_finite": "weights or buffers that hold NaN or Inf (check the checkpoint)",
+    "frozen_with_grad": "frozen parameters that got a gradient",
+    "frozen_changed": "frozen parameters that changed",
+    "trainable_without_grad": "trainable parameters that got no gradient (unused: breaks DDP)",
+    "non_finite_after_step": "parameters that became NaN or Inf after one step (lr too high?)",
+}
+
+
+def failure(verified: dict[str, Any]) -> str | None:
+    """Why a proof that ran failed, naming the tensors; None when it passed or did not run."""
+    if not verified.get("backward") or verified.get("ok"):
+        return None
+    parts = [f"{FAILURES[k]}: {_names(verified[k])}" for k in FAILURES if verified.get(k)]
+    return "; ".join(parts)
+
+
+def _names(names: Sequence[str], limit: int = 8) -> str:
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _non_finite(model: nn.Module) -> list[str]:
+    """Floating-point parameters and buffers with a NaN or Inf anywhere."""
+    return [n for n, t in model.state_dict(keep_vars=True).items()
+            if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN equal to NaN (a NaN weight that did not move is unchanged)."""
+    if a.is_floating_point():
+        return bool(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0),
+                                                                        b.nan_to_num(0.0)))
+    return torch.equal(a, b)
 
 
 def _loss(output: Any) -> torch.Tensor:
@@ -124,7 +161,7 @@ def run_proof(
 
 def notes(verified: dict[str, Any]) -> list[str]:
     """A warning when the proof ran and found problems."""
-    if not verified.get("backward") or verified["ok"]:
+    if failure(verified) is None:
         return []
     return ["the verification step found problems (see Verified above): fix the rules or the "
             "model before training"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -84,9 +86,16 @@ def test_frozen_parameters_are_in_no_group_and_nothing_trains_gives_no_groups(re
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [({"lr": 0.0}, "learning rate must be > 0"),
-     ({"weight_decay": -1.0}, "must be >= 0"),
-     ({"layer_decay": 1.5}, r"must be in \(0, 1\]"),
+    [({"lr": 0.0}, r"optim.lr=0.0: must be a finite number > 0"),
+     ({"lr": math.inf}, r"optim.lr=inf: must be a finite number > 0"),
+     ({"lr": math.nan}, r"optim.lr=nan: must be a finite number"),
+     ({"weight_decay": -1.0}, "must be a finite number >= 0"),
+     ({"weight_decay": math.nan}, "optim.weight_decay=nan: must be a finite number >= 0"),
+     ({"weight_decay": math.inf}, "optim.weight_decay=inf"),
+     ({"layer_decay": 1.5}, r"must be a finite number in \(0, 1\]"),
+     ({"layer_decay": math.nan}, r"optim.layer_decay=nan"),
+     ({"groups": [{"match": "fc", "lr_mult": math.nan}]}, r"optim.groups\[0\].lr_mult=nan"),
+     ({"groups": [{"match": "fc", "wd_mult": math.inf}]}, r"optim.groups\[0\].wd_mult=inf"),
      ({"groups": [{"match": "layr4", "lr_mult": 2.0}]}, "Did you mean: layer4")],
 )
 def test_bad_optim_settings(resnet18_table, overrides, message):
