@@ -59,6 +59,7 @@ class OptimConfig:
     no_decay: list[str] = field(default_factory=lambda: ["@bias", "@norm", "@ndim<=1"])
     groups: list[GroupRule] = field(default_factory=list)
     layer_decay: float | None = None
+    layer_decay_granularity: str = "block"
     optimizer: dict[str, Any] = field(default_factory=lambda: {"_target_": "torch.optim.AdamW"})
 
 
