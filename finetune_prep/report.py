@@ -215,8 +215,8 @@ def _layer_groups(optimizer: str, groups: Sequence[Mapping[str, Any]]) -> str:
         f"{plural(tensors, 'tensor')}",
         f"  layer decay {factor}: {len(lrs)} of {plural(top + 1, 'layer')} train, "
         f"lr {at(first)} ... {at(last)}",
-        "  " + "; ".join(f"weight_decay {wd:g}: {plural(sum(n), 'tensor')}"
-                         for wd, n in decays.items())
+        "  " + "; ".join(f"weight_decay {wd:g}: {plural(sum(decays[wd]), 'tensor')}"
+                         for wd in sorted(decays, reverse=True))
         + (f"  [{'; '.join(no_decay)}]" if no_decay else ""),
     ])
 
