@@ -205,14 +205,22 @@ def derive_layers(
     if not any(is_block for is_block, _ in units[1:]):
         units = [(True, list(stage)) for stage in stages]  # no blocks: a layer per stage
     entry_layer = _number(units)
-    layers = {n: next((entry_layer[e] for e in entry_layer if covers(e, n)), 0)
-              for n in tree.params}
+    layers = {n: _innermost(entry_layer, n) for n in tree.params}
     head_id = max(layers.values(), default=-1) + 1
     for h in head:
         scope = h.rpartition(".")[0] or h  # the head's container, or the head at the root
         layers.update({n: head_id for n in tree.params if covers(scope, n)})
     order = {old: new for new, old in enumerate(sorted(set(layers.values())))}
     return {n: order[i] for n, i in layers.items()}  # no gaps: every id holds parameters
+
+
+def _innermost(ids: Mapping[str, int], name: str) -> int:
+    """The id of the closest entry that covers parameter `name` (0 if none does)."""
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        if (scope := ".".join(parts[:end])) in ids:
+            return ids[scope]
+    return 0
 
 
 def _layer_units(tree: _Tree, stages: Sequence[Sequence[str]]) -> list[tuple[bool, list[str]]]:
