@@ -88,9 +88,11 @@ class GroupRule:
 class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
-    no_decay: list[str] = field(default_factory=lambda: ["@bias", "@norm", "@ndim<=1"])
+    no_decay: list[str] = field(
+        default_factory=lambda: ["@bias", "@norm", "@ndim<=1", "@no_weight_decay"])
     groups: list[GroupRule] = field(default_factory=list)
     layer_decay: float | None = None
+    layer_decay_granularity: str = "block"
     optimizer: dict[str, Any] = field(default_factory=lambda: {"_target_": "torch.optim.AdamW"})
 
 

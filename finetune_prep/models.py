@@ -7,11 +7,12 @@ and module facts that rules, groups and the report work on without touching tens
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,10 @@ from torch import nn
 from finetune_prep.errors import FinetunePrepError, did_you_mean
 
 SOURCES = ("torchvision", "timm", "target")
+GRANULARITIES = ("block", "stage")  # what optim.layer_decay counts as one layer
+# torchvision's transformers have no no_weight_decay(): these parameter names are excluded as
+# the DeiT/MAE recipes and torchvision's own reference scripts (transformer_embedding_decay) do
+TORCHVISION_NO_WEIGHT_DECAY = ("class_token", "pos_embedding", "relative_position_bias_table")
 
 
 def covers(prefix: str, name: str) -> bool:
@@ -44,6 +49,8 @@ class ParamTable:
     stat_modules: frozenset[str]  # modules with running statistics (BatchNorm and kin)
     head: tuple[str, ...]  # head modules: the main head first, then auxiliary heads
     stages: tuple[tuple[str, ...], ...]  # each stage: module or parameter names, model order
+    layers: Mapping[str, int] = field(default_factory=dict)  # block-level layer id, head last
+    no_weight_decay: frozenset[str] = frozenset()  # the model's own no-weight-decay parameters
 
     def numel(self, name: str) -> int:
         """Number of elements of one parameter."""
@@ -81,6 +88,14 @@ class ParamTable:
             positions.update(dict.fromkeys(self.stage_params(i), i))
         positions.update(dict.fromkeys(self.head_params(), len(self.stages)))
         return positions
+
+    def layer_ids(self, granularity: str = "block") -> dict[str, int]:
+        """Each parameter's layer id for layer-wise lr decay: 0 the stem ... the highest the
+        head. `block`: one per block (see stages.derive_layers); `stage`: the stage index
+        (head len(stages); a parameter outside every stage 0)."""
+        if granularity == "block" and self.layers:
+            return dict(self.layers)
+        return {n: p or 0 for n, p in self.position.items()}
 
 
 @dataclass
@@ -153,7 +168,8 @@ def build_model(model_cfg: Any, head_cfg: Any, meta: bool) -> BuiltModel:
     stages = _stages(model, model_cfg, head)
     if model_cfg.get("input_size"):
         input_size = tuple(model_cfg.input_size)
-    table = describe(model, head, stages)
+    table = describe(model, head, stages, _layers(model, head, stages),
+                     no_weight_decay_names(model, source))
     arch = model_cfg.arch if source != "target" else _target_name(model_cfg)
     return BuiltModel(model, table, source, arch, num_outputs, input_size)
 
@@ -324,6 +340,14 @@ def _stages(model: nn.Module, model_cfg: Any, head: Sequence[str]) -> tuple[tupl
     return tuple(tuple(s) for s in derive_stages(model, head))
 
 
+def _layers(
+    model: nn.Module, head: Sequence[str], stages: Sequence[Sequence[str]]
+) -> dict[str, int]:
+    from finetune_prep.stages import derive_layers
+
+    return derive_layers(model, head, stages)
+
+
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
     nn.LayerNorm,
@@ -345,8 +369,26 @@ def has_running_stats(module: nn.Module) -> bool:
     ) is not None
 
 
+def no_weight_decay_names(model: nn.Module, source: str) -> frozenset[str]:
+    """The parameters the model itself says not to decay: timm's `no_weight_decay()` (names or
+    fnmatch patterns, matched as timm does); a torchvision transformer's tokens, position
+    embeddings and relative position bias tables."""
+    names = [n for n, _ in model.named_parameters()]
+    if callable(getattr(model, "no_weight_decay", None)):
+        patterns = set(model.no_weight_decay())
+        return frozenset(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+    if source == "torchvision":
+        return frozenset(n for n in names
+                         if n.rpartition(".")[2] in TORCHVISION_NO_WEIGHT_DECAY)
+    return frozenset()
+
+
 def describe(
-    model: nn.Module, head: Sequence[str], stages: Sequence[Sequence[str]]
+    model: nn.Module,
+    head: Sequence[str],
+    stages: Sequence[Sequence[str]],
+    layers: Mapping[str, int] | None = None,
+    no_weight_decay: frozenset[str] = frozenset(),
 ) -> ParamTable:
     """Read names, shapes and structure off a model (meta or real; no tensor data read)."""
     params = list(model.named_parameters())
@@ -360,6 +402,8 @@ def describe(
         stat_modules=frozenset(n for n, m in modules if has_running_stats(m)),
         head=tuple(head),
         stages=tuple(tuple(s) for s in stages),
+        layers=dict(layers or {}),
+        no_weight_decay=no_weight_decay,
     )
 
 

@@ -13,6 +13,7 @@ from finetune_prep.models import ParamTable, covers
 from finetune_prep.verify import FAILURES
 
 MAX_LABEL = 60  # longer stage labels are clipped so the columns stay aligned
+COMPACT_AFTER = 6  # more layer-decay groups than this are summarized by their first and last
 
 
 def plural(count: int, word: str) -> str:
@@ -164,14 +165,61 @@ def _totals(counts: Mapping[str, int]) -> str:
 
 def _groups(document: Mapping[str, Any]) -> str:
     optimizer = document.get("optimizer", {}).get("_target_", "?")
-    if not document["groups"]:
+    groups = document["groups"]
+    if not groups:
         return f"Param groups for {optimizer}: none (nothing trains)"
+    if len(groups) > COMPACT_AFTER and all(_decay_step(g) for g in groups):
+        return _layer_groups(optimizer, groups)
     lines = [f"Param groups for {optimizer}:"]
-    for g in document["groups"]:
+    for g in groups:
         why = f"  [{'; '.join(g['reasons'])}]" if g.get("reasons") else ""
         lines.append(f"  {g['name']}: lr={g['lr']:g} weight_decay={g['weight_decay']:g}, "
                      f"{plural(len(g['params']), 'tensor')}{why}")
     return "\n".join(lines)
+
+
+def _decay_step(group: Mapping[str, Any]) -> tuple[str, int] | None:
+    """(factor, exponent) from a group's 'layer_decay F^K' reason, if it has one."""
+    for reason in group.get("reasons", []):
+        if reason.startswith("layer_decay "):
+            factor, _, exponent = reason.split()[1].partition("^")
+            return factor, int(exponent)
+    return None
+
+
+def _layer_groups(optimizer: str, groups: Sequence[Mapping[str, Any]]) -> str:
+    """Layer decay in three lines: the lr of the lowest and highest training layer, counts,
+    and the weight decays (the file lists every group)."""
+    lrs: dict[int, set[float]] = {}
+    heads: set[int] = set()
+    top = 0
+    for g in groups:
+        factor, exponent = _decay_step(g)  # type: ignore[misc]
+        for layer in set(g["layer_ids"]):
+            lrs.setdefault(layer, set()).add(g["lr"])
+            top = max(top, layer + exponent)
+            heads |= {layer} if g["name"].split("/")[0] == "head" else set()
+
+    def at(layer: int) -> str:
+        values = "|".join(f"{v:g}" for v in sorted(lrs[layer]))
+        return f"{values} (layer {layer}{', head' if layer in heads else ''})"
+
+    first, last = min(lrs), max(lrs)
+    decays: dict[float, list[int]] = {}
+    for g in groups:
+        decays.setdefault(g["weight_decay"], []).append(len(g["params"]))
+    no_decay = list(dict.fromkeys(r for g in groups for r in g.get("reasons", [])
+                                  if r.startswith("optim.no_decay")))
+    tensors = sum(len(g["params"]) for g in groups)
+    return "\n".join([
+        f"Param groups for {optimizer}: {plural(len(groups), 'group')}, "
+        f"{plural(tensors, 'tensor')}",
+        f"  layer decay {factor}: {len(lrs)} of {plural(top + 1, 'layer')} train, "
+        f"lr {at(first)} ... {at(last)}",
+        "  " + "; ".join(f"weight_decay {wd:g}: {plural(sum(decays[wd]), 'tensor')}"
+                         for wd in sorted(decays, reverse=True))
+        + (f"  [{'; '.join(no_decay)}]" if no_decay else ""),
+    ])
 
 
 def _memory(memory: Mapping[str, int] | None) -> str:

@@ -5,7 +5,8 @@ A pattern selects parameters by name, anchored (never a bare substring):
   `*.bn1` covers `layer1.0.bn1.weight`, `*` covers everything;
 - `re:REGEX`, matched with fullmatch against full parameter names;
 - an alias: `@head`, `@stage[i]`, `@stages[a:b]` (Python indexing, negatives too), `@norm`,
-  `@bias`, `@ndim<=1`, `@all`.
+  `@bias`, `@ndim<=1`, `@no_weight_decay` (what the model itself excludes from weight decay:
+  timm's `no_weight_decay()`, a torchvision ViT's class token and position embedding), `@all`.
 A pattern that selects nothing is an error naming close matches: a typo must never freeze nothing.
 """
 
@@ -20,7 +21,8 @@ from typing import Any
 from finetune_prep.errors import FinetunePrepError, did_you_mean
 from finetune_prep.models import ParamTable
 
-ALIASES = ("@head", "@stage[i]", "@stages[a:b]", "@norm", "@bias", "@ndim<=1", "@all")
+ALIASES = ("@head", "@stage[i]", "@stages[a:b]", "@norm", "@bias", "@ndim<=1",
+           "@no_weight_decay", "@all")
 ACTIONS = ("freeze", "unfreeze")
 _FORM = "{freeze: PATTERN} or {unfreeze: PATTERN}"
 _STAGE = re.compile(r"@stage\[\s*(-?\d+)\s*\]")
@@ -143,6 +145,7 @@ def _alias(pattern: str, table: ParamTable) -> list[str]:
         "@norm": lambda: [n for n in table.names if table.owner[n] in table.norm_modules],
         "@bias": lambda: [n for n in table.names if n.rpartition(".")[2] == "bias"],
         "@ndim<=1": lambda: [n for n in table.names if len(table.shapes[n]) <= 1],
+        "@no_weight_decay": lambda: [n for n in table.names if n in table.no_weight_decay],
     }
     if pattern in simple:
         return simple[pattern]()

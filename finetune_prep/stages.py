@@ -23,9 +23,25 @@ The derivation reads only names, module types and parameter counts (never tensor
    `encoder.layers` or regnet's `trunk_output`), open the biggest module that has several
    parameterized parts and group again.
 
-timm models with a `group_matcher` use timm's own coarse grouping (the one its layer decay
-uses) with head parameters dropped; a last group of bare leaf layers (convnext's head.norm)
-joins the stage before it. timm models without one take the general derivation.
+timm models with a `group_matcher` use timm's own coarse grouping with head parameters
+dropped; a last group of bare leaf layers (convnext's head.norm) joins the stage before it.
+timm models without one take the general derivation.
+
+Layer ids are the same concept one level finer: the units that layer-wise lr decay counts
+(`derive_layers`). On a timm model with a `group_matcher` they are timm's own fine grouping
+(`group_matcher(coarse=False)`, what timm's `param_groups_layer_decay` uses), head included.
+Elsewhere each stage is split into its blocks, the rule timm applies and BEiT/MAE describe:
+
+- the first stage (the stem) is layer 0;
+- a stage that is a container (Sequential, ModuleList, ModuleDict) of blocks gives one layer
+  per block (a ResNet bottleneck, a ConvNeXt/Swin block, an inverted residual), also through
+  one wrapper (maxvit's `blocks.i.layers`); any other module with nested layers is one block
+  (a ViT encoder layer, an inception module);
+- a module of single layers between blocks (a ConvNeXt/Swin downsampling) shares the layer of
+  the next block, and one after the last block (a final norm or 1x1 conv) the last one;
+- the head comes last, with the head's siblings in its container (convnext's classifier norm,
+  vgg's and mobilenet_v3's pre-logits layers), as timm treats them;
+- a model without any block (vgg, alexnet, squeezenet) gets one layer per stage.
 """
 
 from __future__ import annotations
@@ -166,6 +182,87 @@ def _split_at_pools(units: Sequence[_Unit]) -> list[list[_Unit]]:
         else:
             stages[-1].append(unit)
     return [s for s in stages if s]
+
+
+# ---------------------------------------------------------------------------------------------
+# layer ids
+
+
+def derive_layers(
+    model: nn.Module, head: Sequence[str], stages: Sequence[Sequence[str]]
+) -> dict[str, int]:
+    """Every parameter's layer id (0 = stem ... last = head), block by block; see the module
+    docstring. Parameters outside every stage and the head get 0."""
+    if hasattr(model, "group_matcher"):
+        try:
+            from timm.models import group_parameters
+
+            return group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+        except (ImportError, NotImplementedError):
+            pass
+    tree = _read(model, head)
+    units = _layer_units(tree, stages)
+    if not any(is_block for is_block, _ in units[1:]):
+        units = [(True, list(stage)) for stage in stages]  # no blocks: a layer per stage
+    entry_layer = _number(units)
+    layers = {n: _innermost(entry_layer, n) for n in tree.params}
+    head_id = max(layers.values(), default=-1) + 1
+    for h in head:
+        scope = h.rpartition(".")[0] or h  # the head's container, or the head at the root
+        layers.update({n: head_id for n in tree.params if covers(scope, n)})
+    order = {old: new for new, old in enumerate(sorted(set(layers.values())))}
+    return {n: order[i] for n, i in layers.items()}  # no gaps: every id holds parameters
+
+
+def _innermost(ids: Mapping[str, int], name: str) -> int:
+    """The id of the closest entry that covers parameter `name` (0 if none does)."""
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        if (scope := ".".join(parts[:end])) in ids:
+            return ids[scope]
+    return 0
+
+
+def _layer_units(tree: _Tree, stages: Sequence[Sequence[str]]) -> list[tuple[bool, list[str]]]:
+    """(is a block, names) in model order; the stem stage is one unit."""
+    units: list[tuple[bool, list[str]]] = [(True, list(stages[0]))] if stages else []
+    for stage in stages[1:]:
+        for entry in stage:
+            blocks = _blocks(tree, entry)
+            if blocks:
+                units += [(True, [b]) for b in blocks]
+            else:
+                units.append((tree.depth.get(entry, 0) >= 2, [entry]))
+    return units
+
+
+def _blocks(tree: _Tree, name: str) -> list[str]:
+    """The blocks of a container of blocks (through one wrapper module), else []."""
+    module = tree.modules.get(name)
+    if module is None:
+        return []
+    kids = [c for c in _children(tree, name) if tree.numel.get(c, 0)]
+    if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return kids if kids and all(tree.depth.get(c, 0) >= 1 for c in kids) else []
+    if len(kids) == 1 and kids[0] in tree.modules:
+        inner = _blocks(tree, kids[0])
+        return inner if all(tree.depth.get(c, 0) >= 2 for c in inner) else []
+    return []
+
+
+def _number(units: Sequence[tuple[bool, list[str]]]) -> dict[str, int]:
+    """Entry -> layer id: each block a new layer; single layers before a block join it, after
+    the last block they join the last."""
+    ids: dict[str, int] = {}
+    layer, pending = -1, []
+    for is_block, names in units:
+        pending += names
+        if is_block:
+            layer += 1
+            ids.update(dict.fromkeys(pending, layer))
+            pending = []
+    ids.update(dict.fromkeys(pending, max(layer, 0)))
+    return ids
 
 
 # ---------------------------------------------------------------------------------------------

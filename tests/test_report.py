@@ -102,3 +102,23 @@ def test_stage_table_header_lines_up_with_its_rows(make_cfg, arch):
         assert row[state_at - 1] == " " and row[number_end - 1].isdigit(), row
         assert row[number_end] == " " and row.index(" / ") == slash_at, row
     assert rows[-1].startswith("head ") and "Trainable" in rows[-1]
+
+
+def test_layer_decay_groups_are_summarized_by_first_and_last_layer(make_cfg):
+    from finetune_prep import prepare
+
+    prepared = prepare(make_cfg("model=resnet50", "freeze=full", "optim=layer_decay",
+                                "verify.backward=false"), materialize=False)
+    groups, text = prepared.document["groups"], prepared.summary
+    assert len(groups) == 36 and len(prepared.table.names) == 161
+    assert "Param groups for torch.optim.AdamW: 36 groups, 161 tensors\n" in text
+    assert (f"  layer decay 0.75: 18 of 18 layers train, lr {1e-3 * 0.75 ** 17:g} (layer 0) ... "
+            "0.001 (layer 17, head)\n") in text
+    decayed = sum(len(g["params"]) for g in groups if g["weight_decay"] > 0)
+    assert f"  weight_decay 0.05: {decayed} tensors; weight_decay 0: {161 - decayed} tensors" \
+        in text
+    assert "layer5:" not in text  # the file lists every group, the summary does not
+
+    partial = prepare(make_cfg("model=resnet50", "freeze=last_stage", "optim=layer_decay",
+                               "verify.backward=false"), materialize=False).summary
+    assert "layer decay 0.75: 4 of 18 layers train, lr 0.000421875 (layer 14) ... 0.001" in partial
