@@ -8,7 +8,9 @@ A training script turns the file into an optimizer in one call:
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,16 +43,68 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not valid JSON ({err}); it was edited or truncated. "
             "Run finetune_prep again to rewrite it."
         ) from err
+    except RecursionError as err:
+        raise FinetunePrepError(
+            f"{path} is nested too deeply to be a param-group file; prepare the file again."
+        ) from err
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         found = document.get("format") if isinstance(document, dict) else type(document).__name__
         raise FinetunePrepError(
             f"{path} has format {found!r}; this finetune_prep reads {FORMAT!r}. "
             "Run the finetune_prep that wrote it, or prepare the file again."
         )
-    for key in ("groups", "frozen"):
-        if not isinstance(document.get(key), list):
-            raise FinetunePrepError(f"{path} has no list {key!r}; prepare the file again.")
+    problems = content_problems(document)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... and {len(problems) - 5} more"
+                                           if len(problems) > 5 else "")
+        raise FinetunePrepError(f"{path} is not a valid param-group file: {shown}. "
+                                "Prepare the file again instead of editing it.")
     return document
+
+
+def content_problems(document: dict[str, Any]) -> list[str]:
+    """What makes a document unusable: every group's params, lr and weight decay, the frozen
+    list, eval_modules and the optimizer block; a name listed twice (in groups or in `frozen`)
+    is a problem, since it would train a frozen parameter or train one twice."""
+    groups, frozen = document.get("groups"), document.get("frozen")
+    if not isinstance(groups, list) or not isinstance(frozen, list):
+        return ["'groups' and 'frozen' must be lists"]
+    problems = [p for i, g in enumerate(groups) for p in _group_problems(i, g)]
+    if not _strings(frozen):
+        problems.append("'frozen' must be a list of parameter names")
+    if not _strings(document.get("eval_modules", [])):
+        problems.append("'eval_modules' must be a list of module names")
+    spec = document.get("optimizer", {"_target_": "torch.optim.AdamW"})
+    if not isinstance(spec, dict) or not isinstance(spec.get("_target_"), str):
+        problems.append("'optimizer' must be an object with a '_target_' string")
+    if not problems:
+        names = [n for g in groups for n in g["params"]] + frozen
+        twice = [n for n, count in Counter(names).items() if count > 1]
+        if twice:
+            problems.append(f"{len(twice)} names are listed twice (in two groups, or in a group "
+                            f"and in 'frozen'): {', '.join(twice[:5])}")
+    return problems
+
+
+def _group_problems(i: int, group: Any) -> list[str]:
+    at = f"groups[{i}]"
+    if not isinstance(group, dict):
+        return [f"{at} is not an object"]
+    problems = []
+    if not _strings(group.get("params")) or not group.get("params"):
+        problems.append(f"{at}.params must be a non-empty list of parameter names")
+    for key, low in (("lr", 0.0), ("weight_decay", None)):
+        value = group.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or (value <= low if low is not None
+                                                      else value < 0):
+            bound = "> 0" if low is not None else ">= 0"
+            problems.append(f"{at}.{key} is {value!r}; it must be a finite number {bound}")
+    return problems
+
+
+def _strings(items: Any) -> bool:
+    return isinstance(items, list) and all(isinstance(x, str) for x in items)
 
 
 def load_param_groups(model: nn.Module, path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -88,7 +142,12 @@ def build_optimizer(model: nn.Module, path: str | os.PathLike) -> torch.optim.Op
     """The optimizer the file records (its `_target_` and arguments), on the file's groups."""
     groups = load_param_groups(model, path)
     spec = read(path).get("optimizer") or {"_target_": "torch.optim.AdamW"}
-    return optimizer_factory(spec)(groups)
+    try:
+        return optimizer_factory(spec)(groups)
+    except (TypeError, ValueError) as err:
+        raise FinetunePrepError(
+            f"{path}: the optimizer {spec.get('_target_')} rejects the file's arguments: {err}"
+        ) from err
 
 
 def train_mode(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -100,6 +159,12 @@ def set_train_mode(model: nn.Module, eval_modules: Sequence[str]) -> nn.Module:
     """model.train(), then the named modules back to eval mode."""
     model.train()
     modules = dict(model.named_modules())
+    unknown = [n for n in eval_modules if n not in modules]
+    if unknown:
+        raise FinetunePrepError(
+            f"eval_modules names modules this model does not have: {', '.join(unknown[:5])}. "
+            "Prepare the file for this model."
+        )
     for name in eval_modules:
         modules[name].eval()
     return model
@@ -107,7 +172,8 @@ def set_train_mode(model: nn.Module, eval_modules: Sequence[str]) -> nn.Module:
 
 def _check_names(params: dict[str, Any], document: dict[str, Any], path: Any) -> None:
     listed = [n for g in document["groups"] for n in g["params"]] + list(document["frozen"])
-    missing = [n for n in params if n not in set(listed)]
+    known = set(listed)
+    missing = [n for n in params if n not in known]
     extra = [n for n in listed if n not in params]
     if missing or extra:
         model = document.get("model", {})
