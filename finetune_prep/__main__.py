@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune_prep import naming, presets
 from finetune_prep.config import CONF_DIR, register_configs
 from finetune_prep.errors import FinetunePrepError
+from finetune_prep.logs import log_file_failure
 
 log = logging.getLogger("finetune_prep")
 _internal_error = False
@@ -94,6 +95,10 @@ def main() -> None:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     if code == 1 and _internal_error:
         code = 2
+    failed_log = log_file_failure()
+    if failed_log and code == 0:  # otherwise the error already said what went wrong
+        print(f"[ERROR] {failed_log}", file=sys.stderr)
+        code = 1
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
