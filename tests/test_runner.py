@@ -120,3 +120,37 @@ def test_the_proof_never_touches_the_model_it_returns(make_cfg, resnet18_ckpt):
     model_state = prepared.model.state_dict()
     assert all(torch.equal(model_state[k], v) for k, v in state.items())  # no optimizer step
     assert all(p.grad is None for p in prepared.model.parameters())  # no backward either
+
+
+def test_non_finite_weights_fail_the_proof_by_name_and_nothing_is_written(make_cfg, tmp_path,
+                                                                          resnet18_ckpt):
+    from finetune_prep.runner import run
+
+    state = torch.load(resnet18_ckpt, weights_only=True)
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    state["bn1.running_var"][0] = float("inf")
+    bad = tmp_path / "nan.pth"
+    torch.save(state, bad)
+    prepared = prepare(make_cfg(f"checkpoint.path={bad}"), materialize=False, verify=True)
+    verified = prepared.document["verified"]
+    assert verified["ok"] is False
+    assert verified["non_finite"] == ["bn1.running_var", "layer1.0.conv1.weight"]
+    assert verified["frozen_changed"] == []  # a NaN that did not move is unchanged
+    out = tmp_path / "run"
+    with pytest.raises(FinetunePrepError, match=r"the one-step proof failed: weights or buffers "
+                       r"that hold NaN or Inf \(check the checkpoint\): .*layer1\.0\.conv1\.weight"):
+        run(make_cfg(f"checkpoint.path={bad}", "verify.backward=true"), out)
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("verify.batch_size=0", "verify.batch_size=0: the proof needs a batch of at least 1"),
+    ("verify.batch_size=-1", "verify.batch_size=-1"),
+    ("model.input_size=[0]", r"model.input_size=\[0\]: give \[C, H, W\]"),
+    ("model.input_size=[3,0,224]", r"model.input_size=\[3, 0, 224\]"),
+    ("optim.lr=inf", "optim.lr=inf: must be a finite number > 0"),
+    ("optim.weight_decay=nan", "optim.weight_decay=nan"),
+])
+def test_sizes_and_numbers_no_run_can_use_are_clear_errors(make_cfg, override, message):
+    with pytest.raises(FinetunePrepError, match=message):
+        prepare(make_cfg(override), materialize=False, verify=False)
