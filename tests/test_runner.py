@@ -137,8 +137,9 @@ def test_non_finite_weights_fail_the_proof_by_name_and_nothing_is_written(make_c
     assert verified["non_finite"] == ["bn1.running_var", "layer1.0.conv1.weight"]
     assert verified["frozen_changed"] == []  # a NaN that did not move is unchanged
     out = tmp_path / "run"
-    with pytest.raises(FinetunePrepError, match=r"the one-step proof failed: weights or buffers "
-                       r"that hold NaN or Inf \(check the checkpoint\): .*layer1\.0\.conv1\.weight"):
+    expected = (r"the one-step proof failed: weights or buffers that hold NaN or Inf "
+                r"\(check the checkpoint\): .*layer1\.0\.conv1\.weight")
+    with pytest.raises(FinetunePrepError, match=expected):
         run(make_cfg(f"checkpoint.path={bad}", "verify.backward=true"), out)
     assert not out.exists() or not any(out.iterdir())
 
