@@ -145,3 +145,11 @@ def test_installed_wheel_runs_from_another_folder(wheel, tmp_path):
     doc = json.loads((elsewhere / "out" / "param_groups.json").read_text())
     assert doc["counts"]["trainable"] == 513
     assert "site-packages" in doc["provenance"]["git"][0]["config_dir"]
+    compose = ("import finetune_prep, hydra; "
+               "cfg = finetune_prep.compose(['freeze=last_stage', 'model=vit_b_16']); "
+               "print(cfg.model.arch, len(cfg.freeze.rules)); "
+               "ctx = hydra.initialize_config_module('finetune_prep.conf', version_base='1.3'); "
+               "ctx.__enter__(); print(hydra.compose('config', ['optim=sgd']).optim.lr)")
+    done = subprocess.run([str(python), "-c", compose], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["vit_b_16", "3", "0.01"], done.stderr
