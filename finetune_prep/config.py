@@ -71,9 +71,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class PhaseConfig:
+    at: dict[str, int] = field(default_factory=dict)
+    rules: list[dict[str, str]] = field(default_factory=list)
+    each_stage: bool = False
+    every: int = 1
+    lr: float | None = None
+    lr_mult: float | None = None
+    weight_decay: float | None = None
+
+
+@dataclass
 class FreezeConfig:
     rules: list[dict[str, str]] = field(default_factory=list)
     bn_stats: BnStats = BnStats.eval
+    schedule: list[PhaseConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -212,10 +224,16 @@ def unknown_keys(given: Mapping, schema: type, where: str = "") -> list[str]:
             found.append(_unknown(path, [f"{where}{k}" for k in fields]))
         elif isinstance(value, Mapping) and dataclasses.is_dataclass(nested[key]):
             found += unknown_keys(value, nested[key], f"{path}.")
-        elif path == "optim.groups" and isinstance(value, Sequence):
-            found += [m for i, item in enumerate(value) if isinstance(item, Mapping)
-                      for m in unknown_keys(item, GroupRule, f"{path}[{i}].")]
+        elif isinstance(value, Sequence) and (item := _item_schema(nested[key])):
+            found += [m for i, entry in enumerate(value) if isinstance(entry, Mapping)
+                      for m in unknown_keys(entry, item, f"{path}[{i}].")]
     return found
+
+
+def _item_schema(hint: Any) -> type | None:
+    """The dataclass of a `list[Dataclass]` field (optim.groups, freeze.schedule), else None."""
+    args = typing.get_args(hint)
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
 
 
 def _unknown(path: str, options: list[str]) -> str:

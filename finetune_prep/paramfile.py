@@ -1,4 +1,4 @@
-"""The param_groups.json file (format finetune_prep/param_groups@1): the one writer and the one
+"""The param_groups.json file (format finetune_prep/param_groups@2): the one writer and the one
 reader of the format, and the optimizer factory both sides use.
 
 A training script turns the file into an optimizer in one call:
@@ -22,7 +22,8 @@ from finetune_prep.errors import FinetunePrepError
 from finetune_prep.models import BuiltModel
 from finetune_prep.rules import FreezePlan
 
-FORMAT = "finetune_prep/param_groups@1"
+FORMAT = "finetune_prep/param_groups@2"  # @2 added `schedule` (the phases of gradual unfreezing)
+READABLE = ("finetune_prep/param_groups@1", FORMAT)  # an @1 file is an @2 file without phases
 GROUP_KEYS = ("lr", "weight_decay")  # the keys of a group that torch.optim takes
 
 
@@ -47,10 +48,10 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
         raise FinetunePrepError(
             f"{path} is nested too deeply to be a param-group file; prepare the file again."
         ) from err
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
+    if not isinstance(document, dict) or document.get("format") not in READABLE:
         found = document.get("format") if isinstance(document, dict) else type(document).__name__
         raise FinetunePrepError(
-            f"{path} has format {found!r}; this finetune_prep reads {FORMAT!r}. "
+            f"{path} has format {found!r}; this finetune_prep reads {' and '.join(READABLE)}. "
             "Run the finetune_prep that wrote it, or prepare the file again."
         )
     problems = content_problems(document)
@@ -69,7 +70,13 @@ def content_problems(document: dict[str, Any]) -> list[str]:
     groups, frozen = document.get("groups"), document.get("frozen")
     if not isinstance(groups, list) or not isinstance(frozen, list):
         return ["'groups' and 'frozen' must be lists"]
+    schedule = document.get("schedule", [])
+    if not isinstance(schedule, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("groups"), list) for p in schedule):
+        return ["'schedule' must be a list of phases, each with a list of 'groups'"]
     problems = [p for i, g in enumerate(groups) for p in _group_problems(i, g)]
+    problems += [p for k, phase in enumerate(schedule) for i, g in enumerate(phase["groups"])
+                 for p in _group_problems(i, g, f"schedule[{k}].")]
     if not _strings(frozen):
         problems.append("'frozen' must be a list of parameter names")
     if not _strings(document.get("eval_modules", [])):
@@ -79,15 +86,16 @@ def content_problems(document: dict[str, Any]) -> list[str]:
         problems.append("'optimizer' must be an object with a '_target_' string")
     if not problems:
         names = [n for g in groups for n in g["params"]] + frozen
+        names += [n for phase in schedule for g in phase["groups"] for n in g["params"]]
         twice = [n for n, count in Counter(names).items() if count > 1]
         if twice:
             problems.append(f"{len(twice)} names are listed twice (in two groups, or in a group "
-                            f"and in 'frozen'): {', '.join(twice[:5])}")
+                            f"and in 'frozen' at the start): {', '.join(twice[:5])}")
     return problems
 
 
-def _group_problems(i: int, group: Any) -> list[str]:
-    at = f"groups[{i}]"
+def _group_problems(i: int, group: Any, where: str = "") -> list[str]:
+    at = f"{where}groups[{i}]"
     if not isinstance(group, dict):
         return [f"{at} is not an object"]
     problems = []
@@ -203,6 +211,7 @@ def _listing(what: str, names: list[str], limit: int = 8) -> str:
 def document(
     built: BuiltModel, sources: Sequence[Any], freeze: FreezePlan, groups: list[dict[str, Any]],
     eval_modules: list[str], optimizer: Any, verified: dict[str, Any], prov: dict[str, Any],
+    phases: Sequence[tuple[Any, list[str]]] = (),
 ) -> dict[str, Any]:
     """The content of param_groups.json (`sources`: checkpoints read, each with a label,
     the opened checkpoint and its fit to the model)."""
@@ -229,7 +238,26 @@ def document(
         "verified": verified,
         "memory": memory_estimate(table, trainable, optimizer),
         "rules": {n: freeze.decided_by[n] for n in table.names},
+        "schedule": [_phase_block(table, phase, evals, optimizer) for phase, evals in phases],
         "provenance": prov,
+    }
+
+
+def _phase_block(table: Any, phase: Any, eval_modules: list[str], optimizer: Any) -> dict:
+    """One later phase: when it starts, its rules, its new groups and who trains then."""
+    from finetune_prep.verify import memory_estimate
+
+    trainable = [n for n in table.names if phase.plan.trainable[n]]
+    total, n_trainable = table.count(), table.count(trainable)
+    return {
+        "phase": phase.index,
+        "at": phase.at,
+        "rules": list(phase.rules),
+        "groups": phase.groups,
+        "frozen": [n for n in table.names if not phase.plan.trainable[n]],
+        "eval_modules": eval_modules,
+        "counts": {"total": total, "trainable": n_trainable, "frozen": total - n_trainable},
+        "memory": memory_estimate(table, trainable, optimizer),
     }
 
 

@@ -67,6 +67,7 @@ def render(
         _totals(document["counts"]),
         _groups(document),
         _memory(document.get("memory")),
+        _phases(document),
         _verified(document.get("verified")),
     ]
     if notes:
@@ -231,12 +232,32 @@ def _memory(memory: Mapping[str, int] | None) -> str:
             f"{memory['full_finetune_bytes'] / mib:,.1f} MiB for full fine-tuning")
 
 
+def _phases(document: Mapping[str, Any]) -> str:
+    """The phase table of gradual unfreezing: when each phase starts and what trains then."""
+    schedule = document.get("schedule") or []
+    if not schedule:
+        return ""
+    mib = 1024 * 1024
+    rows = [("0", "start", document["counts"], document["memory"], len(document["groups"]))]
+    rows += [(str(p["phase"]), " ".join(f"{k} {v}" for k, v in p["at"].items()), p["counts"],
+              p["memory"], len(p["groups"])) for p in schedule]
+    lines = [f"Phases ({len(rows)}; freeze.schedule)",
+             f"{'Phase':<6} {'Starts at':<12} {'Trainable':>13} {'Share':>8} "
+             f"{'New groups':>10}  Training memory"]
+    for phase, at, counts, memory, groups in rows:
+        lines.append(f"{phase:<6} {at:<12} {counts['trainable']:>13,} "
+                     f"{share(counts['trainable'], counts['total']):>8} {groups:>10}  "
+                     f"{memory['plan_bytes'] / mib:,.1f} MiB")
+    return "\n".join(lines)
+
+
 def _verified(verified: Mapping[str, Any] | None) -> str:
     if not verified or not verified.get("backward"):
         reason = (verified or {}).get("reason", "not requested")
         return f"Verified: no backward pass ({reason})"
     status = "OK" if verified["ok"] else "FAILED"
-    lines = [f"Verified: one forward/backward/optimizer step on a random batch "
+    phase = f" (last phase, {verified['phase']})" if "phase" in verified else ""
+    lines = [f"Verified{phase}: one forward/backward/optimizer step on a random batch "
              f"{verified['input']}: {status}"]
     labels = {**FAILURES, "trainable_unchanged": "trainable parameters the step did not change"}
     for key, label in labels.items():

@@ -100,10 +100,14 @@ def parse_rules(items: Sequence[Any], where: str = "freeze.rules") -> list[Rule]
     return rules
 
 
-def evaluate(rules: Sequence[Rule], table: ParamTable) -> FreezePlan:
-    """Apply rules in order to an all-trainable model; later rules win."""
-    trainable = dict.fromkeys(table.names, True)
-    decided_by: dict[str, str | None] = dict.fromkeys(table.names)
+def evaluate(
+    rules: Sequence[Rule], table: ParamTable, start: FreezePlan | None = None
+) -> FreezePlan:
+    """Apply rules in order, to an all-trainable model or to the state `start` left; later
+    rules win."""
+    trainable = dict(start.trainable) if start else dict.fromkeys(table.names, True)
+    decided_by: dict[str, str | None] = (dict(start.decided_by) if start
+                                         else dict.fromkeys(table.names))
     selections = [select(rule.pattern, table, str(rule)) for rule in rules]
     for rule, names in zip(rules, selections, strict=True):
         for name in names:
@@ -176,3 +180,13 @@ def _hint(pattern: str, table: ParamTable) -> str:
     close = did_you_mean(pattern.removeprefix("re:"), words, cutoff=0.5)
     tops = ", ".join(dict.fromkeys(n.split(".")[0] for n in table.names))
     return f"{close} Top-level modules: {tops}."
+
+
+def frozen_stat_layers(table: ParamTable, trainable: Mapping[str, bool]) -> list[str]:
+    """Layers with running statistics (BatchNorm and kin) none of whose parameters train."""
+    owned: dict[str, list[str]] = {}
+    for name in table.names:
+        owned.setdefault(table.owner[name], []).append(name)
+    return [m for m in table.module_types
+            if m in table.stat_modules and owned.get(m)
+            and not any(trainable[n] for n in owned[m])]

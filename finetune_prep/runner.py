@@ -22,8 +22,9 @@ from finetune_prep.config import BnStats, validate
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.groups import build_groups
 from finetune_prep.models import BuiltModel, ParamTable, build_model, torchvision_weights_file
+from finetune_prep.phases import plan_phases
 from finetune_prep.report import render
-from finetune_prep.rules import FreezePlan, evaluate, parse_rules
+from finetune_prep.rules import FreezePlan, evaluate, frozen_stat_layers, parse_rules
 
 log = logging.getLogger("finetune_prep")
 
@@ -98,15 +99,28 @@ def prepare(
     notes += [f"{rule} has no effect: later rules override every parameter it selects"
               for rule in freeze.shadowed]
     notes += [f"{rule} selects nothing on {built.arch}" for rule in freeze.empty]
+    phases = plan_phases(built.table, freeze, cfg.freeze.schedule, cfg.optim)
+    phase_eval = [_norm_stats(built.table, p.plan, cfg.freeze.bn_stats)[0] for p in phases]
     model = _materialize_model(cfg, built, sources, trainable) if materialize else built.model
+    last = phases[-1].plan if phases else freeze  # the proof covers the last phase
+    last_trainable = [n for n in built.table.names if last.trainable[n]]
+
+    def proof_model() -> nn.Module:
+        copy_ = copy.deepcopy(model) if materialize else \
+            _materialize_model(cfg, built, sources, trainable)
+        _set_trainable(copy_, last_trainable)
+        return copy_
+
     verified = proof.run_proof(
-        cfg.verify, built, do_verify, groups, eval_modules, cfg.optim.optimizer,
-        lambda: copy.deepcopy(model) if materialize
-        else _materialize_model(cfg, built, sources, trainable),
+        cfg.verify, built, do_verify, groups + [g for p in phases for g in p.groups],
+        phase_eval[-1] if phases else eval_modules, cfg.optim.optimizer, proof_model,
     )
+    if phases:
+        verified["phase"] = phases[-1].index
     document = paramfile.document(
         built, sources, freeze, groups, eval_modules, cfg.optim.optimizer, verified,
         provenance.record(OmegaConf.to_yaml(cfg), overrides, config_dirs),
+        phases=list(zip(phases, phase_eval, strict=True)),
     )
     notes += proof.notes(verified)
     report = render(document, built.table, freeze.trainable, cfg.report.grouped)
@@ -193,12 +207,7 @@ def _check_optimizer(model: nn.Module, groups: list[dict], spec: Any) -> None:
 
 def _norm_stats(table: ParamTable, freeze: FreezePlan, bn_stats: BnStats) -> tuple[list[str], list]:
     """Frozen layers with running statistics: kept in eval mode, or a warning if not."""
-    frozen = [
-        m for m in table.module_types
-        if m in table.stat_modules
-        and (own := [n for n in table.names if table.owner[n] == m])
-        and not any(freeze.trainable[n] for n in own)
-    ]
+    frozen = frozen_stat_layers(table, freeze.trainable)
     if bn_stats == BnStats.eval:
         return frozen, []
     if not frozen:

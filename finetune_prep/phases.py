@@ -1,0 +1,138 @@
+"""Gradual unfreezing: the phases of `freeze.schedule`, each planned and checked like the first.
+
+Phase 0 is what `freeze.rules` give (the file's top-level groups). Each later phase starts at an
+epoch or a step boundary, applies its rules on top of the phase before, and adds optimizer
+groups for the parameters that train for the first time (`optimizer.add_param_group`, so the
+state of earlier groups is kept). Their lr is what `optim` gives them (layer decay included),
+times `lr_mult`, or an absolute `lr`. `each_stage: true` expands into one phase per stage, from
+the top, `every` epochs (or steps) apart: ULMFiT's gradual unfreezing. Pure: names and numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from finetune_prep.errors import FinetunePrepError
+from finetune_prep.groups import assign, merge
+from finetune_prep.models import ParamTable
+from finetune_prep.rules import FreezePlan, Rule, evaluate, parse_rules
+
+UNITS = ("epoch", "step")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase after the first: when it starts, what it applied, who trains, its new groups."""
+
+    index: int
+    at: dict[str, int]  # {"epoch": N} or {"step": N}
+    rules: tuple[str, ...]
+    plan: FreezePlan
+    groups: list[dict[str, Any]]  # groups of the parameters that train for the first time
+
+
+def plan_phases(
+    table: ParamTable, first: FreezePlan, schedule: Sequence[Any], optim: Any
+) -> list[Phase]:
+    """Every phase of the schedule, in order; a phase that changes nothing is an error."""
+    phases: list[Phase] = []
+    previous = first
+    grouped = {n for n in table.names if first.trainable[n]}
+    for at, rules, spec, where in _expand(table, first, schedule):
+        plan = evaluate(rules, table, start=previous)
+        if plan.trainable == previous.trainable:
+            raise FinetunePrepError(
+                f"{where} changes nothing: every parameter it selects is already as it says. "
+                "Remove the phase or give it rules that unfreeze (or freeze) something new."
+            )
+        new = [n for n in table.names if plan.trainable[n] and n not in grouped]
+        grouped.update(new)
+        index = len(phases) + 1
+        groups = _groups(table, new, optim, spec, f"phase{index}/") if new else []
+        phases.append(Phase(index, at, tuple(str(r) for r in rules), plan, groups))
+        previous = plan
+    return phases
+
+
+def _expand(
+    table: ParamTable, first: FreezePlan, schedule: Sequence[Any]
+) -> list[tuple[dict[str, int], list[Rule], Any, str]]:
+    """(boundary, rules, spec, where) per phase, `each_stage` phases expanded, order checked."""
+    out: list[tuple[dict[str, int], list[Rule], Any, str]] = []
+    trainable = dict(first.trainable)
+    for i, spec in enumerate(schedule):
+        where = f"freeze.schedule[{i}]"
+        unit, start = _boundary(spec, where)
+        _check_numbers(spec, where)
+        if spec.each_stage:
+            if spec.rules:
+                raise FinetunePrepError(f"{where}: give rules or each_stage: true, not both.")
+            todo = [k for k in reversed(range(len(table.stages)))
+                    if not all(trainable[n] for n in table.stage_params(k))]
+            for j, k in enumerate(todo):
+                rule = Rule("unfreeze", f"@stage[{k}]", f"{where} (stage {k})")
+                out.append(({unit: start + j * spec.every}, [rule], spec, rule.where))
+            for k in todo:
+                trainable.update(dict.fromkeys(table.stage_params(k), True))
+        else:
+            if not spec.rules:
+                raise FinetunePrepError(f"{where} has no rules: give rules (e.g. "
+                                        "[{unfreeze: '@stage[-2]'}]) or each_stage: true.")
+            out.append(({unit: start}, parse_rules(spec.rules, f"{where}.rules"), spec, where))
+    _check_order(out)
+    return out
+
+
+def _boundary(spec: Any, where: str) -> tuple[str, int]:
+    at = dict(spec.at or {})
+    if len(at) != 1 or next(iter(at)) not in UNITS:
+        raise FinetunePrepError(f"{where}.at is {at or '{}'}; write {{epoch: N}} or {{step: N}}.")
+    unit, value = next(iter(at.items()))
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise FinetunePrepError(f"{where}.at.{unit}={value!r}: a whole number >= 1 (phase 0, "
+                                "freeze.rules, is the start).")
+    if spec.every < 1:
+        raise FinetunePrepError(f"{where}.every={spec.every}: a whole number >= 1.")
+    return unit, value
+
+
+def _check_numbers(spec: Any, where: str) -> None:
+    for key, low in (("lr", 0.0), ("lr_mult", 0.0), ("weight_decay", None)):
+        value = getattr(spec, key)
+        if value is None:
+            continue
+        if not math.isfinite(value) or (value <= low if low is not None else value < 0):
+            bound = "> 0" if low is not None else ">= 0"
+            raise FinetunePrepError(f"{where}.{key}={value}: must be a finite number {bound}.")
+    if spec.lr is not None and spec.lr_mult is not None:
+        raise FinetunePrepError(f"{where}: give lr (absolute) or lr_mult, not both.")
+
+
+def _check_order(phases: list[tuple[dict[str, int], list[Rule], Any, str]]) -> None:
+    units = {next(iter(at)) for at, *_ in phases}
+    if len(units) > 1:
+        raise FinetunePrepError("freeze.schedule mixes epoch and step boundaries; use one unit "
+                                "for every phase (a step count does not know the epoch length).")
+    values = [next(iter(at.values())) for at, *_ in phases]
+    for (at, _, _, where), before, now in zip(phases[1:], values, values[1:], strict=False):
+        if now <= before:
+            raise FinetunePrepError(f"{where} starts at {at}, not after the phase before it "
+                                    f"({before}): phases must start in increasing order.")
+
+
+def _groups(
+    table: ParamTable, new: list[str], optim: Any, spec: Any, prefix: str
+) -> list[dict[str, Any]]:
+    """Groups for a phase's new parameters: optim's settings, then the phase's lr/wd."""
+    settings = assign(table, new, optim)
+    for name, s in settings.items():
+        lr = spec.lr if spec.lr is not None else s.lr * (spec.lr_mult or 1.0)
+        wd = spec.weight_decay if spec.weight_decay is not None and s.weight_decay else \
+            s.weight_decay
+        settings[name] = dataclasses.replace(s, lr=float(lr), weight_decay=float(wd))
+    groups = merge(settings, float(optim.lr))
+    return [{**g, "name": prefix + g["name"]} for g in groups]
