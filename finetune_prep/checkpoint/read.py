@@ -13,11 +13,13 @@ import re
 import struct
 import warnings
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from finetune_prep.checkpoint import integrity, safe_unpickle
 from finetune_prep.checkpoint.unwrap import strip_prefixes, unwrap
 from finetune_prep.errors import FinetunePrepError, did_you_mean
 
@@ -61,6 +63,7 @@ def read_checkpoint(
     """Open a torch.save or safetensors file and unwrap it to a flat state dict (no data read)."""
     file = _check_file(path)
     kind, named = _sniff(file), file.lower().endswith(".safetensors")
+    notes: list[str] = []
     if kind == "safetensors" or (kind is None and named):
         raw, stored = _open_safetensors(file)
     elif named:  # torch.load itself would treat the file as safetensors
@@ -68,10 +71,10 @@ def read_checkpoint(
         raise FinetunePrepError(f"checkpoint.path={file} is not a safetensors file: it looks "
                                 f"like {looks}. Check the path (or rename a torch file to .pt).")
     elif kind in ("zip", "pickle"):  # a torch.save file, whatever its extension
-        raw, stored = _torch_load(file, mmap=kind == "zip"), {}
+        (raw, notes), stored = _torch_load(file, mmap=kind == "zip"), {}
     else:
         raise FinetunePrepError(_not_a_checkpoint(file, kind))
-    steps: list[str] = []
+    steps: list[str] = list(notes)
     weights = unwrap(raw, key, file, steps)
     names = strip_prefixes(list(weights), prefix, steps)
     tensors = {new: weights[old] for old, new in names.items()}
@@ -173,43 +176,96 @@ def _not_a_checkpoint(file: str, kind: str | None) -> str:
             "torch.save files (.pt/.pth/.bin/.ckpt) and .safetensors files; check the path.")
 
 
-def _torch_load(file: str, mmap: bool) -> Any:
-    """torch.load with weights_only=True (always), mmap'd when the file is in zip format."""
+def _torch_load(file: str, mmap: bool) -> tuple[Any, list[str]]:
+    """The file's object and notes on what was left out. torch.load with weights_only=True
+    first; a file that torch's allowlist refuses is read again with the restricted unpickler
+    (`safe_unpickle`), which never imports or calls what the file names."""
+    if mmap:
+        if integrity.torchscript(file):
+            raise FinetunePrepError(
+                f"checkpoint.path={file} is a TorchScript archive (torch.jit.save): its code is "
+                "never loaded here. Save the weights with torch.save(model.state_dict(), path).")
+        integrity.check_zip(file)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
-            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap), []
     except pickle.UnpicklingError as err:
-        raise FinetunePrepError(_refused(file, str(err))) from err
+        reason = str(err)
     except (EOFError, RuntimeError, zipfile.BadZipFile, UnicodeDecodeError, KeyError,
             ValueError, struct.error) as err:
         raise FinetunePrepError(_corrupt(file, mmap, err)) from err
     except Exception as err:  # anything else torch may raise on a bad file: still one message
-        raise FinetunePrepError(
-            f"checkpoint.path={file} could not be read as a torch checkpoint "
+        raise FinetunePrepError(_unreadable(file, err)) from err
+    return _safe_load(file, mmap, reason)
+
+
+def _safe_load(file: str, mmap: bool, reason: str) -> tuple[Any, list[str]]:
+    """torch.load through `safe_unpickle`: torch's zip reader, persistent_load and mmap, with
+    every global outside torch's allowlist left as an inert record."""
+    if os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true"):
+        raise FinetunePrepError(_refused(file, reason))  # torch would ignore our unpickler
+    record = safe_unpickle.Record()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raw = torch.load(file, map_location="cpu", weights_only=False, mmap=mmap,
+                             pickle_module=safe_unpickle.pickle_module(record))
+    except Exception as err:
+        if record.dangerous:
+            raise FinetunePrepError(_refused(file, reason, record.dangerous[0])) from err
+        if re.search(r"GLOBAL ([\w.]+)", reason) or mmap:  # a torch file that does not parse
+            raise FinetunePrepError(_corrupt(file, mmap, err, pickled=True)) from err
+        raise FinetunePrepError(_refused(file, reason)) from err  # not a torch.save file
+    if record.dangerous:
+        raise FinetunePrepError(_refused(file, reason, record.dangerous[0]))
+    if isinstance(raw, (safe_unpickle.Foreign, safe_unpickle.Global)):
+        raise FinetunePrepError(_refused(file, reason, raw.name))
+    return raw, _metadata_notes(raw)
+
+
+def _metadata_notes(raw: Any) -> list[str]:
+    """'ignored non-tensor entries: args (argparse.Namespace), hyper_parameters (...)'."""
+    if not isinstance(raw, Mapping):
+        return []
+    parts = []
+    for k, v in raw.items():
+        names = safe_unpickle.foreign_names(v, limit=4)
+        if names:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            parts.append(f"{k} ({shown})")
+    if not parts:
+        return []
+    return ["read without running code (restricted unpickler): ignored non-tensor entries: "
+            + ", ".join(parts)]
+
+
+def _unreadable(file: str, err: BaseException) -> str:
+    return (f"checkpoint.path={file} could not be read as a torch checkpoint "
             f"({type(err).__name__}: {_first_line(str(err))}). Re-save it with "
-            "torch.save(model.state_dict(), path) or as .safetensors."
-        ) from err
+            "torch.save(model.state_dict(), path) or as .safetensors.")
 
 
-def _refused(file: str, reason: str) -> str:
-    """The message for a pickle that weights_only=True refuses."""
+def _refused(file: str, reason: str, name: str | None = None) -> str:
+    """The message for a pickle that is refused: it names code to run, holds a whole pickled
+    model (`name`), or is no torch.save file at all (no `name`, no GLOBAL in `reason`)."""
     glob = re.search(r"GLOBAL ([\w.]+)", reason)
-    if not glob:  # an opcode torch's safe unpickler does not know: not a torch.save file
+    if not glob and not name:  # an opcode torch's safe unpickler does not know
         why = _quote(reason)
         return (f"checkpoint.path={file} is a Python pickle but not a plain torch weights file: "
                 f"the safe loader (weights_only=True) rejects it ({why}). Save the weights with "
                 "torch.save(model.state_dict(), path) or as .safetensors.")
-    name = glob.group(1)
+    name = name or (glob.group(1) if glob else "?")
     whole = re.match(r"(torch\.nn|torchvision|timm)\.", name) or name.endswith(("Module", "Net"))
     fix = ("it seems to hold a whole pickled model: in a trusted environment load it and save "
            "only the weights with torch.save(model.state_dict(), path)" if whole else
            "if you trust its source, load it once in a trusted environment and save only the "
            "weights: torch.save(model.state_dict(), path) or as .safetensors")
-    return (f"checkpoint.path={file} is not a plain weights file: it was refused because "
-            f"unpickling it would run code or reference non-tensor globals ({name}); torch says: "
-            f"{_quote(reason)}. finetune_prep never loads checkpoints with weights_only=False; "
-            f"{fix}.")
+    why = ("it holds a whole pickled object" if whole else
+           "unpickling it would run code or reference non-tensor globals")
+    return (f"checkpoint.path={file} is not a plain weights file: it was refused because {why} "
+            f"({name}); torch says: {_quote(reason)}. Nothing in it was run: finetune_prep "
+            f"never imports or calls what a checkpoint names; {fix}.")
 
 
 def _quote(reason: str) -> str:
@@ -221,14 +277,16 @@ def _quote(reason: str) -> str:
     return repr(_first_line(reason)[:160])
 
 
-def _corrupt(file: str, mmap: bool, err: BaseException) -> str:
-    """The message for a torch file that is truncated or damaged."""
+def _corrupt(file: str, mmap: bool, err: BaseException, pickled: bool = False) -> str:
+    """The message for a torch file that is truncated or damaged (`pickled`: its pickle)."""
     text = str(err)
     if mmap and "not in a subdirectory" in text:
         return (f"checkpoint.path={file} is a zip archive but not a torch checkpoint: extract "
                 "it, or give the .pt/.pth/.safetensors file itself.")
     what = "zip-format torch file" if mmap else "legacy-format torch file"
     detail = _first_line(text).split(". ")[0] or type(err).__name__
+    if pickled:
+        detail = f"its pickled data does not parse: {detail}"
     return (f"checkpoint.path={file} is truncated or corrupt: it starts like a {what} but cannot "
             f"be read ({detail[:120]}). The download or copy was probably cut short: fetch or "
             "save it again.")

@@ -1,0 +1,333 @@
+"""Checkpoints that real frameworks write (timm, Lightning, Hugging Face shards, DCP), damaged
+files, and pickles that try to run code. Every file is written by the real library here."""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import functools
+import io
+import os
+import pickle
+import struct
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from finetune_prep.checkpoint import check_fit, load_into, read_checkpoint, safe_unpickle
+from finetune_prep.errors import FinetunePrepError
+
+
+def error(path, **kwargs) -> str:
+    with pytest.raises(FinetunePrepError) as err:
+        read_checkpoint(path, **kwargs)
+    return str(err.value)
+
+
+def shapes(tensors) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+def fit_and_load(ckpt, model: nn.Module, strict: bool = True) -> nn.Module:
+    fit = check_fit(shapes(ckpt.tensors), shapes(model.state_dict()), strict=strict)
+    load_into(model, ckpt, fit, rebuild=lambda: pytest.fail("nothing should be rebuilt"))
+    return model
+
+
+def same(model: nn.Module, reference: dict[str, torch.Tensor]) -> bool:
+    got = model.state_dict()
+    return set(got) == set(reference) and all(torch.equal(got[k], v) for k, v in reference.items())
+
+
+# --------------------------------------------------------------------------- timm, Lightning
+
+
+@pytest.fixture(scope="module")
+def timm_run(tmp_path_factory):
+    """timm's CheckpointSaver with `args` and a ModelEma, as train.py uses it."""
+    timm = pytest.importorskip("timm")
+    from timm.utils import CheckpointSaver, ModelEmaV3
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("timm")
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    ema = ModelEmaV3(model, decay=0.5)
+    with torch.no_grad():  # the EMA must differ from the model, to see which one is taken
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    args = argparse.Namespace(model="resnet18", lr=0.1, epochs=2, data_dir=Path("/data"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    saver = CheckpointSaver(model, optimizer, args=args, model_ema=ema,
+                            checkpoint_dir=str(folder), recovery_dir=str(folder))
+    saver.save_checkpoint(0, metric=0.5)
+    return folder, model, ema.module
+
+
+def test_timm_checkpoint_with_args_and_ema_is_read_without_running_it(timm_run):
+    import timm
+
+    folder, model, ema = timm_run
+    path = folder / "last.pth.tar"
+    with pytest.raises(pickle.UnpicklingError):  # what torch's own safe loader says
+        torch.load(path, weights_only=True)
+    ckpt = read_checkpoint(path)
+    assert any("ignored non-tensor entries: args (argparse.Namespace, pathlib.PosixPath)" in s
+               for s in ckpt.steps), ckpt.steps
+    assert any("took nested key 'state_dict_ema'" in s for s in ckpt.steps)
+    with torch.device("meta"):
+        target = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    fit_and_load(ckpt, target)
+    assert same(target, ema.state_dict()) and not same(target, model.state_dict())
+    plain = read_checkpoint(folder / "model_best.pth.tar", key="state_dict")
+    assert all(torch.equal(plain.tensors[k], v) for k, v in model.state_dict().items())
+
+
+class Mode(enum.Enum):  # an enum in hyper_parameters (module level, so it pickles by name)
+    FAST = "fast"
+
+
+@pytest.fixture(scope="module")
+def lightning_ckpt(tmp_path_factory):
+    """A Lightning Trainer checkpoint (max_steps=1 on CPU) of a module whose hyper_parameters
+    hold a functools.partial, a DictConfig, a path and an enum, with a loss that has state."""
+    L = pytest.importorskip("lightning")
+    import torchvision
+    from omegaconf import OmegaConf
+
+    class Module(L.LightningModule):
+        def __init__(self, optimizer, cfg, data_dir, mode):
+            super().__init__()
+            self.save_hyperparameters()
+            self.model = torchvision.models.resnet18(weights=None, num_classes=1)
+            self.loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0]))
+
+        def training_step(self, batch, index):
+            x, y = batch
+            return self.loss_fn(self.model(x).squeeze(1), y)
+
+        def configure_optimizers(self):
+            return self.hparams.optimizer(self.parameters())
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("lightning")
+    module = Module(functools.partial(torch.optim.SGD, lr=0.1),
+                    OmegaConf.create({"lr": 0.1, "layers": [1, 2]}), Path("/data"), Mode.FAST)
+    data = torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32), torch.rand(4))
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(folder))
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
+    trainer.save_checkpoint(folder / "last.ckpt")
+    return folder / "last.ckpt", module
+
+
+def test_lightning_checkpoint_with_partial_and_dictconfig_is_read(lightning_ckpt):
+    path, module = lightning_ckpt
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    ckpt = read_checkpoint(path, prefix="model.")
+    notes = " ".join(ckpt.steps)
+    assert "ignored non-tensor entries: hyper_parameters (" in notes
+    assert "functools.partial" in notes and "omegaconf.dictconfig.DictConfig" in notes
+    expected = module.model.state_dict()
+    assert all(torch.equal(ckpt.tensors[k], v) for k, v in expected.items())
+
+
+# --------------------------------------------------------------------------- malicious pickles
+
+
+def touch(path: str) -> None:
+    """What a payload would run: create the marker file."""
+    Path(path).touch()
+
+
+class Touches:
+    """Creating, building or filling one of these creates the marker file."""
+
+    def __new__(cls, *args):
+        if args:
+            touch(args[0])
+        return super().__new__(cls)
+
+    def __setstate__(self, state):
+        touch(state["path"])
+
+
+class TouchingList(list):
+    def extend(self, items):
+        touch(items[0])
+
+
+class TouchingDict(dict):
+    def __setitem__(self, key, value):
+        touch(value)
+
+
+def _str(text: str) -> bytes:
+    """BINUNICODE (protocol 1+)."""
+    data = text.encode()
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _stack_global(module: str, name: str) -> bytes:
+    return _str(module) + _str(name) + b"\x93"
+
+
+HERE = __name__
+
+
+def routes(marker: str) -> dict[str, tuple[bytes, str | None]]:
+    """Opcode snippets that each push one object, and would create `marker` if run.
+    -> (bytes, the dangerous global the file is refused for, or None when it is read)."""
+    cmd = f"touch {marker}"
+    return {
+        "GLOBAL os.system REDUCE": (_global("os", "system") + b"(" + _str(cmd) + b"tR",
+                                    "os.system"),
+        "GLOBAL posix.system REDUCE": (_global("posix", "system") + b"(" + _str(cmd) + b"tR",
+                                       "posix.system"),
+        "STACK_GLOBAL subprocess.call": (
+            _stack_global("subprocess", "call") + b"(](" + _str("touch") + _str(marker)
+            + b"etR", "subprocess.call"),
+        "builtins.eval": (_global("builtins", "eval") + b"(" + _str(
+            f"__import__('pathlib').Path({marker!r}).touch()") + b"tR", "builtins.eval"),
+        "builtins.exec": (_global("builtins", "exec") + b"(" + _str(
+            f"import pathlib; pathlib.Path({marker!r}).touch()") + b"tR", "builtins.exec"),
+        "REDUCE": (_global(HERE, "touch") + b"(" + _str(marker) + b"tR", None),
+        "NEWOBJ": (_global(HERE, "Touches") + b"(" + _str(marker) + b"t\x81", None),
+        "NEWOBJ_EX": (_stack_global(HERE, "Touches") + b"(" + _str(marker) + b"t}\x92", None),
+        "BUILD": (_global(HERE, "Touches") + b")\x81}(" + _str("path") + _str(marker) + b"ub",
+                  None),
+        "INST": (b"(" + _str(marker) + b"i" + HERE.encode() + b"\ntouch\n", None),
+        "OBJ": (b"(" + _global(HERE, "Touches") + _str(marker) + b"o", None),
+        "APPENDS": (_global(HERE, "TouchingList") + b")\x81(" + _str(marker) + b"e", None),
+        "SETITEMS": (_global(HERE, "TouchingDict") + b")\x81(" + _str("k") + _str(marker)
+                     + b"u", None),
+    }
+
+
+class Raw:
+    """Bytes spliced into a pickle as they are (one object's worth of opcodes)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def raw_pickle_module() -> types.SimpleNamespace:
+    """A pickle module for torch.save that writes `Raw` objects' opcodes verbatim."""
+
+    class Pickler(pickle._Pickler):
+        def save(self, obj, save_persistent_id=True):
+            if isinstance(obj, Raw):
+                self.write(obj.data)
+                return
+            super().save(obj, save_persistent_id)
+
+    return types.SimpleNamespace(__name__="raw_pickle", Pickler=Pickler, dump=pickle.dump)
+
+
+def save_with(path: Path, payload, legacy: bool = False) -> Path:
+    torch.save(payload, path, pickle_module=raw_pickle_module(),
+               _use_new_zipfile_serialization=not legacy)
+    return path
+
+
+def live(snippet: bytes, marker: Path) -> bool:
+    """True when the snippet does run code under the ordinary unpickler (so the test means
+    something); the marker it made is removed."""
+    try:
+        pickle.loads(b"\x80\x04" + snippet + b".")
+    except Exception:
+        pass
+    made = marker.exists()
+    if made:
+        marker.unlink()
+    return made
+
+
+ROUTES = list(routes("m"))
+PLACES = ["top level", "inside the state dict", "inside skipped metadata"]
+
+
+@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("route", ROUTES)
+def test_malicious_route_never_runs(route, place, tmp_path):
+    marker = tmp_path / "PWNED"
+    snippet, refused_for = routes(str(marker))[route]
+    assert live(snippet, marker), "the payload must run code under the ordinary unpickler"
+    weights = {"w": torch.arange(4.0), "b": torch.ones(1), "c": torch.zeros(1)}
+    if place == "top level":
+        payload = {"state_dict": weights, "extra": Raw(snippet)}
+    elif place == "inside the state dict":
+        payload = {"state_dict": {**weights, "evil": Raw(snippet)}}
+    else:  # BUILD state of a foreign object (an argparse.Namespace), as timm's `args`
+        args = _global("argparse", "Namespace") + b")\x81}(" + _str("lr") + snippet + b"ub"
+        payload = {"state_dict": weights, "args": Raw(args)}
+    path = save_with(tmp_path / "evil.pth", payload)
+    if refused_for:
+        msg = error(path)
+        assert "is not a plain weights file" in msg and refused_for in msg
+        assert "Nothing in it was run" in msg
+    else:
+        ckpt = read_checkpoint(path)
+        assert list(ckpt.tensors) == ["w", "b", "c"]
+        assert torch.equal(ckpt.tensors["w"], torch.arange(4.0))
+    assert not marker.exists()
+
+
+def test_malicious_legacy_format_never_runs(tmp_path):
+    marker = tmp_path / "PWNED"
+    for route in ("GLOBAL os.system REDUCE", "REDUCE", "BUILD"):
+        snippet, refused_for = routes(str(marker))[route]
+        path = save_with(tmp_path / "evil.pth", {"w": torch.ones(2), "x": Raw(snippet)},
+                         legacy=True)
+        if refused_for:
+            assert refused_for in error(path)
+        else:
+            assert list(read_checkpoint(path).tensors) == ["w"]
+        assert not marker.exists()
+
+
+def test_unpickler_never_resolves_a_dangerous_global(tmp_path):
+    marker = tmp_path / "PWNED"
+    snippet, _ = routes(str(marker))["GLOBAL os.system REDUCE"]
+    record = safe_unpickle.Record()
+    obj = safe_unpickle.loads(b"\x80\x02]" + _global("os", "system") + b"a" + snippet + b"a.",
+                              record)
+    assert isinstance(obj[0], safe_unpickle.Global) and obj[0] is not os.system
+    assert isinstance(obj[1], safe_unpickle.Foreign) and obj[1].name == "os.system"
+    assert obj[1].args == (f"touch {marker}",)
+    assert record.dangerous == ["os.system"] and not marker.exists()
+
+
+def test_allowlisted_function_is_not_called_with_a_record(tmp_path):
+    """A tensor rebuild that gets a foreign object as an argument stays a record."""
+    data = (b"\x80\x02" + _global("torch._utils", "_rebuild_tensor_v2")
+            + b"(" + _global(HERE, "Touches") + b")\x81K\x00)))\x89NtR.")
+    obj = safe_unpickle.loads(data)
+    assert isinstance(obj, safe_unpickle.Foreign)
+    assert obj.name == "torch._utils._rebuild_tensor_v2"
+
+
+def test_whole_pickled_model_still_refused(tmp_path):
+    path = tmp_path / "whole.pt"
+    torch.save(nn.Sequential(nn.Linear(2, 2)), path)
+    msg = error(path)
+    assert "torch.nn.modules.container.Sequential" in msg and "whole pickled" in msg
+
+
+def test_plain_pickle_of_another_protocol_is_not_taken_for_a_torch_file(tmp_path):
+    path = tmp_path / "data.pkl"
+    path.write_bytes(pickle.dumps({"a": [1, 2]}, protocol=4))
+    assert "is a Python pickle but not a plain torch weights file" in error(path)
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, buf, pickle_protocol=4)
+    (tmp_path / "p4.pt").write_bytes(buf.getvalue())
+    assert torch.equal(read_checkpoint(tmp_path / "p4.pt").tensors["w"], torch.ones(3))
