@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,7 +156,7 @@ def _read_sources(cfg: DictConfig, built: BuiltModel, reuse: bool = False) -> li
         ckpt = read(c.path, key=c.key, prefix=c.prefix)
         exclude = built.table.head if c.exclude_head else ()
         fit = check_fit(_shapes(ckpt), shapes, strict=c.strict, exclude=exclude,
-                        source=f"checkpoint.path={c.path}")
+                        source=f"checkpoint.path={c.path}", outside=ckpt.outside)
         sources.append(Source("checkpoint.path", ckpt, fit))
     for s in sources:
         for step in s.checkpoint.steps:
@@ -280,7 +281,7 @@ def _document(
         "model": {"source": built.source, "arch": built.arch, "num_outputs": built.num_outputs,
                   "head": table.head[0], "heads": list(table.head),
                   "stages": describe_stages(table)},
-        "checkpoint": _checkpoint_block(sources),
+        "checkpoint": _checkpoint_block(sources, built.model),
         "counts": {"total": total, "trainable": trainable, "frozen": total - trainable},
         "groups": groups,
         "frozen": [n for n in table.names if not freeze.trainable[n]],
@@ -294,23 +295,31 @@ def _document(
     }
 
 
-def _checkpoint_block(sources: list[Source]) -> dict[str, Any]:
-    blocks = [_source_block(s) for s in sources]
+def _checkpoint_block(sources: list[Source], model: nn.Module) -> dict[str, Any]:
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    blocks = [_source_block(s, dtypes) for s in sources]
     last = blocks[-1] if blocks else {"path": None, "unwrapped": [], "missing": [],
                                       "unexpected": [], "skipped": [], "excluded": [],
                                       "loaded": 0}
     return {**last, "sources": blocks}
 
 
-def _source_block(s: Source) -> dict[str, Any]:
+def _source_block(s: Source, model_dtypes: dict[str, torch.dtype]) -> dict[str, Any]:
+    stored = {k: s.checkpoint.tensors[k].dtype for k in s.fit.loaded}
+    casts = Counter(f"{d} -> {model_dtypes[k]}".replace("torch.", "")
+                    for k, d in stored.items() if d != model_dtypes.get(k, d))
     return {
         "path": s.checkpoint.path,
         "from": s.label,
+        "format": s.checkpoint.format,
         "unwrapped": list(s.checkpoint.steps),
         "loaded": len(s.fit.loaded),
         "missing": list(s.fit.missing),
         "unexpected": list(s.fit.unexpected),
+        "outside": list(s.fit.outside),
         "skipped": [{"key": k, "checkpoint": list(a), "model": list(b)}
                     for k, a, b in s.fit.skipped],
         "excluded": list(s.fit.excluded),
+        "dtypes": dict(Counter(str(d).removeprefix("torch.") for d in stored.values())),
+        "cast": dict(casts),
     }

@@ -331,3 +331,205 @@ def test_plain_pickle_of_another_protocol_is_not_taken_for_a_torch_file(tmp_path
     torch.save({"w": torch.ones(3)}, buf, pickle_protocol=4)
     (tmp_path / "p4.pt").write_bytes(buf.getvalue())
     assert torch.equal(read_checkpoint(tmp_path / "p4.pt").tensors["w"], torch.ones(3))
+
+
+# --------------------------------------------------------------------------- shards, DCP
+
+
+@pytest.fixture(scope="module")
+def sd() -> dict[str, torch.Tensor]:
+    import torchvision
+
+    torch.manual_seed(1)
+    return torchvision.models.resnet18(weights=None).state_dict()
+
+
+def meta_resnet18() -> nn.Module:
+    import torchvision
+
+    with torch.device("meta"):
+        return torchvision.models.resnet18(weights=None)
+
+
+@pytest.fixture(scope="module", params=["safetensors", "bin"])
+def hf_shards(request, tmp_path_factory, sd):
+    """huggingface_hub.save_torch_state_dict output in 6 shards (max_shard_size 10MB)."""
+    hub = pytest.importorskip("huggingface_hub")
+    folder = tmp_path_factory.mktemp(f"hf_{request.param}")
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")
+        hub.save_torch_state_dict(sd, str(folder), max_shard_size="10MB",
+                                  safe_serialization=request.param == "safetensors")
+    index = next(folder.glob("*.index.json"))
+    return folder, index
+
+
+def copy_folder(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("via", ["index", "folder"])
+def test_sharded_checkpoint_loads_every_tensor(hf_shards, sd, via):
+    folder, index = hf_shards
+    shards = sorted(p.name for p in folder.iterdir() if "-of-" in p.name)
+    assert len(shards) == 6
+    ckpt = read_checkpoint(index if via == "index" else folder)
+    assert ckpt.path == str(index) and any("index of 6 shards" in s for s in ckpt.steps)
+    assert sorted(ckpt.tensors) == sorted(sd)
+    assert sorted(ckpt._files) == sorted(str(folder / s) for s in shards)
+    model = fit_and_load(ckpt, meta_resnet18())
+    assert same(model, sd)
+
+
+def test_sharded_safetensors_verification_reads_headers_and_loading_reads_each_shard_once(
+        hf_shards, sd, monkeypatch):
+    import safetensors
+
+    folder, index = hf_shards
+    if not index.name.startswith("model.safetensors"):
+        pytest.skip("safetensors shards only")
+    real, opened, reads = safetensors.safe_open, [], []
+
+    class Spy:
+        def __init__(self, file, framework, device="cpu"):
+            opened.append((Path(file).name, device))
+            self.inner = real(file, framework=framework, device=device)
+
+        def __enter__(self):
+            self.f = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_slice(self, k):
+            return self.f.get_slice(k)
+
+        def get_tensor(self, k):
+            reads.append(k)
+            return self.f.get_tensor(k)
+
+    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    ckpt = read_checkpoint(index)
+    assert reads == [] and len(opened) == 6 and all(t.is_meta for t in ckpt.tensors.values())
+    opened.clear()
+    model = fit_and_load(ckpt, meta_resnet18())
+    assert sorted(name for name, _ in opened) == sorted({name for name, _ in opened})  # once
+    assert len(opened) == 6 and sorted(reads) == sorted(sd) and same(model, sd)
+
+
+def test_missing_shard_is_named(hf_shards, tmp_path):
+    folder = copy_folder(hf_shards[0], tmp_path / "copy")
+    victim = sorted(folder.glob("*-00003-of-00006.*"))[0]
+    victim.unlink()
+    msg = error(folder)
+    assert f"shard {victim.name} is missing" in msg
+
+
+def test_extra_shard_the_index_does_not_list_is_named(hf_shards, tmp_path):
+    import json
+
+    folder = copy_folder(hf_shards[0], tmp_path / "copy")
+    index = next(folder.glob("*.index.json"))
+    data = json.loads(index.read_text())
+    last = sorted(set(data["weight_map"].values()))[-1]
+    data["weight_map"] = {k: v for k, v in data["weight_map"].items() if v != last}
+    index.write_text(json.dumps(data))
+    msg = error(index)
+    assert f"{last} in {folder} looks like a shard of this checkpoint but the index does not " \
+           "list it" in msg
+
+
+def test_tensor_in_the_wrong_shard_is_named(hf_shards, tmp_path):
+    import json
+
+    folder = copy_folder(hf_shards[0], tmp_path / "copy")
+    index = next(folder.glob("*.index.json"))
+    data = json.loads(index.read_text())
+    shards = sorted(set(data["weight_map"].values()))
+    data["weight_map"]["fc.bias"] = shards[0] if data["weight_map"]["fc.bias"] != shards[0] \
+        else shards[1]
+    index.write_text(json.dumps(data))
+    assert "that it does not hold (e.g. fc.bias)" in error(index)
+
+
+def test_one_shard_alone_is_refused_with_the_index_named(hf_shards):
+    folder, index = hf_shards
+    shard = sorted(p for p in folder.iterdir() if "-of-" in p.name)[0]
+    msg = error(shard)
+    assert "is one shard of a sharded checkpoint" in msg and str(index) in msg
+
+
+@pytest.fixture(scope="module")
+def dcp_folder(tmp_path_factory, sd):
+    """torch.distributed.checkpoint.save of {"model": state dict, "step": 3}, one process."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path_factory.mktemp("dcp") / "step_3"
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")
+        dcp.save({"model": sd, "step": 3}, checkpoint_id=str(folder), no_dist=True)
+    return folder
+
+
+def test_dcp_folder_verifies_from_metadata_and_loads_through_torch(dcp_folder, sd, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("verification must not read tensor data")
+
+    with monkeypatch.context() as m:
+        m.setattr(dcp.FileSystemReader, "read_data", no_data)
+        m.setattr(pickle, "load", no_data)  # torch's own read_metadata would pickle.load
+        ckpt = read_checkpoint(dcp_folder)
+    assert ckpt.format == "dcp" and any("took nested key 'model'" in s for s in ckpt.steps)
+    assert sorted(ckpt.tensors) == sorted(sd) and all(t.is_meta for t in ckpt.tensors.values())
+    assert shapes(ckpt.tensors) == shapes(sd)
+    assert same(fit_and_load(ckpt, meta_resnet18()), sd)
+
+
+def test_dcp_with_lightning_style_prefix_unwraps(tmp_path, sd):
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "dcp"
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")
+        dcp.save({"state_dict": {f"model.{k}": v for k, v in sd.items()}},
+                 checkpoint_id=str(folder), no_dist=True)
+    ckpt = read_checkpoint(folder)
+    assert any("stripped prefix 'model.'" in s for s in ckpt.steps)
+    assert same(fit_and_load(ckpt, meta_resnet18()), sd)
+
+
+def test_dcp_data_file_alone_is_recognised(dcp_folder):
+    shard = next(dcp_folder.glob("*.distcp"))
+    msg = error(shard)
+    assert "is one data file of a torch.distributed.checkpoint (DCP) folder" in msg
+    assert f"checkpoint.path={dcp_folder}" in msg
+
+
+def test_dcp_missing_or_truncated_data_file(dcp_folder, tmp_path):
+    folder = copy_folder(dcp_folder, tmp_path / "copy")
+    shard = next(folder.glob("*.distcp"))
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    msg = error(folder)
+    assert f"data file {shard.name} is truncated or corrupt" in msg
+    shard.unlink()
+    assert f"data file {shard.name} is missing" in error(folder)
+
+
+def test_dcp_metadata_that_would_run_code_never_runs(dcp_folder, tmp_path):
+    folder = copy_folder(dcp_folder, tmp_path / "copy")
+    marker = tmp_path / "PWNED"
+    snippet, _ = routes(str(marker))["GLOBAL os.system REDUCE"]
+    (folder / ".metadata").write_bytes(b"\x80\x02" + snippet + b".")
+    assert live(snippet, marker)
+    msg = error(folder)
+    assert ".metadata is truncated or corrupt" in msg and not marker.exists()
