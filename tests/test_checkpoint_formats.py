@@ -533,3 +533,129 @@ def test_dcp_metadata_that_would_run_code_never_runs(dcp_folder, tmp_path):
     assert live(snippet, marker)
     msg = error(folder)
     assert ".metadata is truncated or corrupt" in msg and not marker.exists()
+
+
+# --------------------------------------------------------------------------- damaged files
+
+
+def rewrite_zip(src: Path, dst: Path, change) -> Path:
+    """Copy a torch zip file record by record, passing each record's bytes through `change`."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as old, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as new:
+        for info in old.infolist():
+            new.writestr(info, change(info.filename, old.read(info.filename)))
+    return dst
+
+
+def test_storage_record_shorter_than_its_tensor_is_corrupt_not_garbage(tmp_path):
+    ok = tmp_path / "ok.pt"
+    torch.save({"a": torch.arange(16.0), "w": torch.full((16,), 7.0)}, ok)
+    short = rewrite_zip(ok, tmp_path / "short.pt",
+                        lambda name, data: data[:16] if name.endswith("/data/1") else data)
+    garbage = torch.load(short, mmap=True, weights_only=True)["w"]  # what torch alone gives
+    assert not torch.equal(garbage, torch.full((16,), 7.0))
+    msg = error(short)
+    assert "is truncated or corrupt: tensor 'w' needs 64 bytes of storage record data/1, " \
+           "which holds 16" in msg
+    assert torch.equal(read_checkpoint(ok).tensors["w"], torch.full((16,), 7.0))
+
+
+def test_corrupt_data_pkl_is_corrupt_not_a_refused_pickle(tmp_path):
+    ok = tmp_path / "ok.pt"
+    torch.save({"w": torch.ones(4)}, ok)
+
+    def garble(name, data):
+        return data[:2] + b"\xfe\xfd\xfc" + data[5:] if name.endswith("/data.pkl") else data
+
+    msg = error(rewrite_zip(ok, tmp_path / "bad.pt", garble))
+    assert "is truncated or corrupt" in msg and "its pickled data does not parse" in msg
+    assert "not a plain weights file" not in msg
+
+
+def test_file_rewritten_after_opening_is_detected_before_loading(tmp_path, sd):
+    path = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(sd, str(path))
+    ckpt = read_checkpoint(path)
+    save_file({k: v + 1 for k, v in sd.items() if v.is_floating_point()}, str(path))
+    with pytest.raises(FinetunePrepError) as err:
+        fit_and_load(ckpt, meta_resnet18(), strict=False)
+    assert f"checkpoint.path={path} changed while it was being prepared" in str(err.value)
+    assert "must not be rewritten while finetune_prep uses it" in str(err.value)
+
+
+def test_file_replaced_by_another_is_detected(tmp_path, sd):
+    path = tmp_path / "w.pt"
+    torch.save(sd, path)
+    ckpt = read_checkpoint(path)
+    other = tmp_path / "other.pt"
+    torch.save(sd, other)
+    os.replace(other, path)  # same size, another inode: an atomic re-save
+    with pytest.raises(FinetunePrepError) as err:
+        fit_and_load(ckpt, meta_resnet18())
+    assert "replaced by another file" in str(err.value)
+
+
+TRUNCATE_WHILE_MAPPED = """
+import os, sys, torch, torchvision
+from finetune_prep.checkpoint import check_fit, load_into, read_checkpoint
+from finetune_prep.errors import FinetunePrepError
+path = sys.argv[1]
+torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+ckpt = read_checkpoint(path)
+os.truncate(path, os.path.getsize(path) // 2)  # the file shrinks under the mapping
+with torch.device("meta"):
+    model = torchvision.models.resnet18(weights=None)
+shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+fit = check_fit({k: tuple(v.shape) for k, v in ckpt.tensors.items()}, shapes, strict=True)
+try:
+    load_into(model, ckpt, fit, rebuild=lambda: None)
+    print(sum(float(t.float().sum()) for t in model.state_dict().values()))  # touch every page
+except FinetunePrepError as err:
+    print(err)
+    sys.exit(1)
+"""
+
+
+@pytest.mark.slow
+def test_file_truncated_while_mapped_is_a_message_not_sigbus(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", TRUNCATE_WHILE_MAPPED, str(tmp_path / "w.pt")],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])  # -7 would be SIGBUS
+    assert "changed while it was being prepared (size" in done.stdout
+
+
+def test_fifo_and_device_are_not_called_empty_files(tmp_path):
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    msg = error(fifo)
+    assert "is not a regular file but a named pipe (FIFO)" in msg and "empty" not in msg
+    msg = error("/dev/null")
+    assert "is not a regular file but a character device" in msg and "empty" not in msg
+
+
+def test_symlink_loop_and_broken_link(tmp_path):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    msg = error(a)
+    assert "is a symbolic link that loops" in msg and "Did you mean" not in msg
+    c = tmp_path / "c.pt"
+    c.symlink_to(tmp_path / "gone.pt")
+    assert "is a broken symbolic link: it points to" in error(c)
+
+
+def test_protocol_0_and_1_pickles_are_recognised_as_pickles(tmp_path):
+    p0 = tmp_path / "p0.pkl"
+    p0.write_bytes(pickle.dumps({"a": [1, 2]}, protocol=0))
+    assert "is a Python pickle but not a plain torch weights file" in error(p0)
+    p1 = tmp_path / "p1.pt"
+    torch.save({"w": torch.arange(3.0)}, p1, pickle_protocol=1,
+               _use_new_zipfile_serialization=False)
+    assert torch.equal(read_checkpoint(p1).tensors["w"], torch.arange(3.0))

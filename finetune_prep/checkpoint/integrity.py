@@ -27,8 +27,9 @@ def fingerprint(file: str) -> Fingerprint:
     return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
 
-def check_unchanged(files: dict[str, Fingerprint], label: str) -> None:
-    """Raise if any file changed (size, mtime, inode) since it was opened."""
+def check_unchanged(files: dict[str, Fingerprint], path: str) -> None:
+    """Raise if any file of the checkpoint at `path` changed (size, mtime, inode) since it
+    was opened."""
     for file, before in files.items():
         try:
             now = fingerprint(file)
@@ -37,8 +38,9 @@ def check_unchanged(files: dict[str, Fingerprint], label: str) -> None:
         if now == before:
             continue
         what = "was deleted" if now is None else _what_changed(before, now)
+        which = f"checkpoint.path={path}" + (f": {file}" if file != path else "")
         raise FinetunePrepError(
-            f"{label}: {file} changed while it was being prepared ({what}). A checkpoint must "
+            f"{which} changed while it was being prepared ({what}). A checkpoint must "
             "not be rewritten while finetune_prep uses it (its tensors are memory-mapped): "
             "wait until the save or copy has finished, then run again."
         )

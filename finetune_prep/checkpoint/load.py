@@ -22,7 +22,7 @@ def load_tensors(ckpt: Checkpoint, keys: Iterable[str]) -> dict[str, torch.Tenso
     """Real CPU tensors for `keys`: the mmap'd ones as they are, safetensors and DCP ones read
     now, each file once. Raises if a file changed since the checkpoint was opened."""
     keys = list(keys)
-    integrity.check_unchanged(ckpt._files, f"checkpoint.path={ckpt.path}")
+    integrity.check_unchanged(ckpt._files, ckpt.path)
     lazy = [k for k in keys if k in ckpt._stored and ckpt.tensors[k].is_meta]
     out = {k: ckpt.tensors[k] for k in keys if k not in set(lazy)}
     by_file: dict[str, dict[str, str]] = {}
