@@ -659,3 +659,71 @@ def test_protocol_0_and_1_pickles_are_recognised_as_pickles(tmp_path):
     torch.save({"w": torch.arange(3.0)}, p1, pickle_protocol=1,
                _use_new_zipfile_serialization=False)
     assert torch.equal(read_checkpoint(p1).tensors["w"], torch.arange(3.0))
+
+
+# --------------------------------------------------------------------------- dtype, extra state
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoint_cast_is_logged_and_recorded(dtype, make_cfg, resnet18_ckpt,
+                                                               tmp_path, caplog):
+    import logging
+
+    from finetune_prep import prepare
+
+    full = torch.load(resnet18_ckpt, weights_only=True)
+    half = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()}
+    path = tmp_path / "half.pt"
+    torch.save(half, path)
+    n_float = sum(v.is_floating_point() for v in full.values())
+    name = str(dtype).removeprefix("torch.")
+    with caplog.at_level(logging.INFO, logger="finetune_prep"):
+        prepared = prepare(make_cfg(f"checkpoint.path={path}", "verify.backward=false"))
+    block = prepared.document["checkpoint"]
+    assert block["dtypes"] == {name: n_float, "int64": len(full) - n_float}
+    assert block["cast"] == {f"{name} -> float32": n_float}
+    assert any(f"{n_float} {name} tensors (cast to the model's dtype" in s
+               for s in block["unwrapped"])
+    assert f"cast {n_float} tensors {name} -> float32" in caplog.text
+    state = prepared.model.state_dict()
+    assert state["fc.weight"].dtype == torch.float32
+    assert torch.equal(state["fc.weight"], half["fc.weight"].float())
+
+
+def test_float32_checkpoint_records_no_cast(make_cfg, resnet18_ckpt):
+    from finetune_prep import prepare
+
+    block = prepare(make_cfg(f"checkpoint.path={resnet18_ckpt}", "verify.backward=false"),
+                    materialize=False).document["checkpoint"]
+    assert block["cast"] == {} and set(block["dtypes"]) == {"float32", "int64"}
+
+
+@pytest.mark.parametrize("prefix", [None, "model."])
+def test_lightning_extra_state_is_outside_the_model_and_strict_load_passes(
+        prefix, lightning_ckpt, make_cfg):
+    from finetune_prep import prepare
+
+    path, module = lightning_ckpt
+    overrides = [f"checkpoint.path={path}", "verify.backward=false"]
+    if prefix:
+        overrides.append(f"checkpoint.prefix={prefix}")
+    prepared = prepare(make_cfg(*overrides))  # checkpoint.strict=true by default
+    block = prepared.document["checkpoint"]
+    assert block["outside"] == ["loss_fn.pos_weight"] and block["unexpected"] == []
+    assert block["loaded"] == len(module.model.state_dict())
+    assert any("outside the model unless it has them: loss_fn.pos_weight" in s
+               for s in block["unwrapped"])
+    state = prepared.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in module.model.state_dict().items())
+
+
+def test_keys_outside_the_prefix_that_the_model_has_are_loaded(tmp_path):
+    path = tmp_path / "two.pt"
+    torch.save({"backbone.weight": torch.ones(2, 2), "backbone.bias": torch.ones(2),
+                "extra": torch.ones(1)}, path)
+    ckpt = read_checkpoint(path, prefix="backbone.")
+    fit = check_fit(shapes(ckpt.tensors), {"weight": (2, 2), "bias": (2,)}, strict=True,
+                    outside=ckpt.outside)
+    assert fit.outside == ["extra"] and fit.unexpected == []
+    with pytest.raises(FinetunePrepError, match="1 unexpected"):
+        check_fit(shapes(ckpt.tensors), {"weight": (2, 2), "bias": (2,)}, strict=True)
