@@ -137,6 +137,21 @@ def test_lightning_checkpoint_with_partial_and_dictconfig_is_read(lightning_ckpt
     assert all(torch.equal(ckpt.tensors[k], v) for k, v in expected.items())
 
 
+def test_numpy_scalars_and_arrays_in_metadata_are_ignored_unread(tmp_path):
+    np = pytest.importorskip("numpy")
+    path = tmp_path / "stats.pt"
+    weights = {"w": torch.arange(3.0), "b": torch.ones(1)}
+    torch.save({"state_dict": weights, "stats": {"mean": np.array([0.5, 0.25]),
+                                                 "best": np.float64(0.9), "n": np.int64(7)}},
+               path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    ckpt = read_checkpoint(path)
+    note = next(s for s in ckpt.steps if "ignored non-tensor entries" in s)
+    assert "stats (numpy." in note
+    assert list(ckpt.tensors) == ["w", "b"] and torch.equal(ckpt.tensors["w"], weights["w"])
+
+
 # --------------------------------------------------------------------------- malicious pickles
 
 
