@@ -11,6 +11,7 @@ import os
 import pickle
 import struct
 import types
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -280,8 +281,8 @@ def test_malicious_route_never_runs(route, place, tmp_path):
     weights = {"w": torch.arange(4.0), "b": torch.ones(1), "c": torch.zeros(1)}
     if place == "top level":
         payload = {"state_dict": weights, "extra": Raw(snippet)}
-    elif place == "inside the state dict":
-        payload = {"state_dict": {**weights, "evil": Raw(snippet)}}
+    elif place == "inside the state dict":  # an OrderedDict: a global torch allows
+        payload = {"state_dict": OrderedDict({**weights, "evil": Raw(snippet)})}
     else:  # BUILD state of a foreign object (an argparse.Namespace), as timm's `args`
         args = _global("argparse", "Namespace") + b")\x81}(" + _str("lr") + snippet + b"ub"
         payload = {"state_dict": weights, "args": Raw(args)}
@@ -394,7 +395,7 @@ def test_sharded_checkpoint_loads_every_tensor(hf_shards, sd, via):
     ckpt = read_checkpoint(index if via == "index" else folder)
     assert ckpt.path == str(index) and any("index of 6 shards" in s for s in ckpt.steps)
     assert sorted(ckpt.tensors) == sorted(sd)
-    assert sorted(ckpt._files) == sorted(str(folder / s) for s in shards)
+    assert sorted(ckpt._files) == sorted(str(folder / s) for s in shards)  # each watched
     model = fit_and_load(ckpt, meta_resnet18())
     assert same(model, sd)
 
@@ -504,6 +505,7 @@ def test_dcp_folder_verifies_from_metadata_and_loads_through_torch(dcp_folder, s
         m.setattr(pickle, "load", no_data)  # torch's own read_metadata would pickle.load
         ckpt = read_checkpoint(dcp_folder)
     assert ckpt.format == "dcp" and any("took nested key 'model'" in s for s in ckpt.steps)
+    assert str(dcp_folder / ".metadata") in ckpt._files  # watched for changes too
     assert sorted(ckpt.tensors) == sorted(sd) and all(t.is_meta for t in ckpt.tensors.values())
     assert shapes(ckpt.tensors) == shapes(sd)
     assert same(fit_and_load(ckpt, meta_resnet18()), sd)
@@ -547,7 +549,9 @@ def test_dcp_metadata_that_would_run_code_never_runs(dcp_folder, tmp_path):
     (folder / ".metadata").write_bytes(b"\x80\x02" + snippet + b".")
     assert live(snippet, marker)
     msg = error(folder)
-    assert ".metadata is truncated or corrupt" in msg and not marker.exists()
+    assert ".metadata was refused because it names os.system" in msg and not marker.exists()
+    (folder / ".metadata").write_bytes(b"\x80\x02}q\x00.")  # a dict, not DCP metadata
+    assert ".metadata is truncated or corrupt" in error(folder)
 
 
 # --------------------------------------------------------------------------- damaged files

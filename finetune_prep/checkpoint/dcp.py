@@ -48,9 +48,15 @@ def shard_folder(file: str) -> str | None:
 def read_metadata(folder: str) -> Any:
     """DCP's `Metadata` of a folder, read without running anything `.metadata` names."""
     path = os.path.join(folder, METADATA)
+    record = safe_unpickle.Record()
     try:
         with open(path, "rb") as f:
-            raw = safe_unpickle.loads(f.read())
+            raw = safe_unpickle.loads(f.read(), record)
+        if record.dangerous:
+            raise FinetunePrepError(
+                f"checkpoint.path={folder}: its {METADATA} was refused because it names "
+                f"{record.dangerous[0]}, which would run code if unpickled normally (as torch's "
+                "own reader does). Nothing in it was run; do not use this checkpoint.")
         return _metadata(raw)
     except FinetunePrepError:
         raise
@@ -106,7 +112,7 @@ def _check_data(folder: str, meta: Any) -> list[str]:
                 f"checkpoint.path={folder}: data file {rel} is truncated or corrupt: "
                 f"'{index.fqn}' needs bytes {info.offset}..{info.offset + info.length} but the "
                 f"file has {sizes[rel]}. Copy or save the checkpoint again.")
-    return [os.path.join(folder, rel) for rel in sizes]
+    return [os.path.join(folder, METADATA), *(os.path.join(folder, rel) for rel in sizes)]
 
 
 def load(folder: str, wanted: Mapping[str, str], dtypes: Mapping[str, torch.dtype],

@@ -180,7 +180,11 @@ def _check_path(path: str | os.PathLike) -> str:
                                 f"(looked for {os.path.abspath(file)}).{_near_files(file)}"
                                 ) from err
     if stat.S_ISDIR(st.st_mode):
-        found = shards.resolve_folder(file)
+        try:
+            found = shards.resolve_folder(file)
+        except OSError as err:
+            raise FinetunePrepError(f"checkpoint.path={raw} is a folder that cannot be listed "
+                                    f"({err.strerror}): make it readable.") from err
         if found is None:
             raise FinetunePrepError(f"checkpoint.path={raw} is a directory: give the weights "
                                     f"file inside it.{_candidates(file)}")

@@ -38,8 +38,7 @@ DANGEROUS_MODULES = frozenset({
 })
 DANGEROUS_BUILTINS = frozenset({
     "eval", "exec", "compile", "open", "__import__", "getattr", "setattr", "delattr", "globals",
-    "locals", "vars", "input", "breakpoint", "exit", "quit", "help", "memoryview", "type",
-    "object", "super", "classmethod", "staticmethod", "property",
+    "locals", "vars", "input", "breakpoint", "exit", "quit", "help",
 })
 REBUILDS = frozenset({
     "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
