@@ -746,3 +746,14 @@ def test_keys_outside_the_prefix_that_the_model_has_are_loaded(tmp_path):
     assert fit.outside == ["extra"] and fit.unexpected == []
     with pytest.raises(FinetunePrepError, match="1 unexpected"):
         check_fit(shapes(ckpt.tensors), {"weight": (2, 2), "bias": (2,)}, strict=True)
+
+
+def test_prepare_loads_a_dcp_folder_and_records_its_format(dcp_folder, sd, make_cfg):
+    from finetune_prep import prepare
+
+    prepared = prepare(make_cfg(f"checkpoint.path={dcp_folder}", "head.num_outputs=1000",
+                                "verify.backward=false"))
+    assert prepared.document["checkpoint"]["format"] == "dcp"
+    assert prepared.document["checkpoint"]["loaded"] == len(sd)
+    state = prepared.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in sd.items())
