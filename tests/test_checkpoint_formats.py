@@ -83,6 +83,8 @@ def test_timm_checkpoint_with_args_and_ema_is_read_without_running_it(timm_run):
         target = timm.create_model("resnet18", pretrained=False, num_classes=10)
     fit_and_load(ckpt, target)
     assert same(target, ema.state_dict()) and not same(target, model.state_dict())
+    msg = error(path, key="model_state")
+    assert "args (argparse.Namespace, not loaded)" in msg and "state_dict_ema (dict of" in msg
     plain = read_checkpoint(folder / "model_best.pth.tar", key="state_dict")
     assert all(torch.equal(plain.tensors[k], v) for k, v in model.state_dict().items())
 

@@ -164,10 +164,10 @@ def _check_path(path: str | os.PathLike) -> str:
         st = os.stat(file)
     except OSError as err:
         if err.errno == errno.ELOOP:
+            hop = os.readlink(file) if os.path.islink(file) else "..."
             raise FinetunePrepError(
-                f"checkpoint.path={raw} is a symbolic link that loops (it leads back to itself, "
-                f"{os.readlink(file) if os.path.islink(file) else '...'} -> ...): point it at "
-                "the weights file.") from err
+                f"checkpoint.path={raw} is a symbolic link that loops ({raw} -> {hop} -> ... "
+                "never reaches a file): point it at the weights file.") from err
         if os.path.islink(file):
             raise FinetunePrepError(
                 f"checkpoint.path={raw} is a broken symbolic link: it points to "

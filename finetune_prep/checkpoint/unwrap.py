@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from finetune_prep.checkpoint import safe_unpickle
 from finetune_prep.errors import FinetunePrepError
 
 NESTED = ("state_dict_ema", "model_ema", "state_dict", "model", "model_state", "module", "ema")
@@ -131,6 +132,8 @@ def _kind(value: Any) -> str:
             return f"dict of {n} tensors" if n == len(value) else \
                 f"dict of {len(value)} entries, {n} tensors"
         return f"dict of {len(value)} entries"
+    if isinstance(value, (safe_unpickle.Foreign, safe_unpickle.Global)):
+        return f"{value.name}, not loaded"
     return "None" if value is None else type(value).__name__
 
 
