@@ -9,8 +9,9 @@ building and opening them again. What is cached never holds real weights:
   or loading real tensors into it never reaches the next job;
 - checkpoints: the opened `Checkpoint` (mmap'd or header-only tensors) for planning only; a
   run that materializes re-reads the file, so weights it hands out (and may train in place)
-  are never shared. The key holds the file's size, mtime, ctime and inode, so a file
-  rewritten between calls is read again.
+  are never shared. The key holds the file's size, mtime, ctime and inode, and a hit is
+  checked against every file it was read from (shards, DCP data), so a file rewritten between
+  calls is read again.
 
 Both are small LRUs; `clear()` empties them.
 """
@@ -54,8 +55,22 @@ def read_checkpoint(
         return checkpoint.read_checkpoint(path, key=key, prefix=prefix)  # its own message
     ident = (os.path.realpath(os.path.expanduser(os.fspath(path))), key, prefix,
              st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+    cached = _checkpoints.get(ident)
+    if cached is not None and not _unchanged(cached):  # a shard or DCP file of a folder
+        del _checkpoints[ident]
     return _get(_checkpoints, ident,
                 lambda: checkpoint.read_checkpoint(path, key=key, prefix=prefix))
+
+
+def _unchanged(ckpt: checkpoint.Checkpoint) -> bool:
+    """Every file the checkpoint was read from is still the same (size, mtime, inode)."""
+    from finetune_prep.errors import FinetunePrepError
+
+    try:
+        checkpoint.integrity.check_unchanged(ckpt._files, ckpt.path)
+    except FinetunePrepError:
+        return False
+    return True
 
 
 def clear() -> None:

@@ -228,7 +228,7 @@ def document(
         "model": {"source": built.source, "arch": built.arch, "num_outputs": built.num_outputs,
                   "head": table.head[0], "heads": list(table.head),
                   "stages": table.stage_lists()},
-        "checkpoint": _checkpoint_block(sources),
+        "checkpoint": _checkpoint_block(sources, built.model),
         "counts": {"total": total, "trainable": n_trainable, "frozen": total - n_trainable},
         "groups": groups,
         "frozen": [n for n in table.names if not freeze.trainable[n]],
@@ -261,23 +261,31 @@ def _phase_block(table: Any, phase: Any, eval_modules: list[str], optimizer: Any
     }
 
 
-def _checkpoint_block(sources: Sequence[Any]) -> dict[str, Any]:
-    blocks = [_source_block(s) for s in sources]
+def _checkpoint_block(sources: Sequence[Any], model: nn.Module) -> dict[str, Any]:
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    blocks = [_source_block(s, dtypes) for s in sources]
     last = blocks[-1] if blocks else {"path": None, "unwrapped": [], "missing": [],
                                       "unexpected": [], "skipped": [], "excluded": [],
                                       "loaded": 0}
     return {**last, "sources": blocks}
 
 
-def _source_block(s: Any) -> dict[str, Any]:
+def _source_block(s: Any, model_dtypes: dict[str, torch.dtype]) -> dict[str, Any]:
+    stored = {k: s.checkpoint.tensors[k].dtype for k in s.fit.loaded}
+    casts = Counter(f"{d} -> {model_dtypes[k]}".replace("torch.", "")
+                    for k, d in stored.items() if d != model_dtypes.get(k, d))
     return {
         "path": s.checkpoint.path,
         "from": s.label,
+        "format": s.checkpoint.format,
         "unwrapped": list(s.checkpoint.steps),
         "loaded": len(s.fit.loaded),
         "missing": list(s.fit.missing),
         "unexpected": list(s.fit.unexpected),
+        "outside": list(s.fit.outside),
         "skipped": [{"key": k, "checkpoint": list(a), "model": list(b)}
                     for k, a, b in s.fit.skipped],
         "excluded": list(s.fit.excluded),
+        "dtypes": dict(Counter(str(d).removeprefix("torch.") for d in stored.values())),
+        "cast": dict(casts),
     }

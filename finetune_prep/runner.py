@@ -174,7 +174,7 @@ def _read_sources(cfg: DictConfig, built: BuiltModel, reuse: bool = False) -> li
         ckpt = read(c.path, key=c.key, prefix=c.prefix)
         exclude = built.table.head if c.exclude_head else ()
         fit = check_fit(_shapes(ckpt), shapes, strict=c.strict, exclude=exclude,
-                        source=f"checkpoint.path={c.path}")
+                        source=f"checkpoint.path={c.path}", outside=ckpt.outside)
         sources.append(Source("checkpoint.path", ckpt, fit))
     for s in sources:
         for step in s.checkpoint.steps:

@@ -94,3 +94,23 @@ def test_materialized_models_never_share_weights(counted, make_cfg, resnet18_ckp
     expected = torch.load(resnet18_ckpt, weights_only=True)["conv1.weight"]
     assert torch.equal(second.model.conv1.weight, expected)
     assert second.model.conv1.weight.data_ptr() != first.model.conv1.weight.data_ptr()
+
+
+def test_a_rewritten_shard_is_read_again(counted, tmp_path):
+    """The cache key is the index's stat; a shard rewritten beside it must not be served."""
+    import json
+
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "model-00001-of-00001.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {"w": "model-00001-of-00001.safetensors"}}))
+    index = tmp_path / "model.safetensors.index.json"
+    first = cache.read_checkpoint(index)
+    assert cache.read_checkpoint(index) is first and counted["read"] == 1
+    index_stat = index.stat()
+    save_file({"w": torch.ones(3)}, str(tmp_path / "model-00001-of-00001.safetensors"))
+    assert index.stat() == index_stat  # the cache key alone cannot see the change
+    again = cache.read_checkpoint(index)
+    assert again is not first and tuple(again.tensors["w"].shape) == (3,)
+    assert counted["read"] == 2

@@ -238,7 +238,9 @@ def test_user_prefix_is_stripped_where_present_and_others_kept(tmp_path):
     ckpt = read_checkpoint(path, prefix="backbone.")
     assert list(ckpt.tensors) == ["a", "b", "head.w"]
     assert ckpt.steps == ["stripped prefix 'backbone.' from 2 of 3 keys (checkpoint.prefix) "
-                          "(1 keys without it kept as they are)"]
+                          "(1 keys without it kept as they are, outside the model unless it "
+                          "has them: head.w)"]
+    assert ckpt.outside == ["head.w"]
 
 
 def test_averaged_model_counter_is_dropped(tmp_path, sd):
@@ -573,10 +575,10 @@ def test_missing_path(tmp_path):
 
 
 def test_directory_lists_the_weight_files_in_it(tmp_path):
-    (tmp_path / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "best.safetensors").write_bytes(b"x")
     (tmp_path / "config.json").write_text("{}")
     msg = error(tmp_path)
-    assert "is a directory" in msg and "model.safetensors" in msg and "config.json" not in msg
+    assert "is a directory" in msg and "best.safetensors" in msg and "config.json" not in msg
 
 
 def test_unreadable_file(tmp_path, monkeypatch, files):
@@ -673,7 +675,7 @@ def test_malicious_pickle_is_refused_and_never_runs(how, legacy, tmp_path):
     assert "is not a plain weights file" in msg
     assert "unpickling it would run code or reference non-tensor globals" in msg
     assert re.search(r"torch says: '.*(system|open)", msg)
-    assert "never loads checkpoints with weights_only=False" in msg
+    assert "Nothing in it was run: finetune_prep never imports or calls" in msg
     assert "Traceback" not in msg and len(msg) < 700
 
 

@@ -177,7 +177,7 @@ def test_checkpoint_that_would_run_code_is_refused_and_never_runs(make_cfg, tmp_
     msg = function_error(prepare, make_cfg(f"checkpoint.path={evil}", FAST), materialize=False)
     for text in [f"checkpoint.path={evil} is not a plain weights file",
                  "unpickling it would run code or reference non-tensor globals",
-                 "never loads checkpoints with weights_only=False",
+                 "Nothing in it was run: finetune_prep never imports or calls",
                  "torch.save(model.state_dict(), path)"]:
         assert text in msg, f"{text!r} not in:\n{msg}"
     assert not marker.exists()

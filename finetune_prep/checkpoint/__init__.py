@@ -2,8 +2,12 @@
 
 One module per step: `read` (path, bytes, formats), `unwrap` (nested keys, prefixes),
 `fit` (names and shapes against the model, messages), `load` (materialize into the model).
+Formats beside torch.save and safetensors files: `shards` (Hugging Face index + shards),
+`dcp` (torch.distributed.checkpoint folders); `safe_unpickle` reads training checkpoints'
+metadata without running it; `integrity` checks storage records and files that change.
 """
 
+from finetune_prep.checkpoint import dcp, integrity, safe_unpickle, shards
 from finetune_prep.checkpoint.fit import Fit, check_fit, group_keys
 from finetune_prep.checkpoint.load import load_into, load_tensors
 from finetune_prep.checkpoint.read import EXTENSIONS, Checkpoint, read_checkpoint
@@ -11,5 +15,6 @@ from finetune_prep.checkpoint.unwrap import ATTRIBUTES, NESTED, WRAPPERS
 
 __all__ = [
     "ATTRIBUTES", "EXTENSIONS", "NESTED", "WRAPPERS", "Checkpoint", "Fit", "check_fit",
-    "group_keys", "load_into", "load_tensors", "read_checkpoint",
+    "dcp", "group_keys", "integrity", "load_into", "load_tensors", "read_checkpoint",
+    "safe_unpickle", "shards",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from finetune_prep.errors import FinetunePrepError
 
@@ -20,6 +20,7 @@ class Fit:
     unexpected: list[str]
     skipped: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
     excluded: list[str]
+    outside: list[str] = field(default_factory=list)  # not in the model, outside the prefix
 
 
 
@@ -29,12 +30,18 @@ def check_fit(
     strict: bool,
     exclude: Sequence[str] = (),
     source: str = "checkpoint",
+    outside: Sequence[str] = (),
 ) -> Fit:
     """Match checkpoint keys and shapes to the model's; raise if `strict` and anything is off.
 
-    A missing BatchNorm `num_batches_tracked` (old checkpoints) never fails the strict check.
+    A missing BatchNorm `num_batches_tracked` (old checkpoints) never fails the strict check,
+    nor do keys `outside` the checkpoint's prefix that the model lacks (a Lightning module's
+    loss or metric state): they are listed as `fit.outside`.
     """
     fit = _match(ckpt_shapes, model_shapes, exclude)
+    aside = set(outside)
+    fit.outside = [k for k in fit.unexpected if k in aside]
+    fit.unexpected = [k for k in fit.unexpected if k not in aside]
     failing = [k for k in fit.missing if not k.endswith(".num_batches_tracked")]
     if not fit.loaded or (strict and (failing or fit.unexpected or fit.skipped)):
         raise FinetunePrepError(_fit_message(fit, ckpt_shapes, model_shapes, source))
@@ -83,8 +90,9 @@ def _fit_message(fit: Fit, ckpt: Mapping, model: Mapping, source: str) -> str:
 
 
 def _counts(fit: Fit) -> str:
+    aside = f", {len(fit.outside)} outside the model" if fit.outside else ""
     return (f"{len(fit.loaded)} keys fit, {len(fit.missing)} missing, "
-            f"{len(fit.unexpected)} unexpected, {len(fit.skipped)} with a different shape")
+            f"{len(fit.unexpected)} unexpected, {len(fit.skipped)} with a different shape{aside}")
 
 
 def _details(fit: Fit) -> list[str]:

@@ -4,34 +4,51 @@ tensor the checkpoint did not provide a fresh init."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import logging
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
+from finetune_prep.checkpoint import dcp, integrity
 from finetune_prep.checkpoint.fit import Fit
 from finetune_prep.checkpoint.read import Checkpoint, _first_line
 from finetune_prep.errors import FinetunePrepError
 
+log = logging.getLogger("finetune_prep")
 
 def load_tensors(ckpt: Checkpoint, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Real CPU tensors for `keys`: the mmap'd ones as they are, safetensors ones read now."""
+    """Real CPU tensors for `keys`: the mmap'd ones as they are, safetensors and DCP ones read
+    now, each file once. Raises if a file changed since the checkpoint was opened."""
     keys = list(keys)
+    integrity.check_unchanged(ckpt._files, ckpt.path)
     lazy = [k for k in keys if k in ckpt._stored and ckpt.tensors[k].is_meta]
     out = {k: ckpt.tensors[k] for k in keys if k not in set(lazy)}
-    if lazy:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(ckpt.path, framework="pt", device="cpu") as f:
-                out.update({k: f.get_tensor(ckpt._stored[k]) for k in lazy})
-        except Exception as err:
-            raise FinetunePrepError(
-                f"checkpoint.path={ckpt.path} could not be read ({_first_line(str(err))[:120]}): "
-                "was it changed or truncated since it was opened? Save or copy it again."
-            ) from err
+    by_file: dict[str, dict[str, str]] = {}
+    for k in lazy:
+        file, name = ckpt._stored[k]
+        by_file.setdefault(file, {})[k] = name
+    for file, names in by_file.items():
+        out.update(_read_lazy(ckpt, file, names))
     return {k: out[k] for k in keys}
+
+
+def _read_lazy(ckpt: Checkpoint, file: str, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Tensors key -> name in `file` (a safetensors file or a DCP folder), read in one pass."""
+    if ckpt.format == "dcp":
+        return dcp.load(file, names, {k: ckpt.tensors[k].dtype for k in names},
+                        {k: tuple(ckpt.tensors[k].shape) for k in names})
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(name) for k, name in names.items()}
+    except Exception as err:
+        raise FinetunePrepError(
+            f"checkpoint.path={ckpt.path} could not be read ({_first_line(str(err))[:120]}): "
+            "was it changed or truncated since it was opened? Save or copy it again."
+        ) from err
 
 
 def load_into(
@@ -42,6 +59,10 @@ def load_into(
     ties = _tied(model)
     current = model.state_dict(keep_vars=True)
     data = load_tensors(ckpt, fit.loaded)
+    casts = Counter(f"{v.dtype} -> {current[k].dtype}".replace("torch.", "")
+                    for k, v in data.items() if v.dtype != current[k].dtype)
+    for cast, n in casts.items():
+        log.info("checkpoint.path=%s: cast %d tensors %s", ckpt.path, n, cast)
     data = {k: v.to(current[k].dtype) for k, v in data.items()}  # no copy when dtypes agree
     assign = _versioned(model, {k: v for k, v in data.items() if current[k].is_meta})
     copy = _versioned(model, {k: v for k, v in data.items() if not current[k].is_meta})

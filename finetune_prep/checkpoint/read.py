@@ -7,17 +7,23 @@ Every user mistake raises `FinetunePrepError` with one message saying what is wr
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import pickletools
 import re
+import stat
 import struct
 import warnings
 import zipfile
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from finetune_prep.checkpoint import dcp, integrity, safe_unpickle, shards
 from finetune_prep.checkpoint.unwrap import strip_prefixes, unwrap
 from finetune_prep.errors import FinetunePrepError, did_you_mean
 
@@ -49,52 +55,156 @@ class Checkpoint:
     """A checkpoint unwrapped to a flat state dict, with a log of what unwrapping did."""
 
     path: str
-    tensors: dict[str, torch.Tensor]  # mmap'd (torch files) or meta placeholders (safetensors)
+    tensors: dict[str, torch.Tensor]  # mmap'd (torch files) or meta placeholders (safetensors, DCP)
     steps: list[str]
-    _stored: dict[str, str] = field(default_factory=dict, repr=False)  # lazy key -> name in file
-
+    # lazy key -> (file or DCP folder, name in it), read by `load_tensors`
+    _stored: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)
+    outside: list[str] = field(default_factory=list)  # keys outside checkpoint.prefix
+    _files: dict[str, integrity.Fingerprint] = field(default_factory=dict, repr=False)
+    format: str = "torch"  # torch | safetensors | safetensors shards | torch shards | dcp
 
 
 def read_checkpoint(
     path: str | os.PathLike, key: str | None = None, prefix: str | None = None
 ) -> Checkpoint:
-    """Open a torch.save or safetensors file and unwrap it to a flat state dict (no data read)."""
-    file = _check_file(path)
+    """Open a checkpoint (a torch.save or safetensors file, a shard index, a folder holding one,
+    or a DCP folder) and unwrap it to a flat state dict (no tensor data read)."""
+    target = _check_path(path)
+    notes: list[str] = []
+    if dcp.is_dcp_folder(target):
+        raw, by_id, files = dcp.open_dcp(target)
+        kind = "dcp"
+    elif target.endswith(".index.json"):
+        by_id = {}
+
+        def opener(file: str) -> dict[str, torch.Tensor]:
+            held = _open_shard(file)
+            by_id.update({id(t): (file, k) for k, t in held.items() if t.is_meta})
+            return held
+
+        raw, files = shards.open_index(target, opener)
+        kind = "safetensors shards" if files[0].endswith(".safetensors") else "torch shards"
+        notes.append(f"read the index of {len(files)} shards")
+    else:
+        raw, by_id, notes, kind = _open_file(target)
+        files = [target]
+    fingerprints = {f: integrity.fingerprint(f) for f in files}
+    steps: list[str] = list(notes)
+    weights = unwrap(raw, key, target, steps)
+    lightning = isinstance(raw, Mapping) and "pytorch-lightning_version" in raw
+    names, outside = strip_prefixes(list(weights), prefix, steps, lightning)
+    tensors = {new: weights[old] for old, new in names.items()}
+    stored = {k: by_id[id(t)] for k, t in tensors.items() if id(t) in by_id}
+    steps += _dtype_steps(tensors)
+    return Checkpoint(target, tensors, steps, stored, outside, fingerprints, kind)
+
+
+def _open_file(file: str) -> tuple[Any, dict[int, tuple[str, str]], list[str], str]:
+    """A single file: (its object, lazy tensor ids, notes, format)."""
+    folder = dcp.shard_folder(file)
+    if folder:  # DCP data files start with a torch.save'd item: not a checkpoint on their own
+        raise FinetunePrepError(
+            f"checkpoint.path={file} is one data file of a torch.distributed.checkpoint (DCP) "
+            f"folder: give the folder itself, checkpoint.path={folder}.")
     kind, named = _sniff(file), file.lower().endswith(".safetensors")
     if kind == "safetensors" or (kind is None and named):
-        raw, stored = _open_safetensors(file)
-    elif named:  # torch.load itself would treat the file as safetensors
+        _refuse_lone_shard(file)
+        raw = _open_safetensors(file)
+        return raw, {id(t): (file, k) for k, t in raw.items()}, [], "safetensors"
+    if named:  # torch.load itself would treat the file as safetensors
         looks = "a torch.save file" if kind in ("zip", "pickle") else kind
         raise FinetunePrepError(f"checkpoint.path={file} is not a safetensors file: it looks "
                                 f"like {looks}. Check the path (or rename a torch file to .pt).")
-    elif kind in ("zip", "pickle"):  # a torch.save file, whatever its extension
-        raw, stored = _torch_load(file, mmap=kind == "zip"), {}
-    else:
-        raise FinetunePrepError(_not_a_checkpoint(file, kind))
-    steps: list[str] = []
-    weights = unwrap(raw, key, file, steps)
-    names = strip_prefixes(list(weights), prefix, steps)
-    tensors = {new: weights[old] for old, new in names.items()}
-    stored = {new: stored[old] for old, new in names.items()} if stored else {}
-    return Checkpoint(file, tensors, steps, stored)
+    if kind in ("zip", "pickle"):  # a torch.save file, whatever its extension
+        _refuse_lone_shard(file)
+        raw, notes = _torch_load(file, mmap=kind == "zip")
+        return raw, {}, notes, "torch"
+    raise FinetunePrepError(_not_a_checkpoint(file, kind))
 
 
-def _check_file(path: str | os.PathLike) -> str:
-    """The path as a string, after checking it names a readable, non-empty file."""
+def _refuse_lone_shard(file: str) -> None:
+    """One shard of a sharded checkpoint holds only part of the weights: ask for the index."""
+    index = shards.index_listing(file)
+    if index:
+        raise FinetunePrepError(
+            f"checkpoint.path={file} is one shard of a sharded checkpoint: it holds only part "
+            f"of the weights. Give the index instead, checkpoint.path={index} (or its folder).")
+
+
+def _open_shard(file: str) -> dict[str, torch.Tensor]:
+    """One shard of an index: a flat dict of tensors (safetensors header or mmap'd torch)."""
+    if file.lower().endswith(".safetensors"):
+        return _open_safetensors(file)
+    raw, _ = _torch_load(file, mmap=_sniff(file) == "zip")
+    if not isinstance(raw, Mapping):
+        raise FinetunePrepError(f"checkpoint.path={file}: this shard holds {type(raw).__name__}, "
+                                "not a dict of tensors.")
+    return {str(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+
+
+def _dtype_steps(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """A note when floating-point tensors are stored in another precision than float32."""
+    counts = Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values()
+                     if t.is_floating_point() and t.dtype != torch.float32)
+    if not counts:
+        return []
+    listed = ", ".join(f"{n} {d}" for d, n in counts.most_common())
+    return [f"stored in reduced or other precision: {listed} tensors (cast to the model's dtype "
+            "when loaded)"]
+
+
+def _check_path(path: str | os.PathLike) -> str:
+    """The path as a string, after checking it names a readable, non-empty regular file, or a
+    folder holding a checkpoint (a DCP folder, a shard index, a single model file)."""
     raw = os.fspath(path)
     if not str(raw).strip():
         raise FinetunePrepError("checkpoint.path is empty: give the file that holds the weights.")
     file = os.path.expanduser(str(raw))
-    if not os.path.exists(file):
+    try:
+        st = os.stat(file)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            hop = os.readlink(file) if os.path.islink(file) else "..."
+            raise FinetunePrepError(
+                f"checkpoint.path={raw} is a symbolic link that loops ({raw} -> {hop} -> ... "
+                "never reaches a file): point it at the weights file.") from err
+        if os.path.islink(file):
+            raise FinetunePrepError(
+                f"checkpoint.path={raw} is a broken symbolic link: it points to "
+                f"{os.readlink(file)}, which does not exist.") from err
+        if err.errno == errno.EACCES:
+            raise FinetunePrepError(
+                f"checkpoint.path={raw} cannot be reached (permission denied on a folder of the "
+                "path).") from err
         raise FinetunePrepError(f"checkpoint.path={raw} does not exist "
-                                f"(looked for {os.path.abspath(file)}).{_near_files(file)}")
-    if os.path.isdir(file):
-        raise FinetunePrepError(f"checkpoint.path={raw} is a directory: give the weights file "
-                                f"inside it.{_candidates(file)}")
-    if os.path.getsize(file) == 0:
+                                f"(looked for {os.path.abspath(file)}).{_near_files(file)}"
+                                ) from err
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            found = shards.resolve_folder(file)
+        except OSError as err:
+            raise FinetunePrepError(f"checkpoint.path={raw} is a folder that cannot be listed "
+                                    f"({err.strerror}): make it readable.") from err
+        if found is None:
+            raise FinetunePrepError(f"checkpoint.path={raw} is a directory: give the weights "
+                                    f"file inside it.{_candidates(file)}")
+        return found
+    if not stat.S_ISREG(st.st_mode):
+        raise FinetunePrepError(
+            f"checkpoint.path={raw} is not a regular file but {_file_type(st.st_mode)}: give "
+            "the checkpoint file itself (a pipe or device cannot be memory-mapped).")
+    if st.st_size == 0:
         raise FinetunePrepError(f"checkpoint.path={raw} is an empty file (0 bytes): the save or "
                                 "copy that made it failed; save or copy it again.")
     return file
+
+
+def _file_type(mode: int) -> str:
+    for test, what in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character "
+                       "device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "a special file"
 
 
 def _near_files(file: str) -> str:
@@ -140,12 +250,29 @@ def _sniff(file: str) -> str | None:
         return "safetensors"
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return "pickle"
+    if _old_pickle(head):
+        return "pickle"
     for magic, what in MAGIC:
         if head.startswith(magic):
             return what
     if len(head) > 262 and head[257:262] == b"ustar":
         return "a tar archive (extract it first)"
     return _sniff_text(head)
+
+
+def _old_pickle(head: bytes) -> bool:
+    """A protocol 0/1 pickle (no PROTO opcode): its first bytes parse as pickle opcodes."""
+    if not head or head[:1] not in b"(}]cNIJKLFSVXGlds":
+        return False
+    n = end = 0
+    try:
+        for op, _arg, pos in pickletools.genops(head):
+            n, end = n + 1, pos
+            if op.name == "STOP":
+                return n >= 2
+    except Exception:  # genops raises ValueError and others at the first non-opcode
+        pass
+    return n >= 3 and end >= min(len(head) - 16, 64)
 
 
 def _sniff_text(head: bytes) -> str | None:
@@ -173,43 +300,96 @@ def _not_a_checkpoint(file: str, kind: str | None) -> str:
             "torch.save files (.pt/.pth/.bin/.ckpt) and .safetensors files; check the path.")
 
 
-def _torch_load(file: str, mmap: bool) -> Any:
-    """torch.load with weights_only=True (always), mmap'd when the file is in zip format."""
+def _torch_load(file: str, mmap: bool) -> tuple[Any, list[str]]:
+    """The file's object and notes on what was left out. torch.load with weights_only=True
+    first; a file that torch's allowlist refuses is read again with the restricted unpickler
+    (`safe_unpickle`), which never imports or calls what the file names."""
+    if mmap:
+        if integrity.torchscript(file):
+            raise FinetunePrepError(
+                f"checkpoint.path={file} is a TorchScript archive (torch.jit.save): its code is "
+                "never loaded here. Save the weights with torch.save(model.state_dict(), path).")
+        integrity.check_zip(file)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
-            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap), []
     except pickle.UnpicklingError as err:
-        raise FinetunePrepError(_refused(file, str(err))) from err
+        reason = str(err)
     except (EOFError, RuntimeError, zipfile.BadZipFile, UnicodeDecodeError, KeyError,
             ValueError, struct.error) as err:
         raise FinetunePrepError(_corrupt(file, mmap, err)) from err
     except Exception as err:  # anything else torch may raise on a bad file: still one message
-        raise FinetunePrepError(
-            f"checkpoint.path={file} could not be read as a torch checkpoint "
+        raise FinetunePrepError(_unreadable(file, err)) from err
+    return _safe_load(file, mmap, reason)
+
+
+def _safe_load(file: str, mmap: bool, reason: str) -> tuple[Any, list[str]]:
+    """torch.load through `safe_unpickle`: torch's zip reader, persistent_load and mmap, with
+    every global outside torch's allowlist left as an inert record."""
+    if os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true"):
+        raise FinetunePrepError(_refused(file, reason))  # torch would ignore our unpickler
+    record = safe_unpickle.Record()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raw = torch.load(file, map_location="cpu", weights_only=False, mmap=mmap,
+                             pickle_module=safe_unpickle.pickle_module(record))
+    except Exception as err:
+        if record.dangerous:
+            raise FinetunePrepError(_refused(file, reason, record.dangerous[0])) from err
+        if re.search(r"GLOBAL ([\w.]+)", reason) or mmap:  # a torch file that does not parse
+            raise FinetunePrepError(_corrupt(file, mmap, err, pickled=True)) from err
+        raise FinetunePrepError(_refused(file, reason)) from err  # not a torch.save file
+    if record.dangerous:
+        raise FinetunePrepError(_refused(file, reason, record.dangerous[0]))
+    if isinstance(raw, (safe_unpickle.Foreign, safe_unpickle.Global)):
+        raise FinetunePrepError(_refused(file, reason, raw.name))
+    return raw, _metadata_notes(raw)
+
+
+def _metadata_notes(raw: Any) -> list[str]:
+    """'ignored non-tensor entries: args (argparse.Namespace), hyper_parameters (...)'."""
+    if not isinstance(raw, Mapping):
+        return []
+    parts = []
+    for k, v in raw.items():
+        names = safe_unpickle.foreign_names(v, limit=4)
+        if names:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            parts.append(f"{k} ({shown})")
+    if not parts:
+        return []
+    return ["read without running code (restricted unpickler): ignored non-tensor entries: "
+            + ", ".join(parts)]
+
+
+def _unreadable(file: str, err: BaseException) -> str:
+    return (f"checkpoint.path={file} could not be read as a torch checkpoint "
             f"({type(err).__name__}: {_first_line(str(err))}). Re-save it with "
-            "torch.save(model.state_dict(), path) or as .safetensors."
-        ) from err
+            "torch.save(model.state_dict(), path) or as .safetensors.")
 
 
-def _refused(file: str, reason: str) -> str:
-    """The message for a pickle that weights_only=True refuses."""
+def _refused(file: str, reason: str, name: str | None = None) -> str:
+    """The message for a pickle that is refused: it names code to run, holds a whole pickled
+    model (`name`), or is no torch.save file at all (no `name`, no GLOBAL in `reason`)."""
     glob = re.search(r"GLOBAL ([\w.]+)", reason)
-    if not glob:  # an opcode torch's safe unpickler does not know: not a torch.save file
+    if not glob and not name:  # an opcode torch's safe unpickler does not know
         why = _quote(reason)
         return (f"checkpoint.path={file} is a Python pickle but not a plain torch weights file: "
                 f"the safe loader (weights_only=True) rejects it ({why}). Save the weights with "
                 "torch.save(model.state_dict(), path) or as .safetensors.")
-    name = glob.group(1)
+    name = name or (glob.group(1) if glob else "?")
     whole = re.match(r"(torch\.nn|torchvision|timm)\.", name) or name.endswith(("Module", "Net"))
     fix = ("it seems to hold a whole pickled model: in a trusted environment load it and save "
            "only the weights with torch.save(model.state_dict(), path)" if whole else
            "if you trust its source, load it once in a trusted environment and save only the "
            "weights: torch.save(model.state_dict(), path) or as .safetensors")
-    return (f"checkpoint.path={file} is not a plain weights file: it was refused because "
-            f"unpickling it would run code or reference non-tensor globals ({name}); torch says: "
-            f"{_quote(reason)}. finetune_prep never loads checkpoints with weights_only=False; "
-            f"{fix}.")
+    why = ("it holds a whole pickled object" if whole else
+           "unpickling it would run code or reference non-tensor globals")
+    return (f"checkpoint.path={file} is not a plain weights file: it was refused because {why} "
+            f"({name}); torch says: {_quote(reason)}. Nothing in it was run: finetune_prep "
+            f"never imports or calls what a checkpoint names; {fix}.")
 
 
 def _quote(reason: str) -> str:
@@ -221,14 +401,16 @@ def _quote(reason: str) -> str:
     return repr(_first_line(reason)[:160])
 
 
-def _corrupt(file: str, mmap: bool, err: BaseException) -> str:
-    """The message for a torch file that is truncated or damaged."""
+def _corrupt(file: str, mmap: bool, err: BaseException, pickled: bool = False) -> str:
+    """The message for a torch file that is truncated or damaged (`pickled`: its pickle)."""
     text = str(err)
     if mmap and "not in a subdirectory" in text:
         return (f"checkpoint.path={file} is a zip archive but not a torch checkpoint: extract "
                 "it, or give the .pt/.pth/.safetensors file itself.")
     what = "zip-format torch file" if mmap else "legacy-format torch file"
     detail = _first_line(text).split(". ")[0] or type(err).__name__
+    if pickled:
+        detail = f"its pickled data does not parse: {detail}"
     return (f"checkpoint.path={file} is truncated or corrupt: it starts like a {what} but cannot "
             f"be read ({detail[:120]}). The download or copy was probably cut short: fetch or "
             "save it again.")
@@ -238,7 +420,7 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
 
 
-def _open_safetensors(file: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _open_safetensors(file: str) -> dict[str, torch.Tensor]:
     """Names, shapes and dtypes from a safetensors header, as meta tensors (no data read)."""
     from safetensors import safe_open
 
@@ -251,9 +433,8 @@ def _open_safetensors(file: str) -> tuple[dict[str, torch.Tensor], dict[str, str
             f"({_first_line(str(err))[:120]}): the file is damaged or incomplete; "
             "download or save it again."
         ) from err
-    tensors = {k: torch.empty(shape, dtype=_dtype(dt), device="meta")
-               for k, (shape, dt) in info.items()}
-    return tensors, {k: k for k in tensors}
+    return {k: torch.empty(shape, dtype=_dtype(dt), device="meta")
+            for k, (shape, dt) in info.items()}
 
 
 def _dtype(name: str) -> torch.dtype:

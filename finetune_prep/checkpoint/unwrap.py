@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from finetune_prep.checkpoint import safe_unpickle
 from finetune_prep.errors import FinetunePrepError
 
 NESTED = ("state_dict_ema", "model_ema", "state_dict", "model", "model_state", "module", "ema")
@@ -131,6 +132,8 @@ def _kind(value: Any) -> str:
             return f"dict of {n} tensors" if n == len(value) else \
                 f"dict of {len(value)} entries, {n} tensors"
         return f"dict of {len(value)} entries"
+    if isinstance(value, (safe_unpickle.Foreign, safe_unpickle.Global)):
+        return f"{value.name}, not loaded"
     return "None" if value is None else type(value).__name__
 
 
@@ -146,15 +149,35 @@ def _names(keys: Sequence[str], n: int) -> str:
 # --------------------------------------------------------------------------- prefixes
 
 
-def strip_prefixes(keys: list[str], prefix: str | None, steps: list[str]) -> dict[str, str]:
-    """Old key -> new key after removing wrapper prefixes and the user's `prefix`."""
+def strip_prefixes(
+    keys: list[str], prefix: str | None, steps: list[str], lightning: bool = False
+) -> tuple[dict[str, str], list[str]]:
+    """Old key -> new key after removing wrapper prefixes and the user's `prefix` (or, in a
+    Lightning checkpoint, the attribute prefix most keys have), and the new names of the keys
+    outside that prefix (a loss's `pos_weight`, metric states: not part of the model)."""
     names = {k: k for k in keys}
     names = _drop_n_averaged(names, steps)
+    outside: list[str] = []
     if prefix:
         if not any(k.startswith(prefix) for k in names.values()):
             names = _strip_all(names, steps, WRAPPERS)
-        names = _strip_user(names, prefix, steps)
-    return _strip_all(names, steps, WRAPPERS if prefix else (*WRAPPERS, *ATTRIBUTES))
+        names, outside = _strip_user(names, prefix, steps)
+    elif lightning:
+        names = _strip_all(names, steps, WRAPPERS)
+        main = _main_attribute(list(names.values()))
+        if main:
+            names, outside = _strip_user(names, main, steps, "a LightningModule attribute")
+    names = _strip_all(names, steps, WRAPPERS if prefix else (*WRAPPERS, *ATTRIBUTES))
+    return names, [names[k] for k in outside if k in names]
+
+
+def _main_attribute(keys: list[str]) -> str | None:
+    """The Lightning-style attribute prefix most (not all) keys have: the wrapped model."""
+    for p in ATTRIBUTES:
+        n = sum(k.startswith(p) for k in keys)
+        if len(keys) > n and n * 2 > len(keys):
+            return p
+    return None
 
 
 def _drop_n_averaged(names: dict[str, str], steps: list[str]) -> dict[str, str]:
@@ -179,8 +202,10 @@ def _strip_all(names: dict[str, str], steps: list[str], prefixes: Iterable[str])
     return names
 
 
-def _strip_user(names: dict[str, str], prefix: str, steps: list[str]) -> dict[str, str]:
-    """Strip the user's prefix from every key that has it; an error if none has it."""
+def _strip_user(names: dict[str, str], prefix: str, steps: list[str],
+                why: str = "checkpoint.prefix") -> tuple[dict[str, str], list[str]]:
+    """Strip the user's prefix from every key that has it; an error if none has it. Also
+    returns the keys without it (kept, but outside the model unless the model has them)."""
     values = list(names.values())
     if not prefix.endswith(".") and any(v.startswith(prefix + ".") for v in values):
         prefix += "."
@@ -198,8 +223,9 @@ def _strip_user(names: dict[str, str], prefix: str, steps: list[str]) -> dict[st
             f"checkpoint.prefix={prefix}: stripping it makes keys collide with keys that lack "
             f"it (e.g. {clash}). Use checkpoint.key or a longer checkpoint.prefix."
         )
-    kept = len(values) - len(hits)
-    rest = f" ({kept} keys without it kept as they are)" if kept else ""
-    scope = f"all {len(hits)}" if not kept else f"{len(hits)} of {len(values)}"
-    steps.append(f"stripped prefix '{prefix}' from {scope} keys (checkpoint.prefix){rest}")
-    return new
+    outside = [k for k, v in names.items() if not v.startswith(prefix)]
+    rest = (f" ({len(outside)} keys without it kept as they are, outside the model unless it "
+            f"has them: {_names([names[k] for k in outside], 3)})" if outside else "")
+    scope = f"all {len(hits)}" if not outside else f"{len(hits)} of {len(values)}"
+    steps.append(f"stripped prefix '{prefix}' from {scope} keys ({why}){rest}")
+    return new, outside
