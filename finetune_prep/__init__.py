@@ -15,7 +15,8 @@ from finetune_prep.errors import FinetunePrepError
 if TYPE_CHECKING:
     from finetune_prep.runner import Prepared
 
-__all__ = ["CONF_DIR", "CONF_MODULE", "FinetunePrepError", "build_optimizer", "compose",
+__all__ = ["CONF_DIR", "CONF_MODULE", "FinetunePrepError", "Schedule", "build_optimizer",
+           "compose",
            "load_param_groups", "prepare", "register_configs", "train_mode"]
 
 register_configs()
@@ -34,4 +35,8 @@ def __getattr__(name: str) -> Any:
         from finetune_prep import paramfile
 
         return getattr(paramfile, name)
+    if name == "Schedule":
+        from finetune_prep.integrations.unfreezing import Schedule
+
+        return Schedule
     raise AttributeError(name)

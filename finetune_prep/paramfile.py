@@ -85,12 +85,14 @@ def content_problems(document: dict[str, Any]) -> list[str]:
     if not isinstance(spec, dict) or not isinstance(spec.get("_target_"), str):
         problems.append("'optimizer' must be an object with a '_target_' string")
     if not problems:
-        names = [n for g in groups for n in g["params"]] + frozen
-        names += [n for phase in schedule for g in phase["groups"] for n in g["params"]]
-        twice = [n for n, count in Counter(names).items() if count > 1]
-        if twice:
-            problems.append(f"{len(twice)} names are listed twice (in two groups, or in a group "
-                            f"and in 'frozen' at the start): {', '.join(twice[:5])}")
+        grouped = [n for g in groups for n in g["params"]]
+        later = [n for phase in schedule for g in phase["groups"] for n in g["params"]]
+        for names, where in ((grouped + frozen, "in a group and in 'frozen'"),
+                             (grouped + later, "in two groups")):
+            twice = [n for n, count in Counter(names).items() if count > 1]
+            if twice:
+                problems.append(f"{len(twice)} names are listed twice ({where}): "
+                                f"{', '.join(twice[:5])}")
     return problems
 
 

@@ -367,11 +367,12 @@ def resnet18() -> torch.nn.Module:
 
 def test_param_file_of_another_format_version(plan, resnet18):
     doc = json.loads(plan.read_text())
-    doc["format"] = "finetune_prep/param_groups@2"
+    doc["format"] = "finetune_prep/param_groups@3"
     plan.write_text(json.dumps(doc))
     msg = function_error(load_param_groups, resnet18, plan)
-    assert "has format 'finetune_prep/param_groups@2'" in msg
-    assert "this finetune_prep reads 'finetune_prep/param_groups@1'" in msg
+    assert "has format 'finetune_prep/param_groups@3'" in msg
+    assert "this finetune_prep reads finetune_prep/param_groups@1 and " \
+        "finetune_prep/param_groups@2" in msg
     assert "prepare the file again" in msg
 
 

@@ -29,7 +29,7 @@ def fresh_resnet18(num_outputs: int = 1) -> torch.nn.Module:
 
 def test_file_keeps_the_contract_invariants(planned):
     doc = json.loads(planned.read_text())
-    assert doc["format"] == "finetune_prep/param_groups@1"
+    assert doc["format"] == "finetune_prep/param_groups@2"
     names = [n for n, _ in fresh_resnet18().named_parameters()]
     grouped = [n for g in doc["groups"] for n in g["params"]]
     assert sorted(grouped + doc["frozen"]) == sorted(names)

@@ -1,0 +1,173 @@
+"""Gradual unfreezing: phases planned from freeze.schedule and applied by Schedule in a loop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+import finetune_prep
+from finetune_prep.errors import FinetunePrepError
+from finetune_prep.runner import prepare, run
+
+
+@pytest.fixture(scope="module")
+def gradual_plan(tmp_path_factory):
+    """freeze=gradual on resnet18 (5 stages: phases at epochs 1..5), written as the CLI does."""
+    out = tmp_path_factory.mktemp("gradual")
+    run(finetune_prep.compose(["freeze=gradual", "verify.backward=false",
+                               "model.input_size=[3,32,32]"]), out)
+    return out / "param_groups.json"
+
+
+def test_gradual_plans_one_stage_per_epoch_from_the_top(gradual_plan):
+    doc = json.loads(gradual_plan.read_text())
+    assert doc["format"] == "finetune_prep/param_groups@2"
+    assert [p["at"] for p in doc["schedule"]] == [{"epoch": e} for e in range(1, 6)]
+    stages = doc["model"]["stages"]
+    for phase, stage in zip(doc["schedule"], reversed(stages), strict=True):
+        new = {n for g in phase["groups"] for n in g["params"]}
+        assert new and all(n.split(".")[0] in stage for n in new)  # exactly that stage's params
+    assert doc["schedule"][-1]["frozen"] == []
+    trainable = [p["counts"]["trainable"] for p in doc["schedule"]]
+    assert trainable == sorted(trainable) and trainable[-1] == doc["counts"]["total"]
+
+
+def test_plain_loop_trains_exactly_the_planned_parameters_each_epoch(gradual_plan):
+    doc = json.loads(gradual_plan.read_text())
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=1)
+    optimizer = finetune_prep.build_optimizer(model, gradual_plan)
+    schedule = finetune_prep.Schedule(model, optimizer, gradual_plan)
+    head_state_steps = []
+    for epoch in range(4):
+        phase = schedule.step(epoch=epoch)
+        schedule.train_mode()
+        assert phase == epoch
+        planned_frozen = set(doc["schedule"][phase - 1]["frozen"]) if phase else set(doc["frozen"])
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        stats = {n: b.clone() for n, b in model.named_buffers()}
+        for _ in range(2):
+            loss = model(torch.randn(4, 3, 32, 32)).pow(2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        assert moved == {n for n, _ in model.named_parameters()} - planned_frozen
+        frozen_bn = set(schedule.eval_modules)
+        assert all(torch.equal(b, stats[n]) for n, b in model.named_buffers()
+                   if n.rpartition(".")[0] in frozen_bn)
+        head_state_steps.append(float(optimizer.state[model.fc.weight]["step"]))
+    assert head_state_steps == [2.0, 4.0, 6.0, 8.0]  # the head's AdamW state survives transitions
+    assert len(optimizer.param_groups) == len(doc["groups"]) + sum(
+        len(p["groups"]) for p in doc["schedule"][:3])
+
+
+def test_backbone_at_unfreezes_everything_at_the_chosen_epoch_at_a_tenth_of_the_lr():
+    prepared = prepare(finetune_prep.compose(["freeze=backbone_at",
+                                              "freeze.schedule.0.at.epoch=3"]),
+                       materialize=False, verify=False)
+    (phase,) = prepared.document["schedule"]
+    assert phase["at"] == {"epoch": 3} and phase["frozen"] == []
+    assert {g["lr"] for g in phase["groups"]} == {1e-4}
+    assert "fc.weight" not in {n for g in phase["groups"] for n in g["params"]}  # already grouped
+
+
+@pytest.mark.parametrize(("schedule", "message"), [
+    ("[{at: {epoch: 1}, rules: [{unfreeze: '@head'}]}]", r"freeze.schedule\[0\] changes nothing"),
+    ("[{at: {epoch: 1}, rules: [{unfreeze: laye4}]}]", "'laye4' matches no parameter"),
+    ("[{at: {epoch: 0}, rules: [{unfreeze: layer4}]}]", "a whole number >= 1"),
+    ("[{at: {hour: 1}, rules: [{unfreeze: layer4}]}]", r"write \{epoch: N\} or \{step: N\}"),
+    ("[{at: {epoch: 2}, rules: [{unfreeze: layer4}]}, {at: {epoch: 2}, rules: "
+     "[{unfreeze: layer3}]}]", "phases must start in increasing order"),
+    ("[{at: {epoch: 1}, rules: [{unfreeze: layer4}]}, {at: {step: 900}, rules: "
+     "[{unfreeze: layer3}]}]", "mixes epoch and step"),
+    ("[{at: {epoch: 1}, rules: [{unfreeze: layer4}], lr_mult: nan}]", "lr_mult=nan"),
+    ("[{at: {epoch: 1}}]", "has no rules"),
+])
+def test_every_phase_is_validated_like_the_first(schedule, message):
+    cfg = finetune_prep.compose([f"freeze.schedule={schedule}"])
+    with pytest.raises(FinetunePrepError, match=message):
+        prepare(cfg, materialize=False, verify=False)
+
+
+def test_the_proof_covers_the_last_phase():
+    prepared = prepare(finetune_prep.compose(["freeze=backbone_at", "model.input_size=[3,32,32]"]),
+                       materialize=False, verify=True)
+    verified = prepared.document["verified"]
+    assert verified["ok"] and verified["phase"] == 1
+    assert verified["trainable_without_grad"] == [] and verified["frozen_changed"] == []
+    assert "Phases (2; freeze.schedule)" in prepared.summary
+    assert "Verified (last phase, 1)" in prepared.summary
+
+
+def test_a_version_1_file_still_reads(gradual_plan, tmp_path):
+    doc = json.loads(gradual_plan.read_text())
+    doc["format"] = "finetune_prep/param_groups@1"
+    del doc["schedule"]
+    old = tmp_path / "v1.json"
+    old.write_text(json.dumps(doc))
+    model = torchvision.models.resnet18(num_classes=1)
+    groups = finetune_prep.load_param_groups(model, old)
+    assert [p for g in groups for p in g["params"]] == [model.fc.weight, model.fc.bias]
+
+
+DDP_SCRIPT = '''
+import sys, torch, torchvision, finetune_prep
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+plan, out = sys.argv[1], sys.argv[2]
+torch.distributed.init_process_group("gloo")
+rank = torch.distributed.get_rank()
+torch.manual_seed(0)
+model = torchvision.models.resnet18(num_classes=1)
+start = {n: p.detach().clone() for n, p in model.named_parameters()}
+optimizer = finetune_prep.build_optimizer(model, plan)      # before wrapping: phase 0 trains
+schedule = finetune_prep.Schedule(model, optimizer, plan)
+ddp = DDP(model)
+for epoch in range(3):
+    phase = schedule.phase
+    if schedule.step(epoch=epoch) != phase:
+        ddp = DDP(model)  # the trainable set changed: DDP must see it, so wrap again
+    schedule.train_mode()
+    for step in range(2):
+        torch.manual_seed(100 * epoch + 10 * step + rank)
+        loss = ddp(torch.randn(2, 3, 32, 32)).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+if rank == 0:
+    torch.save({n: p.detach() for n, p in model.named_parameters()} | {"_start": start}, out)
+'''
+
+
+@pytest.mark.slow
+def test_ddp_recipe_rewraps_at_each_transition_without_a_reducer_error(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    plan_dir = tmp_path / "plan"
+    run(finetune_prep.compose(["freeze=backbone_at", "freeze.schedule.0.at.epoch=2",
+                               "freeze.schedule.0.rules=[{unfreeze: layer4}]",
+                               "verify.backward=false"]), plan_dir)
+    script = tmp_path / "train.py"
+    script.write_text(DDP_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={port}", str(script), str(plan_dir / "param_groups.json"),
+         str(tmp_path / "out.pt")], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    final = torch.load(tmp_path / "out.pt", weights_only=True)
+    start = final.pop("_start")
+    moved = {n for n, t in final.items() if not torch.equal(t, start[n])}
+    assert moved == {n for n in final if n.startswith(("layer4.", "fc."))}
