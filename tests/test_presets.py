@@ -8,6 +8,7 @@ from conftest import REPO, meta_model
 from omegaconf import OmegaConf
 
 from finetune_prep.config import CONF_DIR
+from finetune_prep.phases import plan_phases
 from finetune_prep.rules import evaluate, match, parse_rules
 
 ARCHS = torchvision.models.list_models(module=torchvision.models)
@@ -33,11 +34,36 @@ def test_presets_order_and_meaning(arch):
     norms = set(match("@norm", table))
     assert got["norm_only"] == norms | head
     assert got["bn_frozen"] == every - norms
+    assert got["gradual"] == got["backbone_at"] == head  # phase 0 of the schedules
+
+
+def phases_under(table, preset: str) -> list[set[str]]:
+    """Who trains in each later phase of a preset's schedule."""
+    from finetune_prep.config import FreezeConfig, OptimConfig
+
+    cfg = OmegaConf.merge(OmegaConf.structured(FreezeConfig),
+                          OmegaConf.load(CONF_DIR / "freeze" / f"{preset}.yaml"))
+    first = evaluate(parse_rules(cfg.rules), table)
+    phases = plan_phases(table, first, cfg.schedule, OmegaConf.structured(OptimConfig))
+    return [{n for n, t in p.plan.trainable.items() if t} for p in phases]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_schedule_presets_plan_on_every_model(arch):
+    table = meta_model(arch, 3).table
+    head, every = set(match("@head", table)), set(table.names)
+    gradual = phases_under(table, "gradual")
+    assert len(gradual) == len(table.stages)  # one stage per epoch, from the top
+    assert gradual[0] == head | set(table.stage_params(len(table.stages) - 1))
+    assert all(a < b for a, b in zip([head, *gradual], gradual, strict=False))
+    assert gradual[-1] == head | {n for i in range(len(table.stages))
+                                  for n in table.stage_params(i)}
+    assert phases_under(table, "backbone_at") == [every]
 
 
 def test_every_preset_file_is_tested():
     assert {"head_only", "last_stage", "last_two_stages", "full", "frozen", "norm_only",
-            "bn_frozen"} == set(PRESETS)
+            "bn_frozen", "gradual", "backbone_at"} == set(PRESETS)
 
 
 def test_an_alias_that_selects_nothing_is_reported_not_fatal():
