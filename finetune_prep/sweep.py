@@ -45,7 +45,7 @@ MD_FILE = "sweep_summary.md"
 PNG_FILE = "sweep_summary.png"
 LOCK_FILE = ".sweep_summary.lock"
 COLUMNS = ("job", "overrides", "status", "error", "trainable", "total", "trainable_pct",
-           "groups", "memory_mib", "verified", "job_dir")
+           "phases", "final_trainable_pct", "groups", "memory_mib", "verified", "job_dir")
 PLOT_HINT = "pip install 'finetune_prep[plot]' to get sweep_summary.png"
 _hinted = False
 
@@ -184,6 +184,12 @@ def _row(result: dict[str, Any], param_file: Path) -> dict[str, Any]:
         row["trainable"] = counts["trainable"]
         row["total"] = counts["total"]
         row["trainable_pct"] = float(f"{100 * counts['trainable'] / max(counts['total'], 1):.4g}")
+        schedule = doc.get("schedule") or []
+        final = schedule[-1]["counts"] if schedule else counts
+        row["phases"] = 1 + len(schedule)
+        row["final_trainable_pct"] = float(
+            f"{100 * final['trainable'] / max(final['total'], 1):.4g}")
+        row["_starts"] = stage_phases(doc)
         row["groups"] = len(doc["groups"])
         row["memory_mib"] = round(doc["memory"]["plan_bytes"] / 2**20, 1)
         row["verified"] = _verified_text(doc["verified"])
@@ -215,12 +221,13 @@ def to_csv(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    head = ["job", "overrides", "status", "trainable", "total", "trainable %", "groups",
-            "memory (MiB)", "verified", "error", "job dir"]
+    head = ["job", "overrides", "status", "trainable", "total", "trainable %", "phases",
+            "final trainable %", "groups", "memory (MiB)", "verified", "error", "job dir"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["job"], f"`{r['overrides']}`" if r["overrides"] else "", r["status"],
-                 _num(r["trainable"]), _num(r["total"]), r["trainable_pct"], r["groups"],
+                 _num(r["trainable"]), _num(r["total"]), r["trainable_pct"], r["phases"],
+                 r["final_trainable_pct"], r["groups"],
                  r["memory_mib"], r["verified"], r["error"], r["job_dir"]]
         lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
     failed = sum(r["status"] != "COMPLETED" for r in rows)
@@ -282,22 +289,40 @@ def stage_counts(doc: dict[str, Any], numel: dict[str, int] | None = None) -> di
     """[trainable, total] per stage (plus 'head' and, if any, 'other'), from the names in
     param_groups.json; counted in elements with `numel` (name -> size), else in tensors.
     A stage is a list of module names (older files joined them with '+')."""
-    from finetune_prep.models import covers
-
     trainable = {n for g in doc["groups"] for n in g["params"]}
-    model = doc["model"]
-    heads = model.get("heads") or [model["head"]]
-    stages = [s.split("+") if isinstance(s, str) else list(s) for s in model["stages"]]
-    buckets = [("+".join(s), s) for s in stages] + [("head", heads)]
-    totals: dict[str, list[int]] = {label: [0, 0] for label, _ in buckets}
+    label_of = _stage_labels(doc)
+    totals: dict[str, list[int]] = {label: [0, 0] for label in dict.fromkeys(label_of.values())}
     for name in [*trainable, *doc["frozen"]]:
-        label = next((lbl for lbl, mods in buckets if any(covers(m, name) for m in mods)),
-                     "other")
+        label = label_of.get(name, "other")
         size = numel.get(name, 1) if numel else 1
         counts = totals.setdefault(label, [0, 0])
         counts[0] += size if name in trainable else 0
         counts[1] += size
     return {label: c for label, c in totals.items() if c[1]}
+
+
+def _stage_labels(doc: dict[str, Any]) -> dict[str, str]:
+    """Each parameter's stage label ('head' for the head, 'other' outside every stage)."""
+    from finetune_prep.models import covers
+
+    model = doc["model"]
+    heads = model.get("heads") or [model["head"]]
+    stages = [s.split("+") if isinstance(s, str) else list(s) for s in model["stages"]]
+    buckets = [("+".join(s), s) for s in stages] + [("head", heads)]
+    names = [n for g in doc["groups"] for n in g["params"]] + list(doc["frozen"])
+    return {n: next((lbl for lbl, mods in buckets if any(covers(m, n) for m in mods)), "other")
+            for n in names}
+
+
+def stage_phases(doc: dict[str, Any]) -> dict[str, int]:
+    """The phase of gradual unfreezing in which each stage starts to train (0: from the start;
+    stages that never train are left out)."""
+    label_of = _stage_labels(doc)
+    starts = {label_of[n]: 0 for g in doc["groups"] for n in g["params"]}
+    for phase in doc.get("schedule") or []:
+        for name in (n for g in phase["groups"] for n in g["params"]):
+            starts.setdefault(label_of.get(name, "other"), phase["phase"])
+    return starts
 
 
 def _param_sizes(config: DictConfig) -> dict[str, int] | None:
@@ -344,16 +369,22 @@ def plot(rows: Sequence[dict[str, Any]], target: Path) -> bool:
     cmap = plt.get_cmap("viridis").copy()
     cmap.set_bad("#dddddd")
     image = ax.imshow(grid, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    starts = [r.get("_starts") or {} for r in rows]
     for i, line in enumerate(grid):
         for j, value in enumerate(line):
             text = "—" if math.isnan(value) else _percent(value)
+            if starts[j].get(labels[i], 0) > 0:  # a stage that a later phase unfreezes
+                text += f"\nfrom p{starts[j][labels[i]]}"
             color = "white" if not math.isnan(value) and value < 0.6 else "black"
             ax.text(j, i, text, ha="center", va="center", fontsize=9, color=color)
     ax.set_xticks(range(len(columns)), columns, fontsize=8)
     ax.set_yticks(range(len(labels)), labels, fontsize=9)
     ax.set_xlabel("job")
     ax.set_ylabel("stage")
-    ax.set_title(f"Share of each stage's {unit} that train", fontsize=10)
+    title = f"Share of each stage's {unit} that train"
+    if any(starts):
+        title += "\nat the start ('from pN': phase N of the schedule unfreezes it)"
+    ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label=f"trainable share ({unit})", fraction=0.05, pad=0.02)
     fig.tight_layout()
     tmp = target.with_name(f".{target.name}.tmp.png")

@@ -184,3 +184,18 @@ def test_stage_counts_by_dot_boundary():
     assert elements["layer1"] == [2, 10] and elements["head"] == [10, 10]
     doc["model"]["stages"] = ["conv1+bn1", "layer1"]  # files written before stages were lists
     assert sweep.stage_counts(doc) == tensors
+
+
+def test_schedule_jobs_get_their_phase_count_final_share_and_stage_starts(tmp_path):
+    import finetune_prep
+    from finetune_prep.runner import run
+
+    job = tmp_path / "1_freeze=gradual"
+    run(finetune_prep.compose(["freeze=gradual", "verify.backward=false"]), job)
+    row = sweep._row({"job": 1, "status": "COMPLETED", "overrides": ["freeze=gradual"],
+                      "job_dir": str(job)}, job / "param_groups.json")
+    assert row["phases"] == 6 and row["final_trainable_pct"] == 100.0
+    assert row["trainable_pct"] < 0.01  # phase 0: the head only
+    assert row["_starts"] == {"head": 0, "layer4": 1, "layer3": 2, "layer2": 3, "layer1": 4,
+                              "conv1+bn1": 5}
+    assert "| 6 | 100.0 |" in sweep.to_markdown([row])
