@@ -63,6 +63,22 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
     return document
 
 
+def at_phase(document: dict[str, Any], phase: int) -> dict[str, Any]:
+    """The plan as it stands in `phase` of its schedule: every group added so far, and that
+    phase's frozen parameters and eval modules (phase 0 is the document itself)."""
+    schedule = document.get("schedule") or []
+    if not 0 <= phase <= len(schedule):
+        raise FinetunePrepError(
+            f"phase {phase} is not in this plan: it has phases 0..{len(schedule)}.")
+    if phase == 0:
+        return document
+    current = schedule[phase - 1]
+    return {**document,
+            "groups": document["groups"] + [g for p in schedule[:phase] for g in p["groups"]],
+            "frozen": current["frozen"], "eval_modules": current["eval_modules"],
+            "counts": current["counts"]}
+
+
 def content_problems(document: dict[str, Any]) -> list[str]:
     """What makes a document unusable: every group's params, lr and weight decay, the frozen
     list, eval_modules and the optimizer block; a name listed twice (in groups or in `frozen`)

@@ -33,7 +33,7 @@ class Schedule:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  path: str | os.PathLike) -> None:
         self.model, self.optimizer, self.path = model, optimizer, path
-        document = paramfile.read(path)
+        document = self.document = paramfile.read(path)
         self.phases: list[dict[str, Any]] = document.get("schedule", [])
         self.eval_modules: list[str] = list(document.get("eval_modules", []))
         self.phase = 0
@@ -67,13 +67,18 @@ class Schedule:
         """model.train(), with the current phase's frozen norm layers kept in eval mode."""
         return paramfile.set_train_mode(self.model, self.eval_modules)
 
+    def plan(self) -> dict[str, Any]:
+        """The plan as it stands in the current phase (for `finetune_prep.check`)."""
+        return paramfile.at_phase(self.document, self.phase)
+
     def _apply(self, phase: dict[str, Any]) -> None:
-        frozen = set(phase["frozen"])
+        view = paramfile.at_phase(self.document, phase["phase"])
+        frozen = set(view["frozen"])
         for name, param in _named_parameters(self.model).items():
             param.requires_grad_(name not in frozen)
         for group in paramfile.tensor_groups(self.model, phase["groups"]):
             self.optimizer.add_param_group(group)
-        self.eval_modules = list(phase["eval_modules"])
+        self.eval_modules = list(view["eval_modules"])
         if self.model.training:
             self.train_mode()
         self.phase = phase["phase"]
