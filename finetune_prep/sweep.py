@@ -114,8 +114,11 @@ class SweepSummary(Callback):
         _active = None
         try:
             sweep_dir = Path(str(config.hydra.sweep.dir))
-            if not (self._planned and not (sweep_dir / PLAN_FILE).exists()):
-                announce(sweep_dir, write_summary(sweep_dir))  # not announced by a job yet
+            announced = self._planned and not (sweep_dir / PLAN_FILE).exists()
+            if not announced:
+                announce(sweep_dir, write_summary(sweep_dir))
+            elif _own_console(config):  # submitit: the last job said it in its own log only
+                announce(sweep_dir, collect(sweep_dir))
             for name in (LOCK_FILE, PLAN_FILE):
                 (sweep_dir / name).unlink(missing_ok=True)
         except Exception:
@@ -200,6 +203,11 @@ def _died(error: BaseException | None, jobs: Sequence[int]) -> str:
         return f"died: signal {number} ({name})"
     return (f"died: signal {number} ({name}) in one of jobs {', '.join(map(str, jobs))}; the "
             "launcher stopped the others with it")
+
+
+def _own_console(config: DictConfig) -> bool:
+    """True for launchers whose jobs log to files of their own, not to this console."""
+    return "submitit" in str(config.hydra.launcher.get("_target_", ""))
 
 
 def _multirun(config: DictConfig) -> bool:

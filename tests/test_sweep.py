@@ -237,6 +237,21 @@ def test_submitit_local_sweep_isolates_a_dying_job(tmp_path):
     assert (sweep_dir / "sweep_summary.png").exists()
 
 
+@pytest.mark.slow
+def test_submitit_local_launcher(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    done = run_cli("-m", *FAST, "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep_dir}",
+                   "freeze=head_only,full", timeout=600)
+    assert done.returncode == 0, done.stderr
+    said = [line for line in (done.stdout + done.stderr).splitlines() if "Sweep summary" in line]
+    assert len(said) == 1 and "(2 jobs, 0 failed)" in said[0]  # on this console, not only in
+    rows = _rows(sweep_dir)                                     # the last job's submitit log
+    assert [Path(r["job_dir"]).name for r in rows] == ["0_freeze=head_only", "1_freeze=full"]
+    for row in rows:
+        _check_against_job_files(row)
+    assert [int(r["trainable"]) for r in rows] == [513, 11177025]
+
+
 def _record(job_dir: Path, num: int, status: str, pid: int | None = None) -> Path:
     job_dir.mkdir(parents=True)
     record = {"job": num, "overrides": [f"freeze=x{num}"], "status": status, "error": "",
