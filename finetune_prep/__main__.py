@@ -77,6 +77,14 @@ def version_text() -> str:
     return f"finetune_prep {found.get('finetune_prep', '?')} ({others})"
 
 
+def _finish_sweep(error: BaseException | None) -> None:
+    """A launcher that raised (a job's process died) skips on_multirun_end: the sweep module
+    still lists every job in the summary. Only if this process started a sweep."""
+    sweep = sys.modules.get("finetune_prep.sweep")
+    if sweep is not None:
+        sweep.finish_interrupted(error)
+
+
 def main() -> None:
     """Run the app and exit without the slow interpreter teardown of torch."""
     if "--version" in sys.argv[1:]:
@@ -93,6 +101,10 @@ def main() -> None:
         task()
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        _finish_sweep(done.__context__)  # Hydra exits inside its `except` for the error
+    except Exception as err:  # HYDRA_FULL_ERROR=1: Hydra re-raises instead
+        _finish_sweep(err)
+        raise
     if code == 1 and _internal_error:
         code = 2
     failed_log = log_file_failure()

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -161,9 +162,9 @@ def build_model(model_cfg: Any, head_cfg: Any, meta: bool) -> BuiltModel:
         warnings.simplefilter("ignore", FutureWarning)  # googlenet/inception init notices
         if meta:
             with init_on_meta():
-                model, input_size = _construct(model_cfg, num_outputs)
+                model, input_size = _construct(model_cfg, num_outputs, meta)
         else:
-            model, input_size = _construct(model_cfg, num_outputs)
+            model, input_size = _construct(model_cfg, num_outputs, meta)
     head = _replace_heads(model, model_cfg, head_cfg, num_outputs, meta)
     stages = _stages(model, model_cfg, head)
     if model_cfg.get("input_size"):
@@ -174,6 +175,10 @@ def build_model(model_cfg: Any, head_cfg: Any, meta: bool) -> BuiltModel:
     return BuiltModel(model, table, source, arch, num_outputs, input_size)
 
 
+# Above this many outputs a timm head is built as num_classes=1, then reset_classifier on meta:
+# create_model would allocate it at full size on the CPU (reset_classifier may drop a
+# distillation head, so ordinary sizes take the exact path).
+TIMM_HEAD_ON_META = 100_000
 RESERVED_KWARGS = {  # keyword arguments the builder sets itself, and the key that sets them
     "torchvision": {"weights": "model.weights", "num_classes": "head.num_outputs"},
     "timm": {"pretrained": "checkpoint.path", "num_classes": "head.num_outputs",
@@ -181,7 +186,9 @@ RESERVED_KWARGS = {  # keyword arguments the builder sets itself, and the key th
 }
 
 
-def _construct(model_cfg: Any, num_outputs: int) -> tuple[nn.Module, tuple[int, ...] | None]:
+def _construct(
+    model_cfg: Any, num_outputs: int, meta: bool = False
+) -> tuple[nn.Module, tuple[int, ...] | None]:
     kwargs = dict(model_cfg.get("kwargs") or {})
     source = str(getattr(model_cfg.source, "value", model_cfg.source))
     for key, instead in RESERVED_KWARGS.get(source, {}).items():
@@ -194,7 +201,7 @@ def _construct(model_cfg: Any, num_outputs: int) -> tuple[nn.Module, tuple[int, 
         if source == "torchvision":
             return _torchvision(model_cfg.arch, kwargs)
         if source == "timm":
-            return _timm(model_cfg.arch, num_outputs, kwargs)
+            return _timm(model_cfg.arch, num_outputs, kwargs, meta)
     except TypeError as err:
         if not kwargs or "argument" not in str(err):
             raise
@@ -219,7 +226,9 @@ def _torchvision(arch: str, kwargs: dict) -> tuple[nn.Module, tuple[int, ...]]:
     return model, (3, 299, 299) if arch == "inception_v3" else (3, 224, 224)
 
 
-def _timm(arch: str, num_outputs: int, kwargs: dict) -> tuple[nn.Module, tuple[int, ...] | None]:
+def _timm(
+    arch: str, num_outputs: int, kwargs: dict, meta: bool = False
+) -> tuple[nn.Module, tuple[int, ...] | None]:
     try:
         import timm
     except ImportError as err:
@@ -232,7 +241,12 @@ def _timm(arch: str, num_outputs: int, kwargs: dict) -> tuple[nn.Module, tuple[i
             f"model.arch={arch!r} is not a timm model.{did_you_mean(arch, names)}"
             " See timm.list_models('*pattern*')."
         )
-    model = timm.create_model(arch, pretrained=False, num_classes=num_outputs, **kwargs)
+    if meta and num_outputs > TIMM_HEAD_ON_META:  # timm allocates its head on the CPU first
+        model = timm.create_model(arch, pretrained=False, num_classes=1, **kwargs)
+        with torch.device("meta"):
+            model.reset_classifier(num_outputs)
+    else:
+        model = timm.create_model(arch, pretrained=False, num_classes=num_outputs, **kwargs)
     input_size = getattr(model, "pretrained_cfg", {}).get("input_size")
     return model, tuple(input_size) if input_size else None
 
@@ -284,9 +298,10 @@ def _replace_heads(
         heads = [name]
     else:
         heads = find_heads(model)
-    with init_on_meta() if meta else nullcontext():
-        for name in heads:
-            _set_module(model, name, _fresh(modules[name], num_outputs))
+    for name in heads:
+        if not meta:
+            check_memory(_fresh_numel(modules[name], num_outputs), f"the new head {name}")
+        _set_module(model, name, _fresh(modules[name], num_outputs, "meta" if meta else None))
     return tuple(heads)
 
 
@@ -311,11 +326,50 @@ def find_heads(model: nn.Module) -> list[str]:
     )
 
 
-def _fresh(old: nn.Module, num_outputs: int) -> nn.Module:
+def _fresh(old: nn.Module, num_outputs: int, device: str | None) -> nn.Module:
+    """A new head layer, built directly on `device` (on meta nothing is allocated, whatever
+    head.num_outputs says)."""
+    bias = old.bias is not None
     if isinstance(old, nn.Linear):
-        return nn.Linear(old.in_features, num_outputs, bias=old.bias is not None)
+        return nn.Linear(old.in_features, num_outputs, bias=bias, device=device)
     assert isinstance(old, nn.Conv2d)
-    return nn.Conv2d(old.in_channels, num_outputs, kernel_size=1, bias=old.bias is not None)
+    return nn.Conv2d(old.in_channels, num_outputs, kernel_size=1, bias=bias, device=device)
+
+
+def _fresh_numel(old: nn.Module, num_outputs: int) -> int:
+    fan_in = old.in_features if isinstance(old, nn.Linear) else old.in_channels
+    return (fan_in + (old.bias is not None)) * num_outputs
+
+
+def check_memory(numel: int, what: str, bytes_per: int = 4) -> None:
+    """Refuse to allocate real tensors larger than this machine's memory: a clear message
+    instead of a MemoryError, or the OOM killer, when e.g. head.num_outputs is absurd."""
+    ram = physical_memory()
+    need = numel * bytes_per
+    if ram is not None and need > ram:
+        raise FinetunePrepError(
+            f"{what} has {numel:,} parameters: {_human(need)} as float32, more than this "
+            f"machine's {_human(ram)} of memory, so it cannot be built with real tensors (the "
+            "backward proof and prepare(materialize=True) need them). Check head.num_outputs "
+            "and the model's size; to plan without real tensors, set verify.backward=false "
+            "(the CLI) or call prepare(cfg, materialize=False)."
+        )
+
+
+def physical_memory() -> int | None:
+    """Total physical memory in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:

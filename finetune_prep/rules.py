@@ -3,7 +3,8 @@
 A pattern selects parameters by name, anchored (never a bare substring):
 - a glob over the full name or any enclosing module name: `layer4` covers `layer4.0.conv1.weight`,
   `*.bn1` covers `layer1.0.bn1.weight`, `*` covers everything;
-- `re:REGEX`, matched with fullmatch against full parameter names;
+- `re:REGEX`, matched with fullmatch against full parameter names, by RE2 (linear time whatever
+  the pattern, so no backtracking blow-up; no backreferences or lookaround);
 - an alias: `@head`, `@stage[i]`, `@stages[a:b]` (Python indexing, negatives too), `@norm`,
   `@bias`, `@ndim<=1`, `@no_weight_decay` (what the model itself excludes from weight decay:
   timm's `no_weight_decay()`, a torchvision ViT's class token and position embedding), `@all`.
@@ -17,6 +18,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import re2
 
 from finetune_prep.errors import FinetunePrepError, did_you_mean
 from finetune_prep.models import ParamTable
@@ -133,13 +136,36 @@ def _scopes(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
-def _compile(pattern: str) -> re.Pattern[str]:
+def _compile(pattern: str) -> Any:
+    """The RE2 program of a `re:` pattern: matching takes time linear in the name, whatever the
+    pattern (Python's re backtracks: `(a+)+$` against a long name never returns)."""
+    source = pattern[3:]
     try:
-        return re.compile(pattern[3:])
+        return re2.compile(source, options=_RE2_OPTIONS)
+    except re2.error as err:
+        reason = err.args[0].decode(errors="replace") if err.args and isinstance(
+            err.args[0], bytes) else str(err)
+    try:
+        re.compile(source)
     except re.error as err:
         raise FinetunePrepError(
             f"{pattern!r} is not a valid regular expression ({err}); fix it, or use a glob."
-        ) from err
+        ) from None
+    raise FinetunePrepError(
+        f"{pattern!r} is not supported by RE2, the engine of re: patterns ({reason}). RE2 "
+        "matches in linear time whatever the pattern, but has no backreferences or lookaround, "
+        r"no counted repeat above {1000}, and spells \Z as \z. Use a glob (e.g. 'layer4' or "
+        "'*.bn1') or a simpler regex."
+    )
+
+
+def _re2_options() -> Any:
+    options = re2.Options()
+    options.log_errors = False  # RE2 would print its own parse error on stderr
+    return options
+
+
+_RE2_OPTIONS = _re2_options()
 
 
 def _alias(pattern: str, table: ParamTable) -> list[str]:

@@ -21,7 +21,13 @@ from finetune_prep.checkpoint import Checkpoint, Fit, check_fit, load_into, read
 from finetune_prep.config import BnStats, validate
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.groups import build_groups
-from finetune_prep.models import BuiltModel, ParamTable, build_model, torchvision_weights_file
+from finetune_prep.models import (
+    BuiltModel,
+    ParamTable,
+    build_model,
+    check_memory,
+    torchvision_weights_file,
+)
 from finetune_prep.phases import plan_phases
 from finetune_prep.report import render
 from finetune_prep.rules import FreezePlan, evaluate, frozen_stat_layers, parse_rules
@@ -226,6 +232,7 @@ def _materialize_model(
     def rebuild() -> nn.Module:
         return build_model(cfg.model, cfg.head, meta=False).model
 
+    check_memory(built.table.count(), f"{built.arch} with head.num_outputs={built.num_outputs:,}")
     if not sources:
         model = rebuild()
     else:

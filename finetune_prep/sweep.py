@@ -11,6 +11,13 @@ To say once where the summary is, `on_multirun_start` (main process) writes the 
 folder names use the last) to `.sweep_plan.json`; the job whose result completes the sweep
 (or, with fail-fast batches, the batch that failed) draws the plot and logs the paths.
 Without a plan (another sweeper), `on_multirun_end` does it, which Hydra runs on success only.
+
+A job whose process dies (SIGKILL, the out-of-memory killer, a segfault) never reaches
+`on_job_end`, and the launcher then raises (joblib's TerminatedWorkerError, submitit's
+UncompletedJobError), so Hydra skips the rest. Each job therefore marks its result file RUNNING
+(with its pid) in `on_job_start`, and `finish_interrupted`, called by the CLI after the launcher
+raised, turns the marks of dead processes into FAILED rows ("died: signal 9") and lists the
+planned jobs that never started, so the summary still names every job.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ import json
 import logging
 import math
 import os
+import re
+import signal
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,10 +54,13 @@ CSV_FILE = "sweep_summary.csv"
 MD_FILE = "sweep_summary.md"
 PNG_FILE = "sweep_summary.png"
 LOCK_FILE = ".sweep_summary.lock"
+NOT_RUN_FILE = ".sweep_not_run.json"  # planned jobs that never started, once the launcher gave up
+RUNNING = "RUNNING"
 COLUMNS = ("job", "overrides", "status", "error", "trainable", "total", "trainable_pct",
            "phases", "final_trainable_pct", "groups", "memory_mib", "verified", "job_dir")
 PLOT_HINT = "pip install 'finetune_prep[plot]' to get sweep_summary.png"
 _hinted = False
+_active: Path | None = None  # the sweep dir this process started and has not finished
 
 
 class SweepSummary(Callback):
@@ -57,6 +70,8 @@ class SweepSummary(Callback):
         self._planned = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _active
+        _active = Path(str(config.hydra.sweep.dir))
         try:
             plan = sweep_plan(config)
             if plan is not None:
@@ -67,19 +82,21 @@ class SweepSummary(Callback):
         except Exception:  # without a plan the summary is still written, just announced later
             log.debug("no sweep plan", exc_info=True)
 
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Mark the job RUNNING: if its process dies, the mark is all that is left of it."""
+        if _multirun(config):
+            result = _job_record(config, RUNNING, "")
+            result["pid"] = os.getpid()
+            with contextlib.suppress(Exception):  # never fail a job over its mark
+                write_atomic(Path(result["job_dir"]) / RESULT_FILE, json.dumps(result) + "\n")
+
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        hydra = config.get("hydra")
-        if hydra is None or hydra.get("mode") != RunMode.MULTIRUN:
+        if not _multirun(config):
             return
-        job_dir = Path(str(hydra.runtime.output_dir))
-        sweep_dir = _sweep_dir(job_dir, str(hydra.sweep.subdir))
-        result = {
-            "job": int(hydra.job.num),
-            "overrides": list(OmegaConf.to_container(hydra.overrides.task, resolve=False)),
-            "status": "COMPLETED" if job_return.status == JobStatus.COMPLETED else "FAILED",
-            "error": _error_text(job_return),
-            "job_dir": str(job_dir),
-        }
+        status = "COMPLETED" if job_return.status == JobStatus.COMPLETED else "FAILED"
+        result = _job_record(config, status, _error_text(job_return))
+        job_dir = Path(result["job_dir"])
+        sweep_dir = _sweep_dir(job_dir, str(config.hydra.sweep.subdir))
         try:
             doc = _read_json(job_dir / PARAM_FILE) if result["status"] == "COMPLETED" else None
             if doc is not None:
@@ -93,14 +110,120 @@ class SweepSummary(Callback):
             log.exception("could not write the sweep summary in %s", sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global _active
+        _active = None
         try:
             sweep_dir = Path(str(config.hydra.sweep.dir))
-            if not (self._planned and not (sweep_dir / PLAN_FILE).exists()):
-                announce(sweep_dir, write_summary(sweep_dir))  # not announced by a job yet
+            announced = self._planned and not (sweep_dir / PLAN_FILE).exists()
+            if not announced:
+                announce(sweep_dir, write_summary(sweep_dir))
+            elif _own_console(config):  # submitit: the last job said it in its own log only
+                announce(sweep_dir, collect(sweep_dir))
             for name in (LOCK_FILE, PLAN_FILE):
                 (sweep_dir / name).unlink(missing_ok=True)
         except Exception:
             log.exception("could not write the sweep summary")
+
+
+def finish_interrupted(error: BaseException | None, wait: float = 5.0) -> None:
+    """After the launcher raised (Hydra then skips on_multirun_end): give the jobs whose process
+    died a FAILED row, list planned jobs that never started, and write and announce the summary.
+
+    A no-op unless this process started a sweep that has not been announced yet. `error` is what
+    the launcher raised; joblib's names the dead worker's signal. Jobs still running (submitit's
+    keep going) stay RUNNING and update the summary themselves when they end.
+    """
+    global _active
+    sweep_dir, _active = _active, None
+    if sweep_dir is None or not sweep_dir.is_dir():
+        return
+    plan = _read_json(sweep_dir / PLAN_FILE)
+    running = _running(sweep_dir)
+    if plan is None and not running:
+        return  # announced already (the last job, or fail-fast batches), or nothing to add
+    deadline = time.monotonic() + wait  # the launcher may still be stopping its workers
+    while any(_alive(r.get("pid")) for _, r in running) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with _locked(sweep_dir / LOCK_FILE):
+        dead = [(path, r) for path, r in _running(sweep_dir) if not _alive(r.get("pid"))]
+        for path, result in dead:
+            result.update(status="FAILED", error=_died(error, [r["job"] for _, r in dead]))
+            result.pop("pid", None)
+            write_atomic(path, json.dumps(result, indent=2) + "\n")
+        started = {r["job"] for r in collect(sweep_dir)}
+        never = [{"job": i, "overrides": list(o), "status": "FAILED", "job_dir": "",
+                  "error": "not run: the launcher stopped the sweep before this job started"}
+                 for i, o in enumerate((plan or {}).get("overrides", [])) if i not in started]
+        if never:
+            write_atomic(sweep_dir / NOT_RUN_FILE, json.dumps({"jobs": never}) + "\n")
+    rows = write_summary(sweep_dir)
+    if all(r["status"] != RUNNING for r in rows):  # else the jobs still running need them
+        for name in (PLAN_FILE, LOCK_FILE):
+            (sweep_dir / name).unlink(missing_ok=True)
+    announce(sweep_dir, rows)
+
+
+def _running(sweep_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(result file, record) of every job still marked RUNNING."""
+    marked = [(p, _read_json(p)) for p in sorted(sweep_dir.rglob(RESULT_FILE))]
+    return [(p, r) for p, r in marked if r is not None and r.get("status") == RUNNING]
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but not ours to signal
+        return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A dead child not yet reaped still answers kill(pid, 0) (Linux: state Z in /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _died(error: BaseException | None, jobs: Sequence[int]) -> str:
+    """How a job whose process ended without a result died, as far as the launcher says."""
+    text = f"{error}" if error is not None else ""
+    found = re.search(r"SIG([A-Z]+)\((-?\d+)\)", text)  # joblib: {SIGKILL(-9)}
+    if found is None:
+        return ("died: its process ended without a result (killed by a signal, e.g. the "
+                "out-of-memory killer; the launcher does not say which)")
+    number = abs(int(found.group(2)))
+    name = signal.Signals(number).name if number in signal.valid_signals() else found.group(1)
+    if len(jobs) == 1:
+        return f"died: signal {number} ({name})"
+    return (f"died: signal {number} ({name}) in one of jobs {', '.join(map(str, jobs))}; the "
+            "launcher stopped the others with it")
+
+
+def _own_console(config: DictConfig) -> bool:
+    """True for launchers whose jobs log to files of their own, not to this console."""
+    return "submitit" in str(config.hydra.launcher.get("_target_", ""))
+
+
+def _multirun(config: DictConfig) -> bool:
+    hydra = config.get("hydra")
+    return hydra is not None and hydra.get("mode") == RunMode.MULTIRUN
+
+
+def _job_record(config: DictConfig, status: str, error: str) -> dict[str, Any]:
+    hydra = config.hydra
+    return {
+        "job": int(hydra.job.num),
+        "overrides": list(OmegaConf.to_container(hydra.overrides.task, resolve=False)),
+        "status": status,
+        "error": error,
+        "job_dir": str(hydra.runtime.output_dir),
+    }
 
 
 def sweep_plan(config: DictConfig) -> dict[str, Any] | None:
@@ -118,7 +241,7 @@ def sweep_plan(config: DictConfig) -> dict[str, Any] | None:
     jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
     varying = [o.get_key_element() for o in overrides if o.is_sweep_override()]
     return {"jobs": len(jobs), "batch": sweeper.get("max_batch_size") or len(jobs),
-            "varying": [k.lstrip("+~") for k in varying]}
+            "varying": [k.lstrip("+~") for k in varying], "overrides": jobs}
 
 
 def announce(sweep_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -126,7 +249,7 @@ def announce(sweep_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
     written = [n for n in (CSV_FILE, MD_FILE, PNG_FILE) if (sweep_dir / n).exists()]
     if not written:
         return
-    failed = sum(r["status"] != "COMPLETED" for r in rows)
+    failed = sum(r["status"] == "FAILED" for r in rows)
     names = written[0] if len(written) == 1 else \
         "sweep_summary.{" + ",".join(n.rpartition(".")[2] for n in written) + "}"
     log.info("Sweep summary (%d jobs, %d failed): %s", len(rows), failed, sweep_dir / names)
@@ -137,7 +260,7 @@ def _is_last(rows: Sequence[dict[str, Any]], plan: dict[str, Any], job: int) -> 
     sweep, or (fail-fast batches) the batch of `job` when a job in it failed."""
     total, size = int(plan["jobs"]), max(int(plan["batch"]), 1)
     end = min((job // size + 1) * size, total)
-    done = {r["job"]: r["status"] for r in rows}
+    done = {r["job"]: r["status"] for r in rows if r["status"] != RUNNING}
     if not all(j in done for j in range(end)):
         return False
     return end == total or any(done[j] != "COMPLETED" for j in range(end - size, end))
@@ -171,6 +294,9 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         except (OSError, ValueError):
             continue
         rows.append(_row(result, path.parent / PARAM_FILE))
+    seen = {r["job"] for r in rows}
+    never = _read_json(Path(sweep_dir) / NOT_RUN_FILE) or {}
+    rows += [_row(r, Path(os.devnull)) for r in never.get("jobs", []) if r["job"] not in seen]
     return sorted(rows, key=lambda r: r["job"])
 
 
@@ -230,8 +356,10 @@ def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
                  r["final_trainable_pct"], r["groups"],
                  r["memory_mib"], r["verified"], r["error"], r["job_dir"]]
         lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
-    failed = sum(r["status"] != "COMPLETED" for r in rows)
-    lines += ["", f"{len(rows)} jobs, {failed} failed."]
+    failed = sum(r["status"] == "FAILED" for r in rows)
+    running = sum(r["status"] == RUNNING for r in rows)
+    lines += ["", f"{len(rows)} jobs, {failed} failed" + (f", {running} running." if running
+                                                          else ".")]
     return "# Sweep summary\n\n" + "\n".join(lines) + "\n"
 
 

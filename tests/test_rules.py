@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from hypothesis import given, settings
@@ -86,6 +89,44 @@ def test_a_pattern_matching_nothing_is_an_error_with_close_names(resnet18_table)
 def test_malformed_regex_is_named(resnet18_table):
     with pytest.raises(FinetunePrepError, match="not a valid regular expression"):
         match("re:layer4.(", resnet18_table)
+
+
+@pytest.mark.parametrize("pattern", [r"re:(layer4)\.\1", r"re:(?=layer4).*", r"re:(?<!x)fc\..*"])
+def test_regex_features_re2_lacks_are_named_with_a_way_out(pattern, resnet18_table):
+    with pytest.raises(FinetunePrepError) as err:
+        select(pattern, resnet18_table, "freeze.rules[0]")
+    text = str(err.value)
+    assert text.startswith(f"freeze.rules[0]: {pattern!r} is not supported by RE2")
+    assert "no backreferences or lookaround" in text and "Use a glob" in text
+
+
+def test_regex_keeps_fullmatch_semantics_with_re2(resnet18_table):
+    assert match(r"re:fc\.(weight|bias)", resnet18_table) == ["fc.weight", "fc.bias"]
+    assert match(r"re:(?i)FC\.BIAS", resnet18_table) == ["fc.bias"]
+    assert match(r"re:fc\.weigh", resnet18_table) == []  # fullmatch, not match
+
+
+_CATASTROPHIC = textwrap.dedent("""
+    import time
+    from finetune_prep.models import ParamTable
+    from finetune_prep.rules import match
+    names = tuple("a" * n + "b" for n in (30, 50, 200, 5000)) + ("a" * 60,)
+    table = ParamTable(names, {n: (1,) for n in names}, {n: "" for n in names}, {"": "M"},
+                       frozenset(), frozenset(), (), ())
+    start = time.perf_counter()
+    assert match("re:(a+)+$", table) == ["a" * 60], match("re:(a+)+$", table)
+    assert match("re:(a|aa)*c", table) == []
+    print(time.perf_counter() - start)
+""")
+
+
+@pytest.mark.slow
+def test_catastrophic_regex_returns_at_once():
+    """Python's re backtracks for ever on `(a+)+$` against 'aaa...ab'; RE2 is linear."""
+    done = subprocess.run([sys.executable, "-c", _CATASTROPHIC], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) < 1.0
 
 
 @pytest.mark.parametrize(

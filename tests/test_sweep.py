@@ -6,10 +6,13 @@ import builtins
 import csv
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 from finetune_prep import sweep
 from finetune_prep.naming import MAX_LEN, PLAN_FILE, job_name
@@ -199,3 +202,113 @@ def test_schedule_jobs_get_their_phase_count_final_share_and_stage_starts(tmp_pa
     assert row["_starts"] == {"head": 0, "layer4": 1, "layer3": 2, "layer2": 3, "layer1": 4,
                               "conv1+bn1": 5}
     assert "| 6 | 100.0 |" in sweep.to_markdown([row])
+
+
+# --------------------------------------------------------------------------- a job that dies
+
+DYING = ("model.source=target", "+model.target._target_=dying_net.DyingNet",
+         "verify.backward=false")
+
+
+def _dying_sweep(tmp_path: Path, die: str, *launcher: str):
+    """A sweep in which the job with die=True kills its own process with SIGKILL, after the
+    other two jobs have finished (so the outcome does not depend on timing)."""
+    sweep_dir = tmp_path / "sweep"
+    path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
+    env = {"PYTHONPATH": path, "DYING_NET_AFTER": f"{sweep_dir}:2"}
+    done = run_cli("-m", *DYING, f"+model.target.die={die}", *launcher,
+                   f"hydra.sweep.dir={sweep_dir}", env=env, timeout=600)
+    return sweep_dir, done
+
+
+def _check_dead_job_listed(sweep_dir: Path, done, dead: int, error: str) -> None:
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "Sweep summary (3 jobs, 1 failed)" in output
+    rows = _rows(sweep_dir)
+    assert [int(r["job"]) for r in rows] == [0, 1, 2]
+    assert rows[dead]["status"] == "FAILED" and rows[dead]["error"].startswith(error)
+    assert "model.target.die=True" in rows[dead]["overrides"]
+    for row in rows[:dead] + rows[dead + 1:]:
+        _check_against_job_files(row)
+        assert int(row["total"]) == (3 * 9 * 4 + 4) + (4 + 4) + (4 * 1 + 1)  # stem, bn, fc
+        assert int(row["trainable"]) == 4 * 1 + 1  # head_only, the default
+    md = (sweep_dir / "sweep_summary.md").read_text()
+    assert "3 jobs, 1 failed." in md and "RUNNING" not in md
+    assert not (sweep_dir / PLAN_FILE).exists() and not (sweep_dir / sweep.LOCK_FILE).exists()
+
+
+@pytest.mark.slow
+def test_joblib_sweep_lists_a_job_killed_by_a_signal(tmp_path):
+    sweep_dir, done = _dying_sweep(tmp_path, "false,false,true", "hydra/launcher=joblib",
+                                   "hydra.launcher.n_jobs=2")
+    assert "TerminatedWorkerError" in done.stderr  # what joblib raised, and Hydra printed
+    _check_dead_job_listed(sweep_dir, done, 2, "died: signal 9 (SIGKILL)")
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_isolates_a_dying_job(tmp_path):
+    sweep_dir, done = _dying_sweep(tmp_path, "false,true,false", "hydra/launcher=submitit_local")
+    assert "UncompletedJobError" in done.stderr
+    _check_dead_job_listed(sweep_dir, done, 1, "died: its process ended without a result")
+    assert (sweep_dir / "sweep_summary.png").exists()
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    done = run_cli("-m", *FAST, "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep_dir}",
+                   "freeze=head_only,full", timeout=600)
+    assert done.returncode == 0, done.stderr
+    said = [line for line in (done.stdout + done.stderr).splitlines() if "Sweep summary" in line]
+    assert len(said) == 1 and "(2 jobs, 0 failed)" in said[0]  # on this console, not only in
+    rows = _rows(sweep_dir)                                     # the last job's submitit log
+    assert [Path(r["job_dir"]).name for r in rows] == ["0_freeze=head_only", "1_freeze=full"]
+    for row in rows:
+        _check_against_job_files(row)
+    assert [int(r["trainable"]) for r in rows] == [513, 11177025]
+
+
+def _record(job_dir: Path, num: int, status: str, pid: int | None = None) -> Path:
+    job_dir.mkdir(parents=True)
+    record = {"job": num, "overrides": [f"freeze=x{num}"], "status": status, "error": "",
+              "job_dir": str(job_dir), **({"pid": pid} if pid else {})}
+    (job_dir / "job_result.json").write_text(json.dumps(record))
+    return job_dir / "job_result.json"
+
+
+def test_finish_interrupted_turns_dead_marks_into_rows_and_lists_jobs_never_run(
+        tmp_path, monkeypatch):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _fake_result(tmp_path / "0_a", 0)
+        _record(tmp_path / "1_b", 1, "RUNNING", dead.pid)
+        _record(tmp_path / "2_c", 2, "RUNNING", alive.pid)
+        plan = {"jobs": 4, "batch": 4, "varying": ["freeze"],
+                "overrides": [[f"freeze=x{i}"] for i in range(4)]}
+        (tmp_path / PLAN_FILE).write_text(json.dumps(plan))
+        monkeypatch.setattr(sweep, "_active", tmp_path)
+        error = RuntimeError("The exit codes of the workers are {SIGKILL(-9)}")
+        sweep.finish_interrupted(error, wait=0.2)
+    finally:
+        alive.kill()
+        alive.wait()
+    rows = _rows(tmp_path)
+    assert [(r["job"], r["status"]) for r in rows] == [
+        ("0", "COMPLETED"), ("1", "FAILED"), ("2", "RUNNING"), ("3", "FAILED")]
+    assert rows[1]["error"] == "died: signal 9 (SIGKILL)"
+    assert rows[3]["error"].startswith("not run:") and rows[3]["overrides"] == "freeze=x3"
+    assert "4 jobs, 2 failed, 1 running." in (tmp_path / "sweep_summary.md").read_text()
+    assert (tmp_path / PLAN_FILE).exists()  # job 2 still runs and will rebuild the summary
+    assert sweep._active is None
+    sweep.finish_interrupted(error)  # once only
+    assert _rows(tmp_path) == rows
+
+
+def test_finish_interrupted_does_nothing_after_an_announced_sweep(tmp_path, monkeypatch):
+    _fake_result(tmp_path / "0_a", 0)
+    monkeypatch.setattr(sweep, "_active", tmp_path)
+    sweep.finish_interrupted(RuntimeError("a job failed"))
+    assert not (tmp_path / "sweep_summary.csv").exists()

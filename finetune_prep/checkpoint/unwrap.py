@@ -14,6 +14,7 @@ from finetune_prep.errors import FinetunePrepError
 NESTED = ("state_dict_ema", "model_ema", "state_dict", "model", "model_state", "module", "ema")
 WRAPPERS = {"module.": "DataParallel/DDP", "_orig_mod.": "torch.compile"}
 ATTRIBUTES = ("model.", "net.", "network.")  # Lightning-style: a LightningModule's attribute
+MAX_NESTING = 32  # real checkpoints nest their weights a few dicts deep; deeper is a broken file
 
 
 def unwrap(raw: Any, key: str | None, file: str, steps: list[str]) -> dict[str, torch.Tensor]:
@@ -24,12 +25,17 @@ def unwrap(raw: Any, key: str | None, file: str, steps: list[str]) -> dict[str, 
             "the weights with torch.save(model.state_dict(), path)."
         )
     obj = _take_key(raw, key, file, steps) if key else raw
-    found = _auto(obj, [])
+    memo: dict[int, Any] = {}
+    try:
+        found = _auto(obj, [], memo)
+        trail = found[1] if found else []
+        others = [n for n in NESTED if trail and n not in trail and _auto_candidate(obj, n, memo)]
+    except _TooDeep as deep:
+        raise FinetunePrepError(_too_deep(deep.trail, key, file)) from None
     if found is None:
         raise FinetunePrepError(_no_tensors(obj, key, file))
     weights, trail = found
     if trail:
-        others = [n for n in NESTED if n not in trail and _auto_candidate(obj, n)]
         also = f" (also present: {', '.join(others)}; choose with checkpoint.key)" if others else ""
         steps.append(f"took nested key '{'.'.join(trail)}'{also}")
     dropped = [k for k, v in weights.items() if not isinstance(v, torch.Tensor)]
@@ -68,22 +74,52 @@ def _key_not_found(raw: Mapping, obj: Any, key: str, at: list[str], file: str) -
             "of them (dotted for nested keys), or null to auto-detect.")
 
 
-def _auto(obj: Any, trail: list[str]) -> tuple[Mapping, list[str]] | None:
-    """Nested weights by the usual names first, then the dict itself if it holds tensors."""
+class _TooDeep(Exception):
+    """Raised by `_auto` past MAX_NESTING levels (a deeper chain, or a dict that holds itself)."""
+
+    def __init__(self, trail: list[str]) -> None:
+        super().__init__(".".join(trail))
+        self.trail = trail
+
+
+def _auto(obj: Any, trail: list[str], memo: dict[int, Any]) -> tuple[Mapping, list[str]] | None:
+    """Nested weights by the usual names first, then the dict itself if it holds tensors.
+
+    `memo` maps id(dict) -> its result relative to that dict: a pickle may share one dict under
+    several keys, and without it each level would double the work.
+    """
+    if id(obj) in memo:
+        hit = memo[id(obj)]
+        return None if hit is None else (hit[0], [*trail, *hit[1]])
+    if len(trail) > MAX_NESTING:
+        raise _TooDeep(trail)
+    result = None
     for name in NESTED:
         value = obj.get(name) if isinstance(obj, Mapping) else None
         if isinstance(value, Mapping):
-            found = _auto(value, [*trail, name])
+            found = _auto(value, [*trail, name], memo)
             if found is not None and (found[1] != [*trail, name] or _mostly_tensors(value)):
-                return found
-    if isinstance(obj, Mapping) and any(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj, trail
-    return None
+                result = found
+                break
+    if result is None and isinstance(obj, Mapping) and any(
+            isinstance(v, torch.Tensor) for v in obj.values()):
+        result = obj, trail
+    memo[id(obj)] = None if result is None else (result[0], result[1][len(trail):])
+    return result
 
 
-def _auto_candidate(obj: Any, name: str) -> bool:
+def _auto_candidate(obj: Any, name: str, memo: dict[int, Any]) -> bool:
     value = obj.get(name) if isinstance(obj, Mapping) else None
-    return isinstance(value, Mapping) and _auto(value, []) is not None
+    return isinstance(value, Mapping) and _auto(value, [], memo) is not None
+
+
+def _too_deep(trail: list[str], key: str | None, file: str) -> str:
+    where = f"checkpoint.key={key}" if key else f"checkpoint.path={file}"
+    chain = ".".join(trail[:3]) + "..."
+    return (f"{where} nests dicts more than {MAX_NESTING} levels deep (under '{chain}'), or a "
+            "dict holds itself; no real checkpoint does, so the weights were not searched for "
+            "further. Re-save the weights flat with torch.save(model.state_dict(), path), or set "
+            "checkpoint.key to the dotted key of the dict that holds them.")
 
 
 def _mostly_tensors(d: Mapping) -> bool:
