@@ -106,7 +106,7 @@ def prepare(
     )
     document = paramfile.document(
         built, sources, freeze, groups, eval_modules, cfg.optim.optimizer, verified,
-        provenance.record(OmegaConf.to_yaml(cfg), overrides, config_dirs),
+        provenance.record(OmegaConf.to_yaml(cfg), overrides, config_dirs), model_cfg=cfg.model,
     )
     notes += proof.notes(verified)
     report = render(document, built.table, freeze.trainable, cfg.report.grouped)
