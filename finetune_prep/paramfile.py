@@ -211,7 +211,9 @@ def build_model(path: str | os.PathLike) -> nn.Module:
     try:
         model = models.build_model(model_cfg, head_cfg, meta=False).model
     except FinetunePrepError as err:
-        raise FinetunePrepError(f"build_model({path}): {err}") from err
+        needs = (f" It needs {info['target'].get('_target_')} importable in this process: add "
+                 "the folder of its module to PYTHONPATH." if source == "target" else "")
+        raise FinetunePrepError(f"build_model({path}): {err}{needs}") from err
     check_names(wrappers.named_parameters(model), read(path), path)
     return model
 
