@@ -81,8 +81,8 @@ def _check_order(model: nn.Module, params: dict[str, Any], trainable: set[str], 
     if differ:
         raise FinetunePrepError(
             f"the model is wrapped in {wrapper}, which fixed the trainable parameters when it "
-            f"was built, and {_listing('parameters differ from ' + str(path), differ)} in "
-            "requires_grad (training would fail a step later). Apply the file to the bare "
+            f"was built, and requires_grad differs from {path} on {_listing('parameters', differ)}"
+            " (training would fail a step later). Apply the file to the bare "
             f"model first: `finetune_prep.load_param_groups(model, path)`, then `{wrapper}(model)`,"
             " then `finetune_prep.build_optimizer(wrapped, path)`."
         )
