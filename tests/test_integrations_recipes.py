@@ -56,14 +56,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def plan(tmp_path_factory) -> Path:
+@pytest.fixture
+def plan(resnet18_plan) -> Path:
     """resnet18, 10 classes, last stage + head trainable, head at 10x lr (optim=sgd)."""
-    from finetune_prep.runner import run
-
-    cfg = finetune_prep.compose(["freeze=last_stage", "head.num_outputs=10", "optim=sgd",
-                                 "verify.backward=false"])
-    return run(cfg, tmp_path_factory.mktemp("plan"))
+    return resnet18_plan
 
 
 def run_script(code: str, plan: Path, tmp_path: Path, ranks: int = 0,
@@ -97,13 +93,23 @@ def assert_plan_held(plan: Path, final: dict[str, torch.Tensor]) -> None:
     assert "layer4.1.bn2.running_mean" in changed  # trainable BN layers train their stats
 
 
+def cosine_variant(code: str) -> str:
+    """The torch_schedulers recipe with its `# or:` line (CosineAnnealingLR) instead of
+    OneCycleLR."""
+    one_cycle = re.search(r"scheduler = torch.optim.lr_scheduler.OneCycleLR\(.*?\)\n", code,
+                          re.DOTALL)
+    assert one_cycle and "# or: scheduler = " in code
+    return code.replace(one_cycle.group(0), "").replace("# or: scheduler = ", "scheduler = ")
+
+
 def run_recipe(name: str, plan: Path, tmp_path: Path, ranks: int = 0) -> None:
-    run_script(PROLOGUE + recipe(name) + EPILOGUE, plan, tmp_path, ranks)
+    code = cosine_variant(recipe("torch_schedulers")) if name == "cosine" else recipe(name)
+    run_script(PROLOGUE + code + EPILOGUE, plan, tmp_path, ranks)
     assert_plan_held(plan, torch.load(tmp_path / "state.pt", weights_only=True))
 
 
-@pytest.mark.parametrize("name", ["torch_schedulers", "timm_scheduler", "compile", "lightning",
-                                  "lightning_onecycle"])
+@pytest.mark.parametrize("name", ["torch_schedulers", "cosine", "timm_scheduler", "compile",
+                                  "lightning", "lightning_onecycle"])
 def test_single_process_recipe_holds_the_plan(name, plan, tmp_path):
     run_recipe(name, plan, tmp_path)
 
