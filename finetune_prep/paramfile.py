@@ -2,7 +2,9 @@
 reader of the format, and the optimizer factory both sides use.
 
 A training script turns the file into an optimizer in one call:
-`torch.optim.AdamW(load_param_groups(model, path))`, or `build_optimizer(model, path)`.
+`torch.optim.AdamW(load_param_groups(model, path))`, or `build_optimizer(model, path)`; the
+model may be wrapped (DDP, torch.compile, FSDP, AveragedModel: names map through
+`integrations.wrappers`), and `build_model(path)` rebuilds the model the file was made for.
 """
 
 from __future__ import annotations
