@@ -15,9 +15,19 @@ from finetune_prep.errors import FinetunePrepError
 if TYPE_CHECKING:
     from finetune_prep.runner import Prepared
 
-__all__ = ["CONF_DIR", "CONF_MODULE", "FinetunePrepError", "Schedule", "build_optimizer",
-           "compose",
-           "load_param_groups", "prepare", "register_configs", "train_mode"]
+__all__ = ["CONF_DIR", "CONF_MODULE", "FinetunePrepError", "Schedule", "build_model",
+           "build_optimizer", "check", "compose", "load_param_groups", "peak_lrs", "prepare",
+           "register_configs", "train_mode"]
+
+LAZY = {  # public name -> the module that defines it (imported on first use: it needs torch)
+    "load_param_groups": "finetune_prep.paramfile",
+    "build_optimizer": "finetune_prep.paramfile",
+    "train_mode": "finetune_prep.paramfile",
+    "build_model": "finetune_prep.paramfile",
+    "check": "finetune_prep.integrations.check",
+    "peak_lrs": "finetune_prep.integrations.schedules",
+    "Schedule": "finetune_prep.integrations.unfreezing",
+}
 
 register_configs()
 
@@ -30,13 +40,9 @@ def prepare(cfg: Any, **kwargs: Any) -> Prepared:
 
 
 def __getattr__(name: str) -> Any:
-    """Lazy access to the param-file API, so `import finetune_prep` stays light."""
-    if name in ("load_param_groups", "build_optimizer", "train_mode"):
-        from finetune_prep import paramfile
+    """Lazy access to the training-script API, so `import finetune_prep` stays light."""
+    if name in LAZY:
+        import importlib
 
-        return getattr(paramfile, name)
-    if name == "Schedule":
-        from finetune_prep.integrations.unfreezing import Schedule
-
-        return Schedule
+        return getattr(importlib.import_module(LAZY[name]), name)
     raise AttributeError(name)

@@ -2,7 +2,9 @@
 reader of the format, and the optimizer factory both sides use.
 
 A training script turns the file into an optimizer in one call:
-`torch.optim.AdamW(load_param_groups(model, path))`, or `build_optimizer(model, path)`.
+`torch.optim.AdamW(load_param_groups(model, path))`, or `build_optimizer(model, path)`; the
+model may be wrapped (DDP, torch.compile, FSDP, AveragedModel: names map through
+`integrations.wrappers`), and `build_model(path)` rebuilds the model the file was made for.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune_prep.errors import FinetunePrepError
+from finetune_prep.errors import FinetunePrepError, did_you_mean
+from finetune_prep.integrations import wrappers
 from finetune_prep.models import BuiltModel
 from finetune_prep.rules import FreezePlan
 
@@ -134,19 +137,54 @@ def _strings(items: Any) -> bool:
 
 
 def load_param_groups(model: nn.Module, path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Set requires_grad on `model` as the file says; return groups of tensors for torch.optim."""
+    """Set requires_grad on `model` as the file says; return groups of tensors for torch.optim.
+
+    `model` may be wrapped (DataParallel/DDP, torch.compile, AveragedModel, FSDP1 with
+    use_orig_params=True, FSDP2): names map through the wrapper. DDP and FSDP1 fix the trainable
+    set when they are built, so on those the file must already hold (apply it to the bare model
+    before wrapping); a difference is an error that says so, not a reducer error a step later.
+    """
     document = read(path)
-    params = dict(model.named_parameters())
-    _check_names(params, document, path)
+    params = wrappers.named_parameters(model)
+    check_names(params, document, path)
     trainable = {n for g in document["groups"] for n in g["params"]}
+    _check_order(model, params, trainable, path)
     for name, param in params.items():
         param.requires_grad_(name in trainable)
     return tensor_groups(model, document["groups"])
 
 
+def _check_order(model: nn.Module, params: dict[str, Any], trainable: set[str], path: Any) -> None:
+    """On a wrapper built on requires_grad (DDP, FSDP1), the file must already be applied."""
+    wrapper = wrappers.built_on_requires_grad(model)
+    if wrapper is None:
+        return
+    differ = [n for n, p in params.items() if p.requires_grad != (n in trainable)]
+    if differ:
+        raise FinetunePrepError(
+            f"the model is wrapped in {wrapper}, which fixed the trainable parameters when it "
+            f"was built, and requires_grad differs from {path} on {_listing('parameters', differ)}"
+            " (training would fail a step later). Apply the file to the bare "
+            f"model first: `finetune_prep.load_param_groups(model, path)`, then `{wrapper}(model)`,"
+            " then `finetune_prep.build_optimizer(wrapped, path)`."
+        )
+
+
 def tensor_groups(model: nn.Module, groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Groups of parameter names -> the groups of tensors that torch.optim takes."""
-    params = dict(model.named_parameters())
+    """Groups of parameter names -> the groups of tensors that torch.optim takes.
+
+    Only `params`, `lr` and `weight_decay` go into a group: the file's `lr` is absolute (layer
+    decay and multipliers are in it already), so its `lr_scale` stays out, and a scheduler that
+    reads `lr_scale` (timm's) cannot apply it a second time. The tensors are the model's current
+    ones, looked up by name through any wrapper (after FSDP2 `fully_shard`: the sharded ones).
+    """
+    params = wrappers.named_parameters(model)
+    missing = [n for g in groups for n in g["params"] if n not in params]
+    if missing:
+        raise FinetunePrepError(
+            f"{_listing('names in the groups not in the model', missing)}."
+            f"{did_you_mean(missing[0], params)} Build the model the groups were made for."
+        )
     return [
         {"params": [params[n] for n in g["params"]], **{k: g[k] for k in GROUP_KEYS if k in g}}
         for g in groups
@@ -165,7 +203,11 @@ def optimizer_factory(spec: Any) -> Any:
 
 
 def build_optimizer(model: nn.Module, path: str | os.PathLike) -> torch.optim.Optimizer:
-    """The optimizer the file records (its `_target_` and arguments), on the file's groups."""
+    """The optimizer the file records (its `_target_` and arguments), on the file's groups.
+
+    Build it after wrapping and sharding (`fully_shard` replaces the parameters), from the model
+    as it will train: the groups hold its current tensors.
+    """
     groups = load_param_groups(model, path)
     spec = read(path).get("optimizer") or {"_target_": "torch.optim.AdamW"}
     try:
@@ -182,21 +224,29 @@ def train_mode(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 def set_train_mode(model: nn.Module, eval_modules: Sequence[str]) -> nn.Module:
-    """model.train(), then the named modules back to eval mode."""
+    """model.train(), then the named modules (names of the bare model) back to eval mode."""
     model.train()
-    modules = dict(model.named_modules())
-    unknown = [n for n in eval_modules if n not in modules]
-    if unknown:
+    return hold_eval(model, eval_modules)
+
+
+def hold_eval(model: nn.Module, eval_modules: Sequence[str]) -> nn.Module:
+    """Put only the named modules in eval mode, leaving the rest as it is (for trainers such as
+    Lightning that switch the model's mode themselves). Names map through wrappers."""
+    modules = wrappers.named_modules(model)
+    missing = [n for n in eval_modules if n not in modules]
+    if missing:
         raise FinetunePrepError(
-            f"eval_modules names modules this model does not have: {', '.join(unknown[:5])}. "
-            "Prepare the file for this model."
+            f"{_listing('eval_modules not in the model', missing)}."
+            f"{did_you_mean(missing[0], modules)} Build the model the file was made for."
         )
     for name in eval_modules:
         modules[name].eval()
     return model
 
 
-def _check_names(params: dict[str, Any], document: dict[str, Any], path: Any) -> None:
+def check_names(params: dict[str, Any], document: dict[str, Any], path: Any) -> None:
+    """The model's parameter names (bare names) are exactly the file's, or an error listing
+    the differences."""
     listed = [n for g in document["groups"] for n in g["params"]] + list(document["frozen"])
     known = set(listed)
     missing = [n for n in params if n not in known]
@@ -223,16 +273,50 @@ def _listing(what: str, names: list[str], limit: int = 8) -> str:
     return f"{len(names)} {what}: {', '.join(names[:limit])}{more}"
 
 
+def build_model(path: str | os.PathLike) -> nn.Module:
+    """The model the file was made for, rebuilt from its `model` block: the architecture with
+    the fresh head, real tensors, random init. Load your weights into it, then train.
+
+    A `_target_` model needs its class importable here (on PYTHONPATH), as at planning time.
+    """
+    from omegaconf import OmegaConf
+
+    from finetune_prep import models
+
+    info = read(path).get("model") or {}
+    source, heads = info.get("source"), list(info.get("heads") or [info.get("head")])
+    if source == "target" and not info.get("target"):
+        raise FinetunePrepError(
+            f"{path} names a _target_ model ({info.get('arch')}) but not its arguments (written "
+            "by an older finetune_prep): prepare the file again, or build the model yourself."
+        )
+    model_cfg = OmegaConf.create({
+        "source": source, "arch": info.get("arch"), "kwargs": info.get("kwargs") or {},
+        "target": info.get("target"), "stages": info.get("stages") or None, "input_size": None,
+    })
+    head_cfg = OmegaConf.create({"num_outputs": info.get("num_outputs", 1),
+                                 "module": heads[0] if len(heads) == 1 else None})
+    try:
+        model = models.build_model(model_cfg, head_cfg, meta=False).model
+    except FinetunePrepError as err:
+        needs = (f" It needs {info['target'].get('_target_')} importable in this process: add "
+                 "the folder of its module to PYTHONPATH." if source == "target" else "")
+        raise FinetunePrepError(f"build_model({path}): {err}{needs}") from err
+    check_names(wrappers.named_parameters(model), read(path), path)
+    return model
+
+
 # --------------------------------------------------------------------------- writing
 
 
 def document(
     built: BuiltModel, sources: Sequence[Any], freeze: FreezePlan, groups: list[dict[str, Any]],
     eval_modules: list[str], optimizer: Any, verified: dict[str, Any], prov: dict[str, Any],
-    phases: Sequence[tuple[Any, list[str]]] = (),
+    model_cfg: Any = None, phases: Sequence[tuple[Any, list[str]]] = (),
 ) -> dict[str, Any]:
     """The content of param_groups.json (`sources`: checkpoints read, each with a label,
-    the opened checkpoint and its fit to the model)."""
+    the opened checkpoint and its fit to the model; `model_cfg`: the model config, whose
+    constructor arguments let `build_model` rebuild the model from the file alone)."""
     from omegaconf import OmegaConf
 
     from finetune_prep.verify import memory_estimate
@@ -245,7 +329,7 @@ def document(
         "format": FORMAT,
         "model": {"source": built.source, "arch": built.arch, "num_outputs": built.num_outputs,
                   "head": table.head[0], "heads": list(table.head),
-                  "stages": table.stage_lists()},
+                  "stages": table.stage_lists(), **_rebuild_block(model_cfg, built)},
         "checkpoint": _checkpoint_block(sources, built.model),
         "counts": {"total": total, "trainable": n_trainable, "frozen": total - n_trainable},
         "groups": groups,
@@ -277,6 +361,21 @@ def _phase_block(table: Any, phase: Any, eval_modules: list[str], optimizer: Any
         "counts": {"total": total, "trainable": n_trainable, "frozen": total - n_trainable},
         "memory": memory_estimate(table, trainable, optimizer),
     }
+
+
+def _rebuild_block(model_cfg: Any, built: BuiltModel) -> dict[str, Any]:
+    """What `build_model` needs beyond source/arch: constructor arguments and input size."""
+    from omegaconf import OmegaConf
+
+    if model_cfg is None:
+        return {}
+
+    def plain(value: Any) -> Any:
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+    return {"kwargs": plain(model_cfg.get("kwargs")) or {},
+            "target": plain(model_cfg.get("target")),
+            "input_size": list(built.input_size) if built.input_size else None}
 
 
 def _checkpoint_block(sources: Sequence[Any], model: nn.Module) -> dict[str, Any]:

@@ -125,7 +125,7 @@ def prepare(
         verified["phase"] = phases[-1].index
     document = paramfile.document(
         built, sources, freeze, groups, eval_modules, cfg.optim.optimizer, verified,
-        provenance.record(OmegaConf.to_yaml(cfg), overrides, config_dirs),
+        provenance.record(OmegaConf.to_yaml(cfg), overrides, config_dirs), model_cfg=cfg.model,
         phases=list(zip(phases, phase_eval, strict=True)),
     )
     notes += proof.notes(verified)

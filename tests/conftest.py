@@ -85,3 +85,14 @@ class TwoBranchNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.bn(self.stem(x))).flatten(1))
+
+
+@pytest.fixture(scope="session")
+def resnet18_plan(tmp_path_factory) -> Path:
+    """A plan for resnet18 with 10 classes: last stage + head train, head at 10x lr (optim=sgd),
+    frozen BatchNorm layers in eval_modules. Written once; do not modify it."""
+    from finetune_prep.runner import run
+
+    cfg = finetune_prep.compose(["freeze=last_stage", "head.num_outputs=10", "optim=sgd",
+                                 "verify.backward=false"])
+    return run(cfg, tmp_path_factory.mktemp("resnet18_plan"))

@@ -171,3 +171,51 @@ def test_name_checks_are_linear(planned, tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(FinetunePrepError, match="300000 names in the file not in the model"):
         paramfile.load_param_groups(fresh_resnet18(), path)  # quadratic checks took minutes
+
+
+def test_build_model_rebuilds_each_source_from_the_file(make_cfg, tmp_path):
+    from finetune_prep.runner import run
+
+    for i, overrides in enumerate([
+        ("head.num_outputs=3",),
+        ("model=timm_convnext_tiny", "model.arch=test_efficientnet"),
+        ("model=custom", "model.target._target_=conftest.TwoBranchNet",
+         "~model.target.num_classes", "+model.target.width=4", "model.input_size=[3,16,16]"),
+    ]):
+        plan = run(make_cfg(*overrides, "freeze=head_only", "verify.backward=false"),
+                   tmp_path / str(i))
+        doc = json.loads(plan.read_text())
+        model = paramfile.build_model(plan)
+        names = [n for n, _ in model.named_parameters()]
+        assert sorted(names) == sorted(doc["frozen"] + [n for g in doc["groups"]
+                                                        for n in g["params"]])
+        assert not any(p.is_meta for p in model.parameters())
+    assert doc["model"]["target"] == {"_target_": "conftest.TwoBranchNet", "width": 4}
+    assert doc["model"]["input_size"] == [3, 16, 16] and model.stem.out_channels == 4
+
+
+def test_build_model_says_what_an_older_target_file_lacks(planned, tmp_path):
+    doc = json.loads(planned.read_text())
+    doc["model"].update(source="target", arch="mypkg.Net")
+    doc["model"].pop("target")
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(doc))
+    with pytest.raises(FinetunePrepError, match="names a _target_ model .mypkg.Net. but not its "
+                                                "arguments"):
+        paramfile.build_model(old)
+
+
+def test_unknown_names_are_errors_not_key_errors(planned):
+    model = fresh_resnet18()
+    with pytest.raises(FinetunePrepError, match="1 names in the groups not in the model: fc.wieght"
+                                                ". Did you mean: fc.weight"):
+        paramfile.tensor_groups(model, [{"params": ["fc.wieght"], "lr": 0.1}])
+    with pytest.raises(FinetunePrepError, match="1 eval_modules not in the model: layer1.0.bn9. "
+                                                "Did you mean: layer1.0.bn2, layer1.0.bn1"):
+        paramfile.set_train_mode(model, ["bn1", "layer1.0.bn9"])
+
+
+def test_groups_for_torch_optim_never_carry_lr_scale(planned):
+    groups = paramfile.load_param_groups(fresh_resnet18(), planned)
+    assert {frozenset(g) for g in groups} == {frozenset({"params", "lr", "weight_decay"})}
+    assert any(g["lr_scale"] != 1.0 for g in json.loads(planned.read_text())["groups"])

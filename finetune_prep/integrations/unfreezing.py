@@ -23,6 +23,7 @@ from torch import nn
 
 from finetune_prep import paramfile
 from finetune_prep.errors import FinetunePrepError
+from finetune_prep.integrations import wrappers
 
 log = logging.getLogger("finetune_prep")
 
@@ -74,7 +75,7 @@ class Schedule:
     def _apply(self, phase: dict[str, Any]) -> None:
         view = paramfile.at_phase(self.document, phase["phase"])
         frozen = set(view["frozen"])
-        for name, param in _named_parameters(self.model).items():
+        for name, param in wrappers.named_parameters(self.model).items():
             param.requires_grad_(name not in frozen)
         for group in paramfile.tensor_groups(self.model, phase["groups"]):
             self.optimizer.add_param_group(group)
@@ -86,10 +87,6 @@ class Schedule:
         log.info("finetune_prep: phase %d (%s): %s of %s parameters train, %d new param groups",
                  self.phase, _at(phase["at"]), f"{counts['trainable']:,}",
                  f"{counts['total']:,}", len(phase["groups"]))
-
-
-def _named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return dict(model.named_parameters())
 
 
 def _at(at: dict[str, int]) -> str:

@@ -1,0 +1,111 @@
+"""Lightning integration (`pip install 'finetune_prep[lightning]'`): a Callback that holds a plan
+through `Trainer.fit`.
+
+Lightning switches the whole LightningModule to train mode when fitting starts (and restores or
+resets modes around validation), which would let frozen BatchNorm layers update their running
+statistics. The callback applies the file's requires_grad in `setup` (before
+`configure_optimizers` and before any DDP wrapping), builds the optimizer from the file when
+`configure_optimizers` returns None, puts the file's `eval_modules` back in eval mode at train
+start, every epoch start, after every validation loop and before every training batch, and runs
+`finetune_prep.check` at fit start. Plain loops use `finetune_prep.train_mode` instead.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from finetune_prep import paramfile
+from finetune_prep.errors import FinetunePrepError
+from finetune_prep.integrations import wrappers
+from finetune_prep.integrations.check import check
+
+try:
+    from lightning.pytorch import Callback, LightningModule, Trainer
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "finetune_prep.integrations.lightning needs Lightning: "
+        "pip install 'finetune_prep[lightning]'"
+    ) from err
+
+
+class FinetunePrepCallback(Callback):
+    """Hold the plan in `path` through fitting. `module` names the attribute of the
+    LightningModule that holds the planned model (e.g. "net"); None finds the one submodule
+    (or the LightningModule itself) whose parameter names are exactly the file's."""
+
+    def __init__(self, path: str | os.PathLike, module: str | None = None) -> None:
+        document = paramfile.read(path)
+        self.path = path
+        self.module = module
+        self.names = [n for g in document["groups"] for n in g["params"]] + document["frozen"]
+        self.eval_modules = list(document.get("eval_modules", []))
+        self._original: Any = None
+        self._model: nn.Module | None = None
+
+    def model(self, pl_module: LightningModule) -> nn.Module:
+        """The planned model inside `pl_module`."""
+        if self.module is not None:
+            return pl_module.get_submodule(self.module)
+        wanted = set(self.names)
+        modules = wrappers.named_modules(pl_module)
+        first = self.names[0]
+        for name in wrappers.named_parameters(pl_module):
+            if name == first or name.endswith("." + first):
+                candidate = modules[name[: -len(first)].rstrip(".")]
+                if set(wrappers.named_parameters(candidate)) == wanted:
+                    return candidate
+        raise FinetunePrepError(
+            f"no submodule of {type(pl_module).__name__} has exactly the {len(wanted)} parameters "
+            f"of {self.path}: build the model the file was made for, or name the attribute "
+            "that holds it: FinetunePrepCallback(path, module='net')."
+        )
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """requires_grad from the file, before the optimizer and any wrapper are built."""
+        if stage != "fit":
+            return
+        model = self._model = self.model(pl_module)
+        paramfile.load_param_groups(model, self.path)
+        self._provide_optimizer(pl_module, model)
+
+    def _provide_optimizer(self, pl_module: LightningModule, model: nn.Module) -> None:
+        """configure_optimizers returning None gets the file's optimizer (its _target_)."""
+        original = pl_module.configure_optimizers
+        self._original = original
+
+        def configure_optimizers() -> Any:
+            result = original()
+            return paramfile.build_optimizer(model, self.path) if result is None else result
+
+        pl_module.configure_optimizers = configure_optimizers  # type: ignore[method-assign]
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._model = None
+        if self._original is not None:
+            pl_module.configure_optimizers = self._original  # type: ignore[method-assign]
+            self._original = None
+
+    def hold(self, pl_module: LightningModule) -> None:
+        """The file's eval_modules back in eval mode (nothing else changes mode)."""
+        paramfile.hold_eval(self._model or self.model(pl_module), self.eval_modules)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.hold(pl_module)
+        check(self._model or self.model(pl_module), trainer.optimizers, self.path)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.hold(pl_module)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.hold(pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.hold(pl_module)
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.hold(pl_module)

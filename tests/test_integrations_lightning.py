@@ -1,0 +1,46 @@
+"""The Lightning callback (its full Trainer.fit runs are in test_integrations_recipes.py): it
+finds the planned model inside a LightningModule and says how to name it when it cannot."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+import finetune_prep
+from finetune_prep.errors import FinetunePrepError
+from finetune_prep.integrations.lightning import FinetunePrepCallback
+
+
+class Wrapper(L.LightningModule):
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(2, 2)  # a module outside the plan
+        self.net = net
+
+
+def test_finds_the_planned_model_inside_the_module(resnet18_plan):
+    net = finetune_prep.build_model(resnet18_plan)
+    callback = FinetunePrepCallback(resnet18_plan)
+    assert callback.model(Wrapper(net)) is net
+    assert callback.model(Wrapper(torch.compile(net, backend="eager"))) is net
+    assert FinetunePrepCallback(resnet18_plan, module="net").model(Wrapper(net)) is net
+
+
+def test_setup_sets_requires_grad_and_holds_eval_modules(resnet18_plan):
+    net = finetune_prep.build_model(resnet18_plan)
+    module = Wrapper(net)
+    callback = FinetunePrepCallback(resnet18_plan)
+    callback.setup(None, module, "fit")
+    assert {n for n, p in net.named_parameters() if p.requires_grad} == {
+        n for n, _ in net.named_parameters() if n.startswith(("layer4.", "fc."))}
+    module.train()  # what Lightning does when fitting starts
+    callback.on_train_start(None, module)
+    assert not net.bn1.training and net.layer4[1].bn2.training and module.head.training
+
+
+def test_a_module_without_the_planned_model_says_how_to_name_it(resnet18_plan):
+    with pytest.raises(FinetunePrepError) as err:
+        FinetunePrepCallback(resnet18_plan).model(Wrapper(torch.nn.Linear(3, 3)))
+    assert "no submodule of Wrapper has exactly the 62 parameters of" in str(err.value)
+    assert "FinetunePrepCallback(path, module='net')" in str(err.value)

@@ -1,0 +1,118 @@
+"""Names map through DataParallel, DDP, torch.compile, AveragedModel (and FSDP in the slow
+recipes): the param-file API works on a wrapped model, and DDP built in the wrong order is a
+clear error."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.optim.swa_utils import AveragedModel
+
+import finetune_prep
+from finetune_prep.errors import FinetunePrepError
+from finetune_prep.integrations import wrappers
+
+
+def fresh(plan) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return finetune_prep.build_model(plan)
+
+
+WRAPS = {
+    "DataParallel": torch.nn.DataParallel,
+    "compile": lambda m: torch.compile(m, backend="eager"),
+    "AveragedModel": AveragedModel,
+    "DataParallel(compile)": lambda m: torch.nn.DataParallel(torch.compile(m, backend="eager")),
+}
+
+
+@pytest.mark.parametrize("wrap", list(WRAPS))
+def test_names_map_to_the_bare_models_tensors_and_modules(wrap, resnet18_plan):
+    model = fresh(resnet18_plan)
+    wrapped = WRAPS[wrap](model)
+    inner = wrappers.unwrap(wrapped)
+    assert list(wrappers.named_parameters(wrapped)) == [n for n, _ in inner.named_parameters()]
+    params = wrappers.named_parameters(wrapped)
+    assert all(params[n] is p for n, p in inner.named_parameters())
+    assert wrappers.named_modules(wrapped)["layer1.0.bn1"] is inner.layer1[0].bn1
+    assert wrappers.named_modules(wrapped)[""] is inner
+
+
+def test_averaged_model_holds_a_copy_and_its_counter(resnet18_plan):
+    averaged = AveragedModel(fresh(resnet18_plan))
+    assert "n_averaged" in wrappers.named_buffers(averaged)
+    assert "layer4.1.bn2.running_mean" in wrappers.named_buffers(averaged)
+    assert wrappers.wrapper_names(averaged) == ["AveragedModel"]
+
+
+def test_a_module_named_module_is_not_a_wrapper():
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = torch.nn.Linear(2, 2)
+
+    wrapped = torch.nn.DataParallel(Net())
+    assert list(wrappers.named_parameters(wrapped)) == ["module.weight", "module.bias"]
+
+
+@pytest.mark.parametrize("wrap", list(WRAPS))
+def test_param_file_api_on_a_wrapped_model(wrap, resnet18_plan):
+    wrapped = WRAPS[wrap](fresh(resnet18_plan))
+    optimizer = finetune_prep.build_optimizer(wrapped, resnet18_plan)
+    inner = wrappers.unwrap(wrapped)
+    trainable = {n for n, p in inner.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in inner.named_parameters()
+                         if n.startswith(("layer4.", "fc."))}
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert held == {id(p) for p in inner.parameters() if p.requires_grad}
+    finetune_prep.train_mode(wrapped, resnet18_plan)  # was a bare KeyError: 'bn1'
+    assert wrapped.training and not inner.bn1.training and inner.layer4[1].bn2.training
+    finetune_prep.check(wrapped, optimizer, resnet18_plan)
+
+
+@pytest.fixture
+def gloo(tmp_path):
+    """A one-process gloo group, so DDP can be built in this process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_ddp_in_the_right_order_trains_the_plan(gloo, resnet18_plan):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = fresh(resnet18_plan)
+    finetune_prep.load_param_groups(model, resnet18_plan)
+    ddp = DDP(model)
+    optimizer = finetune_prep.build_optimizer(ddp, resnet18_plan)
+    finetune_prep.train_mode(ddp, resnet18_plan)
+    finetune_prep.check(ddp, optimizer, resnet18_plan)
+    before = copy.deepcopy(model.state_dict())
+    for _ in range(2):  # a reducer error would come on the second step
+        finetune_prep.train_mode(ddp, resnet18_plan)
+        loss = ddp(torch.randn(2, 3, 32, 32)).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.equal(before["layer3.1.conv2.weight"], model.layer3[1].conv2.weight)
+    assert torch.equal(before["bn1.running_mean"], model.bn1.running_mean)
+    assert not torch.equal(before["fc.weight"], model.fc.weight)
+
+
+def test_ddp_built_before_the_file_is_a_clear_error(gloo, resnet18_plan):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(fresh(resnet18_plan))
+    with pytest.raises(FinetunePrepError) as err:
+        finetune_prep.build_optimizer(ddp, resnet18_plan)
+    text = str(err.value)
+    assert "wrapped in DistributedDataParallel, which fixed the trainable parameters" in text
+    assert "requires_grad differs from" in text and "on 45 parameters: conv1.weight" in text
+    assert ("`finetune_prep.load_param_groups(model, path)`, then `DistributedDataParallel(model)`"
+            in text)
+    assert all(p.requires_grad for p in ddp.parameters())  # nothing was changed
