@@ -171,3 +171,83 @@ def test_ddp_recipe_rewraps_at_each_transition_without_a_reducer_error(tmp_path)
     start = final.pop("_start")
     moved = {n for n, t in final.items() if not torch.equal(t, start[n])}
     assert moved == {n for n in final if n.startswith(("layer4.", "fc."))}
+
+
+class _Snapshots:
+    """A Lightning callback recording the planned model's tensors at each epoch's end."""
+
+    def __init__(self, net):
+        import lightning as L
+
+        outer = self
+
+        class Recorder(L.Callback):
+            def on_train_epoch_end(self, trainer, pl_module):
+                outer.states.append({n: t.detach().clone() for n, t in
+                                     [*net.named_parameters(), *net.named_buffers()]})
+
+        self.states = [{n: t.detach().clone() for n, t in
+                        [*net.named_parameters(), *net.named_buffers()]}]
+        self.callback = Recorder()
+
+
+@pytest.mark.slow
+def test_lightning_applies_backbone_at_at_its_epoch(tmp_path):
+    import lightning as L
+
+    from finetune_prep.integrations.lightning import FinetunePrepCallback
+
+    run(finetune_prep.compose(["freeze=backbone_at", "freeze.schedule.0.at.epoch=1",
+                               "head.num_outputs=3", "verify.backward=false"]), tmp_path)
+    plan = tmp_path / "param_groups.json"
+    torch.manual_seed(0)
+    net = finetune_prep.build_model(plan)
+
+    class Classifier(L.LightningModule):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            images, labels = batch
+            return torch.nn.functional.cross_entropy(self.model(images), labels)
+
+        def configure_optimizers(self):
+            return None  # the callback builds the plan's optimizer
+
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    snapshots = _Snapshots(net)
+    callback = FinetunePrepCallback(plan)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[callback, snapshots.callback])
+    trainer.fit(Classifier(net), loader)
+    start, epoch0, epoch1 = snapshots.states
+    params = {n for n, _ in net.named_parameters()}
+    moved0 = {n for n in start if not torch.equal(start[n], epoch0[n])}
+    moved1 = {n for n in start if not torch.equal(epoch0[n], epoch1[n])}
+    assert moved0 == {"fc.weight", "fc.bias"}  # phase 0: the head only, BN statistics fixed
+    assert params <= moved1  # phase 1 from epoch 1: everything trains
+    assert "bn1.running_mean" in moved1  # and the BN layers now train their statistics
+    assert callback.schedule.phase == 1
+    doc = json.loads(plan.read_text())
+    optimizer = trainer.optimizers[0]
+    assert len(optimizer.param_groups) == len(doc["groups"]) + len(doc["schedule"][0]["groups"])
+    assert {g["lr"] for g in optimizer.param_groups[len(doc["groups"]):]} == {1e-4}
+
+
+def test_check_knows_the_current_phase(gradual_plan):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=1)
+    optimizer = finetune_prep.build_optimizer(model, gradual_plan)
+    schedule = finetune_prep.Schedule(model, optimizer, gradual_plan)
+    schedule.train_mode()
+    finetune_prep.check(model, optimizer, gradual_plan)  # phase 0
+    schedule.step(epoch=2)
+    schedule.train_mode()
+    finetune_prep.check(model, optimizer, gradual_plan, phase=schedule.phase)
+    with pytest.raises(FinetunePrepError, match="differs from"):
+        finetune_prep.check(model, optimizer, gradual_plan)  # phase 0 no longer holds
+    with pytest.raises(FinetunePrepError, match=r"phase 9 is not in this plan: it has phases 0..5"):
+        finetune_prep.check(model, optimizer, gradual_plan, phase=9)

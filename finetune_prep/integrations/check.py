@@ -29,15 +29,16 @@ FLATTENED_HINT = (
 
 def check(
     model: nn.Module, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
-    path: str | os.PathLike,
+    path: str | os.PathLike, phase: int = 0,
 ) -> None:
     """Raise a FinetunePrepError listing every way `model` + `optimizer` differ from the plan.
 
     lr is compared through each group's base lr (`initial_lr`, which torch and timm schedulers
     record when built, else `lr`): a scheduler may scale all groups together (warm-up, cosine),
     not give them one value. `model` may be wrapped (DDP, compile, FSDP, AveragedModel).
+    With a schedule, `phase` is the phase training is in (`Schedule.phase`).
     """
-    document = paramfile.read(path)
+    document = paramfile.at_phase(paramfile.read(path), phase)  # gradual unfreezing: phase N
     params = wrappers.named_parameters(model)
     paramfile.check_names(params, document, path)
     optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)

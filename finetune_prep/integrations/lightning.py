@@ -7,7 +7,9 @@ statistics. The callback applies the file's requires_grad in `setup` (before
 `configure_optimizers` and before any DDP wrapping), builds the optimizer from the file when
 `configure_optimizers` returns None, puts the file's `eval_modules` back in eval mode at train
 start, every epoch start, after every validation loop and before every training batch, and runs
-`finetune_prep.check` at fit start. Plain loops use `finetune_prep.train_mode` instead.
+`finetune_prep.check` at fit start. A plan with phases (`freeze.schedule`) is applied at the
+epoch (or step) boundaries through `finetune_prep.Schedule`, each transition checked.
+Plain loops use `finetune_prep.train_mode` (and `Schedule`) instead.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from finetune_prep import paramfile
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.integrations import wrappers
 from finetune_prep.integrations.check import check
+from finetune_prep.integrations.unfreezing import Schedule
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
@@ -44,6 +47,7 @@ class FinetunePrepCallback(Callback):
         self.eval_modules = list(document.get("eval_modules", []))
         self._original: Any = None
         self._model: nn.Module | None = None
+        self.schedule: Schedule | None = None  # the plan's phases (freeze.schedule), if any
 
     def model(self, pl_module: LightningModule) -> nn.Module:
         """The planned model inside `pl_module`."""
@@ -94,12 +98,16 @@ class FinetunePrepCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.hold(pl_module)
-        check(self._model or self.model(pl_module), trainer.optimizers, self.path)
+        model = self._model or self.model(pl_module)
+        check(model, trainer.optimizers, self.path)
+        if paramfile.read(self.path).get("schedule"):
+            self.schedule = Schedule(model, trainer.optimizers[0], self.path)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.hold(pl_module)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._advance(epoch=trainer.current_epoch)
         self.hold(pl_module)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -108,4 +116,15 @@ class FinetunePrepCallback(Callback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._advance(step=trainer.global_step)
         self.hold(pl_module)
+
+    def _advance(self, epoch: int | None = None, step: int | None = None) -> None:
+        """Gradual unfreezing: apply the phases this epoch (or step) has reached, then check."""
+        if self.schedule is None:
+            return
+        before = self.schedule.phase
+        if self.schedule.step(epoch=epoch, step=step) != before:
+            self.eval_modules = self.schedule.eval_modules
+            check(self.schedule.model, self.schedule.optimizer, self.path,
+                  phase=self.schedule.phase)
