@@ -101,6 +101,14 @@ class FinetunePrepCallback(Callback):
         model = self._model or self.model(pl_module)
         check(model, trainer.optimizers, self.path)
         if paramfile.read(self.path).get("schedule"):
+            strategy = type(trainer.strategy).__name__
+            if "DDP" in strategy or "FSDP" in strategy:
+                raise FinetunePrepError(
+                    f"{self.path} has phases (freeze.schedule), and Lightning's {strategy} builds "
+                    "its wrapper once: parameters unfrozen later would never be all-reduced. "
+                    "Run each phase as its own fit, or train in a plain loop that wraps again "
+                    "after each transition (README: Gradual unfreezing)."
+                )
             self.schedule = Schedule(model, trainer.optimizers[0], self.path)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
