@@ -251,3 +251,32 @@ def test_check_knows_the_current_phase(gradual_plan):
         finetune_prep.check(model, optimizer, gradual_plan)  # phase 0 no longer holds
     with pytest.raises(FinetunePrepError, match=r"phase 9 is not in this plan: it has phases 0..5"):
         finetune_prep.check(model, optimizer, gradual_plan, phase=9)
+
+
+@pytest.mark.slow
+def test_lightning_refuses_a_schedule_under_ddp(tmp_path):
+    import lightning as L
+
+    from finetune_prep.integrations.lightning import FinetunePrepCallback
+
+    run(finetune_prep.compose(["freeze=backbone_at", "verify.backward=false"]), tmp_path)
+    plan = tmp_path / "param_groups.json"
+
+    class Classifier(L.LightningModule):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            return self.model(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return None
+
+    data = torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32))
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, strategy="ddp",
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[FinetunePrepCallback(plan)])
+    with pytest.raises(FinetunePrepError, match="DDPStrategy builds its wrapper once"):
+        trainer.fit(Classifier(finetune_prep.build_model(plan)),
+                    torch.utils.data.DataLoader(data, batch_size=2))
