@@ -19,7 +19,8 @@ def test_default_run_writes_the_plan_files(tmp_path, resnet18_ckpt):
                    f"hydra.run.dir={run_dir}")
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        ".hydra", "finetune_prep.log", "param_groups.json", "trainability.txt"]
+        ".finetune_prep.lock", ".hydra", "finetune_prep.log", "param_groups.json",
+        "trainability.txt"]
     last = done.stdout.strip().splitlines()[-1]
     assert last.endswith(f"Wrote {run_dir / 'param_groups.json'}")
     doc = json.loads((run_dir / "param_groups.json").read_text())
