@@ -1,20 +1,52 @@
-"""The config schema: dataclasses registered in Hydra's ConfigStore.
+"""The config schema (dataclasses), its registration with Hydra, and composing it from Python.
 
-A misspelt key or a wrong type fails at start-up with Hydra's own message. The YAML files in
-conf/ document every key; this module only fixes their types and defaults.
+The YAML files in finetune_prep/conf/ document every key; this module fixes their types and
+defaults. A library registers its schemas and leaves the app to call it (Hydra's structured
+config tutorial): `register_configs()` stores them under `finetune_prep/schema`, and
+`import finetune_prep` calls it, so Hydra's own compose API works without the CLI.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from finetune_prep.errors import FinetunePrepError, did_you_mean
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+CONF_MODULE = "finetune_prep.conf"
+SCHEMA_GROUP = "finetune_prep/schema"
+PROVIDER = "finetune_prep"
+OPEN_KEYS = ("model.kwargs", "model.target", "optim.optimizer")  # free-form by design
+
+
+class ModelSource(str, Enum):
+    """Where model.arch is looked up."""
+
+    torchvision = "torchvision"
+    timm = "timm"
+    target = "target"
+
+
+class BnStats(str, Enum):
+    """What frozen BatchNorm layers do with their running statistics in train mode."""
+
+    eval = "eval"
+    train = "train"
 
 
 @dataclass
 class ModelConfig:
-    source: str = "torchvision"
+    source: ModelSource = ModelSource.torchvision
     arch: str = "resnet18"
     weights: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -41,7 +73,7 @@ class CheckpointConfig:
 @dataclass
 class FreezeConfig:
     rules: list[dict[str, str]] = field(default_factory=list)
-    bn_stats: str = "eval"
+    bn_stats: BnStats = BnStats.eval
 
 
 @dataclass
@@ -56,9 +88,11 @@ class GroupRule:
 class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
-    no_decay: list[str] = field(default_factory=lambda: ["@bias", "@norm", "@ndim<=1"])
+    no_decay: list[str] = field(
+        default_factory=lambda: ["@bias", "@norm", "@ndim<=1", "@no_weight_decay"])
     groups: list[GroupRule] = field(default_factory=list)
     layer_decay: float | None = None
+    layer_decay_granularity: str = "block"
     optimizer: dict[str, Any] = field(default_factory=lambda: {"_target_": "torch.optim.AdamW"})
 
 
@@ -86,10 +120,105 @@ class Config:
     verify: VerifyConfig = field(default_factory=VerifyConfig)
 
 
-def register() -> None:
-    """Make the schema available to the defaults lists as `schema/...`."""
-    cs = ConfigStore.instance()
-    cs.store(group="schema", name="config", node=Config)
-    cs.store(group="schema", name="model", node=ModelConfig)
-    cs.store(group="schema", name="freeze", node=FreezeConfig)
-    cs.store(group="schema", name="optim", node=OptimConfig)
+SCHEMAS = {"config": Config, "model": ModelConfig, "head": HeadConfig,
+           "checkpoint": CheckpointConfig, "freeze": FreezeConfig, "optim": OptimConfig}
+
+
+def register_configs() -> None:
+    """Store the schemas as `finetune_prep/schema/NAME` (e.g. `/finetune_prep/schema/freeze@_here_`
+    at the top of a preset's defaults list). Idempotent."""
+    store = ConfigStore.instance()
+    for name, node in SCHEMAS.items():
+        store.store(group=SCHEMA_GROUP, name=name, node=node, provider=PROVIDER)
+
+
+def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> DictConfig:
+    """The config the CLI gets for the same overrides (`--config-dir` = `config_dir`).
+
+    For notebooks and tests: `finetune_prep.prepare(finetune_prep.compose(["freeze=full"]))`.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    extra = []
+    if config_dir is not None:
+        folder = Path(config_dir).expanduser().resolve()
+        if not folder.is_dir():
+            raise FinetunePrepError(f"config_dir={config_dir} is not a folder.")
+        extra = [f"hydra.searchpath=[file://{folder}]"]
+    register_configs()
+    previous = GlobalHydra.instance().is_initialized()
+    if previous:
+        raise FinetunePrepError(
+            "finetune_prep.compose() cannot run inside another Hydra initialize() block; "
+            "call hydra.compose(config_name='config', ...) there instead."
+        )
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=[*overrides, *extra])
+    except FinetunePrepError:
+        raise
+    except Exception as err:  # Hydra's own config errors: a bad override, an unknown preset
+        cause = str(err.__cause__ or "").strip().splitlines()
+        detail = f": {cause[0]}" if cause else ""
+        raise FinetunePrepError(f"invalid config: {err}{detail}") from err
+    return cfg
+
+
+def validate(cfg: Any) -> DictConfig:
+    """Merge a DictConfig or plain dict onto the schema; one clear error for an unknown key
+    (also one added with `+`), a wrong type or a required value left as ???."""
+    plain = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
+    if not isinstance(plain, Mapping):
+        raise FinetunePrepError(f"the config is a {type(cfg).__name__}, not a mapping.")
+    unknown = unknown_keys(plain, Config)
+    if unknown:
+        raise FinetunePrepError("\n".join(unknown))
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+        OmegaConf.to_object(merged)  # raises on a required value left as ???
+    except OmegaConfBaseException as err:
+        raise FinetunePrepError(f"invalid config: {err}") from err
+    _check_ranges(merged)
+    return merged
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    """Sizes and counts that the types allow but no run can use."""
+    v = cfg.verify
+    if v.batch_size < 1:
+        raise FinetunePrepError(f"verify.batch_size={v.batch_size}: the proof needs a batch of "
+                                "at least 1 (2 or more for BatchNorm in train mode).")
+    if v.max_params < 0:
+        raise FinetunePrepError(f"verify.max_params={v.max_params}: must be >= 0.")
+    size = cfg.model.input_size
+    if size is not None and (not size or any(d < 1 for d in size)):
+        raise FinetunePrepError(f"model.input_size={list(size)}: give [C, H, W] with every "
+                                "size >= 1 (e.g. [3, 224, 224]), or null for the model's own.")
+
+
+def unknown_keys(given: Mapping, schema: type, where: str = "") -> list[str]:
+    """Messages for keys of `given` that the dataclass `schema` does not have, with the close
+    ones; nested sections and optim.groups items are checked too."""
+    fields = {f.name: f.type for f in dataclasses.fields(schema)}
+    nested = typing.get_type_hints(schema)
+    found = []
+    for key, value in given.items():
+        path = f"{where}{key}"
+        if path in OPEN_KEYS:
+            continue
+        if key not in fields:
+            found.append(_unknown(path, [f"{where}{k}" for k in fields]))
+        elif isinstance(value, Mapping) and dataclasses.is_dataclass(nested[key]):
+            found += unknown_keys(value, nested[key], f"{path}.")
+        elif path == "optim.groups" and isinstance(value, Sequence):
+            found += [m for i, item in enumerate(value) if isinstance(item, Mapping)
+                      for m in unknown_keys(item, GroupRule, f"{path}[{i}].")]
+    return found
+
+
+def _unknown(path: str, options: list[str]) -> str:
+    hint = did_you_mean(path, options, n=3, cutoff=0.6) or f" Keys here: {', '.join(options)}."
+    return (f"{path} is not a config key of finetune_prep, so it would be ignored.{hint} "
+            "A '+' in front of a key adds it, but finetune_prep does not read it.")

@@ -7,13 +7,14 @@ groups, byte for byte.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.models import ParamTable
-from finetune_prep.rules import head_params, match, select, stage_label, stage_params
+from finetune_prep.models import GRANULARITIES, ParamTable
+from finetune_prep.rules import match, select
 
 
 @dataclass(frozen=True)
@@ -22,9 +23,11 @@ class Setting:
 
     lr: float
     weight_decay: float
-    label: str  # what placed it (head, backbone, stage3, a group rule's name)
+    label: str  # what placed it (head, backbone, layer3, stage3, a group rule's name)
     no_decay: bool  # weight decay switched off by optim.no_decay
     reasons: tuple[str, ...]
+    layer: int  # layer id (optim.layer_decay_granularity); groups record it per parameter
+    by_layer: bool = False  # layer decay is on: one group per layer
 
 
 def build_groups(
@@ -37,42 +40,53 @@ def build_groups(
 
 
 def assign(table: ParamTable, trainable: Sequence[str], optim: Any) -> dict[str, Setting]:
-    """Each trainable parameter's lr and weight decay: group rules, layer decay, no-decay."""
+    """Each trainable parameter's lr and weight decay: group rules, layer decay, no-decay.
+
+    Layer decay gives layer k of n (0 the stem, n-1 the head) lr * decay ** (n-1-k), the
+    effective lr of timm's `param_groups_layer_decay` (which stores the factor as lr_scale).
+    """
     rules = _group_rules(table, optim.groups)
     no_decay = _pattern_union(table, optim.no_decay)
-    positions = _positions(table)
-    n = len(table.stages)
+    decay = optim.layer_decay
+    granularity = granularity_of(optim)
+    layers = table.layer_ids(granularity)
+    top = max(layers.values(), default=0)  # the head's layer: all parameters count, frozen too
     settings = {}
     for name in trainable:
         lr, wd = float(optim.lr), float(optim.weight_decay)
-        label, reasons = _base_label(positions[name], n, optim.layer_decay is not None), []
-        if optim.layer_decay is not None:
-            depth = n - (positions[name] or 0)  # outside every stage: decays like stage 0
-            lr *= optim.layer_decay ** depth
-            reasons.append(f"layer_decay {optim.layer_decay}^{depth}")
+        label, reasons = _base_label(table, name, layers[name], top, decay, granularity), []
+        if decay is not None:
+            depth = top - layers[name]
+            lr *= decay**depth
+            reasons.append(f"layer_decay {decay}^{depth}")
         if rule := rules.get(name):
             where, cfg = rule
             lr, wd = lr * cfg.lr_mult, wd * cfg.wd_mult
-            label = cfg.name or cfg.match
+            label = f"{label}/{cfg.name or cfg.match}" if decay is not None \
+                else cfg.name or cfg.match
             reasons.append(f"{where} ({cfg.match})")
         off = name in no_decay and wd != 0.0
         if off:
             wd = 0.0
             reasons.append(f"optim.no_decay ({no_decay[name]})")
-        settings[name] = Setting(lr, wd, label, off, tuple(reasons))
+        settings[name] = Setting(lr, wd, label, off, tuple(reasons), layers[name],
+                                 decay is not None)
     return settings
 
 
 def merge(settings: Mapping[str, Setting], base_lr: float) -> list[dict[str, Any]]:
-    """One group per distinct (lr, weight_decay), named by its labels, params in model order."""
-    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    """One group per distinct (lr, weight_decay) (and layer, under layer decay), named by its
+    labels, params in model order, each parameter's layer id beside it."""
+    groups: dict[tuple, dict[str, Any]] = {}
     for name, s in settings.items():
+        key = (s.lr, s.weight_decay, s.layer if s.by_layer else None)
         group = groups.setdefault(
-            (s.lr, s.weight_decay),
+            key,
             {"labels": [], "lr": s.lr, "weight_decay": s.weight_decay, "reasons": [],
-             "no_decay": False, "params": []},
+             "no_decay": False, "params": [], "layer_ids": []},
         )
         group["params"].append(name)
+        group["layer_ids"].append(s.layer)
         _add_unique(group["labels"], [s.label])
         group["no_decay"] |= s.no_decay
         _add_unique(group["reasons"], s.reasons)
@@ -84,21 +98,37 @@ def merge(settings: Mapping[str, Setting], base_lr: float) -> list[dict[str, Any
             "lr_scale": g["lr"] / base_lr if base_lr else 1.0,
             "reasons": g["reasons"],
             "params": g["params"],
+            "layer_ids": g["layer_ids"],
         }
         for g in groups.values()
     ]
+
+
+def granularity_of(optim: Any) -> str:
+    """optim.layer_decay_granularity, checked (block when the key is absent)."""
+    value = optim.get("layer_decay_granularity", "block") or "block"
+    if value not in GRANULARITIES:
+        raise FinetunePrepError(
+            f"optim.layer_decay_granularity={value!r}: use block (one layer per block, as timm "
+            "and the BEiT/MAE recipes) or stage (one layer per stage)."
+        )
+    return value
 
 
 def _add_unique(items: list[str], new: Sequence[str]) -> None:
     items.extend(x for x in new if x not in items)
 
 
-def _base_label(position: int | None, n_stages: int, by_stage: bool) -> str:
-    if position == n_stages:
+def _base_label(
+    table: ParamTable, name: str, layer: int, top: int, decay: float | None, granularity: str
+) -> str:
+    if decay is None:
+        return "head" if table.position[name] == len(table.stages) else "backbone"
+    if layer == top:
         return "head"
-    if by_stage:
-        return "unstaged" if position is None else f"stage{position}"
-    return "backbone"
+    if granularity == "stage" and table.position[name] is None:
+        return "unstaged"
+    return f"{'layer' if granularity == 'block' else 'stage'}{layer}"
 
 
 def _group_rules(table: ParamTable, rules: Sequence[Any]) -> dict[str, tuple[str, Any]]:
@@ -121,29 +151,18 @@ def _pattern_union(table: ParamTable, patterns: Sequence[str]) -> dict[str, str]
     return hit
 
 
-def _positions(table: ParamTable) -> dict[str, int | None]:
-    """Each parameter's stage index; the head's is len(stages); None outside every stage."""
-    positions: dict[str, int | None] = dict.fromkeys(table.names)
-    for i, stage in enumerate(table.stages):
-        positions.update(dict.fromkeys(stage_params(table, stage), i))
-    positions.update(dict.fromkeys(head_params(table), len(table.stages)))
-    return positions
-
-
 def _check_numbers(optim: Any) -> None:
-    if not optim.lr > 0:
-        raise FinetunePrepError(f"optim.lr={optim.lr}: the learning rate must be > 0.")
-    if optim.weight_decay < 0:
-        raise FinetunePrepError(f"optim.weight_decay={optim.weight_decay}: must be >= 0.")
-    if optim.layer_decay is not None and not 0 < optim.layer_decay <= 1:
-        raise FinetunePrepError(
-            f"optim.layer_decay={optim.layer_decay}: must be in (0, 1] (e.g. 0.75), or null."
-        )
+    """Every number a group gets is finite and in range (NaN or inf would reach the file)."""
+    checks = [("optim.lr", optim.lr, lambda x: x > 0, "> 0 (e.g. 0.001)"),
+              ("optim.weight_decay", optim.weight_decay, lambda x: x >= 0, ">= 0 (e.g. 0.05)")]
+    if optim.layer_decay is not None:
+        checks.append(("optim.layer_decay", optim.layer_decay, lambda x: 0 < x <= 1,
+                       "in (0, 1] (e.g. 0.75), or null"))
+    granularity_of(optim)
     for i, rule in enumerate(optim.groups):
-        if rule.lr_mult < 0 or rule.wd_mult < 0:
-            raise FinetunePrepError(f"optim.groups[{i}]: lr_mult and wd_mult must be >= 0.")
-
-
-def describe_stages(table: ParamTable) -> list[str]:
-    """Stage labels for reports and the param-group file."""
-    return [stage_label(s) for s in table.stages]
+        for key in ("lr_mult", "wd_mult"):
+            checks.append((f"optim.groups[{i}].{key}", getattr(rule, key), lambda x: x >= 0,
+                           ">= 0"))
+    for key, value, ok, bound in checks:
+        if not (math.isfinite(value) and ok(value)):
+            raise FinetunePrepError(f"{key}={value}: must be a finite number {bound}.")

@@ -7,25 +7,39 @@ and module facts that rules, groups and the report work on without touching tens
 
 from __future__ import annotations
 
-import difflib
+import fnmatch
+import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from finetune_prep.errors import FinetunePrepError
+from finetune_prep.errors import FinetunePrepError, did_you_mean
 
 SOURCES = ("torchvision", "timm", "target")
+GRANULARITIES = ("block", "stage")  # what optim.layer_decay counts as one layer
+# torchvision's transformers have no no_weight_decay(): these parameter names are excluded as
+# the DeiT/MAE recipes and torchvision's own reference scripts (transformer_embedding_decay) do
+TORCHVISION_NO_WEIGHT_DECAY = ("class_token", "pos_embedding", "relative_position_bias_table")
+
+
+def covers(prefix: str, name: str) -> bool:
+    """True if `prefix` is `name` or an enclosing module of it (dot boundary)."""
+    return name == prefix or name.startswith(prefix + ".")
 
 
 @dataclass(frozen=True)
 class ParamTable:
-    """What the pure stages of the pipeline know about a model: names, shapes and structure."""
+    """What the pure stages of the pipeline know about a model: names, shapes and structure.
+
+    It is the one place that says which parameters a stage or the head holds.
+    """
 
     names: tuple[str, ...]  # parameters in model order, tied weights once
     shapes: Mapping[str, tuple[int, ...]]
@@ -35,13 +49,53 @@ class ParamTable:
     stat_modules: frozenset[str]  # modules with running statistics (BatchNorm and kin)
     head: tuple[str, ...]  # head modules: the main head first, then auxiliary heads
     stages: tuple[tuple[str, ...], ...]  # each stage: module or parameter names, model order
+    layers: Mapping[str, int] = field(default_factory=dict)  # block-level layer id, head last
+    no_weight_decay: frozenset[str] = frozenset()  # the model's own no-weight-decay parameters
 
     def numel(self, name: str) -> int:
         """Number of elements of one parameter."""
-        n = 1
-        for d in self.shapes[name]:
-            n *= d
-        return n
+        return math.prod(self.shapes[name])
+
+    def count(self, names: Sequence[str] | None = None) -> int:
+        """Number of elements of `names` (all parameters by default)."""
+        return sum(self.numel(n) for n in (self.names if names is None else names))
+
+    def params_under(self, entries: Sequence[str]) -> list[str]:
+        """Parameters that any of `entries` (module or parameter names) covers, model order."""
+        return [n for n in self.names if any(covers(e, n) for e in entries)]
+
+    def stage_params(self, index: int) -> list[str]:
+        """Parameters of stage `index` (Python indexing), in model order."""
+        return self.params_under(self.stages[index])
+
+    def head_params(self) -> list[str]:
+        """Parameters of the head module(s), in model order."""
+        return self.params_under(self.head)
+
+    def stage_label(self, index: int) -> str:
+        """A short readable name for a stage, for people (files keep the list)."""
+        return "+".join(self.stages[index])
+
+    def stage_lists(self) -> list[list[str]]:
+        """The stages as JSON-ready lists of module/parameter names."""
+        return [list(s) for s in self.stages]
+
+    @cached_property
+    def position(self) -> Mapping[str, int | None]:
+        """Each parameter's stage index; the head's is len(stages); None outside every stage."""
+        positions: dict[str, int | None] = dict.fromkeys(self.names)
+        for i in range(len(self.stages)):
+            positions.update(dict.fromkeys(self.stage_params(i), i))
+        positions.update(dict.fromkeys(self.head_params(), len(self.stages)))
+        return positions
+
+    def layer_ids(self, granularity: str = "block") -> dict[str, int]:
+        """Each parameter's layer id for layer-wise lr decay: 0 the stem ... the highest the
+        head. `block`: one per block (see stages.derive_layers); `stage`: the stage index
+        (head len(stages); a parameter outside every stage 0)."""
+        if granularity == "block" and self.layers:
+            return dict(self.layers)
+        return {n: p or 0 for n, p in self.position.items()}
 
 
 @dataclass
@@ -98,7 +152,7 @@ def build_model(model_cfg: Any, head_cfg: Any, meta: bool) -> BuiltModel:
             f"head.num_outputs={num_outputs}: a head needs at least one output. "
             "Set head.num_outputs to the number of classes (1 for a binary logit)."
         )
-    source = model_cfg.source
+    source = str(getattr(model_cfg.source, "value", model_cfg.source))  # the enum's name
     if source not in SOURCES:
         raise FinetunePrepError(
             f"model.source={source!r} is not one of {', '.join(SOURCES)}."
@@ -114,17 +168,40 @@ def build_model(model_cfg: Any, head_cfg: Any, meta: bool) -> BuiltModel:
     stages = _stages(model, model_cfg, head)
     if model_cfg.get("input_size"):
         input_size = tuple(model_cfg.input_size)
-    table = describe(model, head, stages)
+    table = describe(model, head, stages, _layers(model, head, stages),
+                     no_weight_decay_names(model, source))
     arch = model_cfg.arch if source != "target" else _target_name(model_cfg)
     return BuiltModel(model, table, source, arch, num_outputs, input_size)
 
 
+RESERVED_KWARGS = {  # keyword arguments the builder sets itself, and the key that sets them
+    "torchvision": {"weights": "model.weights", "num_classes": "head.num_outputs"},
+    "timm": {"pretrained": "checkpoint.path", "num_classes": "head.num_outputs",
+             "pretrained_cfg_overlay": "checkpoint.path"},
+}
+
+
 def _construct(model_cfg: Any, num_outputs: int) -> tuple[nn.Module, tuple[int, ...] | None]:
     kwargs = dict(model_cfg.get("kwargs") or {})
-    if model_cfg.source == "torchvision":
-        return _torchvision(model_cfg.arch, kwargs)
-    if model_cfg.source == "timm":
-        return _timm(model_cfg.arch, num_outputs, kwargs)
+    source = str(getattr(model_cfg.source, "value", model_cfg.source))
+    for key, instead in RESERVED_KWARGS.get(source, {}).items():
+        if key in kwargs:
+            raise FinetunePrepError(
+                f"model.kwargs.{key}: finetune_prep sets {key} itself; use {instead} instead "
+                "(and remove it from model.kwargs)."
+            )
+    try:
+        if source == "torchvision":
+            return _torchvision(model_cfg.arch, kwargs)
+        if source == "timm":
+            return _timm(model_cfg.arch, num_outputs, kwargs)
+    except TypeError as err:
+        if not kwargs or "argument" not in str(err):
+            raise
+        raise FinetunePrepError(
+            f"model.kwargs ({', '.join(kwargs)}) rejected by {model_cfg.arch}: {err}. "
+            "Check the names against the model's constructor, or remove them."
+        ) from err
     return _target(model_cfg), None
 
 
@@ -135,7 +212,8 @@ def _torchvision(arch: str, kwargs: dict) -> tuple[nn.Module, tuple[int, ...]]:
     if arch not in names:
         raise FinetunePrepError(
             f"model.arch={arch!r} is not a torchvision classification model."
-            f"{_suggest(arch, names)} See torchvision.models.list_models() for all {len(names)}."
+            f"{did_you_mean(arch, names)} "
+            f"See torchvision.models.list_models() for all {len(names)}."
         )
     model = torchvision.models.get_model(arch, weights=None, **kwargs)
     return model, (3, 299, 299) if arch == "inception_v3" else (3, 224, 224)
@@ -151,7 +229,7 @@ def _timm(arch: str, num_outputs: int, kwargs: dict) -> tuple[nn.Module, tuple[i
     if not timm.is_model(arch):
         names = timm.list_models()
         raise FinetunePrepError(
-            f"model.arch={arch!r} is not a timm model.{_suggest(arch, names)}"
+            f"model.arch={arch!r} is not a timm model.{did_you_mean(arch, names)}"
             " See timm.list_models('*pattern*')."
         )
     model = timm.create_model(arch, pretrained=False, num_classes=num_outputs, **kwargs)
@@ -182,11 +260,6 @@ def _target_name(model_cfg: Any) -> str:
     return str(model_cfg.target["_target_"])
 
 
-def _suggest(word: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=5, cutoff=0.6)
-    return f" Did you mean: {', '.join(close)}?" if close else ""
-
-
 def _replace_heads(
     model: nn.Module, model_cfg: Any, head_cfg: Any, num_outputs: int, meta: bool
 ) -> tuple[str, ...]:
@@ -199,7 +272,7 @@ def _replace_heads(
         if name not in modules:
             linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
             raise FinetunePrepError(
-                f"head.module={name!r} is not a module of this model.{_suggest(name, linears)}"
+                f"head.module={name!r} is not a module of this model.{did_you_mean(name, linears)}"
                 f" Its Linear layers: {', '.join(linears[-5:]) or 'none'}."
             )
         if not isinstance(modules[name], nn.Linear):
@@ -267,6 +340,14 @@ def _stages(model: nn.Module, model_cfg: Any, head: Sequence[str]) -> tuple[tupl
     return tuple(tuple(s) for s in derive_stages(model, head))
 
 
+def _layers(
+    model: nn.Module, head: Sequence[str], stages: Sequence[Sequence[str]]
+) -> dict[str, int]:
+    from finetune_prep.stages import derive_layers
+
+    return derive_layers(model, head, stages)
+
+
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
     nn.LayerNorm,
@@ -288,8 +369,26 @@ def has_running_stats(module: nn.Module) -> bool:
     ) is not None
 
 
+def no_weight_decay_names(model: nn.Module, source: str) -> frozenset[str]:
+    """The parameters the model itself says not to decay: timm's `no_weight_decay()` (names or
+    fnmatch patterns, matched as timm does); a torchvision transformer's tokens, position
+    embeddings and relative position bias tables."""
+    names = [n for n, _ in model.named_parameters()]
+    if callable(getattr(model, "no_weight_decay", None)):
+        patterns = set(model.no_weight_decay())
+        return frozenset(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+    if source == "torchvision":
+        return frozenset(n for n in names
+                         if n.rpartition(".")[2] in TORCHVISION_NO_WEIGHT_DECAY)
+    return frozenset()
+
+
 def describe(
-    model: nn.Module, head: Sequence[str], stages: Sequence[Sequence[str]]
+    model: nn.Module,
+    head: Sequence[str],
+    stages: Sequence[Sequence[str]],
+    layers: Mapping[str, int] | None = None,
+    no_weight_decay: frozenset[str] = frozenset(),
 ) -> ParamTable:
     """Read names, shapes and structure off a model (meta or real; no tensor data read)."""
     params = list(model.named_parameters())
@@ -303,6 +402,8 @@ def describe(
         stat_modules=frozenset(n for n, m in modules if has_running_stats(m)),
         head=tuple(head),
         stages=tuple(tuple(s) for s in stages),
+        layers=dict(layers or {}),
+        no_weight_decay=no_weight_decay,
     )
 
 

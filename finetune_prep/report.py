@@ -9,8 +9,28 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from finetune_prep.models import ParamTable
-from finetune_prep.rules import covers, head_params, stage_params
+from finetune_prep.models import ParamTable, covers
+from finetune_prep.verify import FAILURES
+
+MAX_LABEL = 60  # longer stage labels are clipped so the columns stay aligned
+COMPACT_AFTER = 6  # more layer-decay groups than this are summarized by their first and last
+
+
+def plural(count: int, word: str) -> str:
+    """'1 tensor', '2 tensors', '1,000 tensors'."""
+    return f"{count:,} {word}{'' if count == 1 else 's'}"
+
+
+def share(part: int, total: int) -> str:
+    """A percentage that is 0% or 100% only when exact: 513 of 11 M is '<0.01%', not '0.00%'."""
+    if total <= 0 or part <= 0:
+        return "0%"
+    if part >= total:
+        return "100%"
+    pct = 100.0 * part / total
+    if pct < 0.01:
+        return "<0.01%"
+    return ">99.99%" if pct > 99.99 else f"{pct:.2f}%"
 
 
 def state(trainable: int, total: int) -> str:
@@ -57,8 +77,10 @@ def render(
 def _header(document: Mapping[str, Any], table: ParamTable) -> str:
     model, ckpt = document["model"], document["checkpoint"]
     heads = ", ".join(f"{h} ({table.module_types.get(h, '?')})" for h in table.head)
+    outputs = model.get("num_outputs")
     lines = [
-        f"Model: {model['arch']} ({model['source']}), {model['num_outputs']} outputs",
+        f"Model: {model['arch']} ({model['source']})"
+        + (f", {plural(outputs, 'output')}" if outputs else ""),
         f"Head: {heads}",
     ]
     lines += _checkpoint_lines(ckpt)
@@ -70,7 +92,7 @@ def _checkpoint_lines(ckpt: Mapping[str, Any] | None) -> list[str]:
         return ["Checkpoint: none (random init)"]
     lines = []
     for src in ckpt["sources"]:
-        lines.append(f"Checkpoint: {src['path']} ({src['loaded']} tensors loaded)")
+        lines.append(f"Checkpoint: {src['path']} ({plural(src['loaded'], 'tensor')} loaded)")
         lines += [f"  unwrapped: {step}" for step in src.get("unwrapped", [])]
         for key in ("missing", "unexpected", "excluded"):
             if src.get(key):
@@ -85,11 +107,13 @@ def _checkpoint_lines(ckpt: Mapping[str, Any] | None) -> list[str]:
 def _grouped(table: ParamTable, trainable: Mapping[str, bool], document: Mapping) -> str:
     eval_modules = set(document.get("eval_modules", []))
     stat_modules = sorted(table.stat_modules)
-    lines = [f"{'Module':<20} {'State':<10} {'Trainable':>13} / {'Total':<13} Norm mode"]
-    for top, t, n in top_level_rows(table, trainable):
+    rows = top_level_rows(table, trainable)
+    width = max([20, *(len(top) + 1 for top, _, _ in rows)])
+    lines = [f"{'Module':<{width}} {'State':<10} {'Trainable':>13} / {'Total':<13} Norm mode"]
+    for top, t, n in rows:
         stats = [m for m in stat_modules if covers(top, m)]
         mode = _mode(stats, eval_modules)
-        lines.append(f"{top:<20} {state(t, n):<10} {t:>13,} / {n:<13,} {mode}".rstrip())
+        lines.append(f"{top:<{width}} {state(t, n):<10} {t:>13,} / {n:<13,} {mode}".rstrip())
     return "\n".join(lines)
 
 
@@ -104,16 +128,21 @@ def _mode(stats: Sequence[str], eval_modules: set[str]) -> str:
 
 def _stages(table: ParamTable, trainable: Mapping[str, bool]) -> str:
     """One row per stage (the units that @stage[i] and layer decay index), then the head."""
-    rows = [(f"{i} {'+'.join(s)}", stage_params(table, s)) for i, s in enumerate(table.stages)]
-    rows.append(("head " + "+".join(table.head), head_params(table)))
-    width = min(max(len(label) for label, _ in rows) + 2, 60)
-    lines = [f"{f'Stages ({len(table.stages)}) and head':<{width}} {'State':<10} "
-             f"{'Trainable':>13} / Total"]
+    rows = [(f"{i} {table.stage_label(i)}", table.stage_params(i))
+            for i in range(len(table.stages))]
+    rows.append(("head " + "+".join(table.head), table.head_params()))
+    title = f"Stages ({len(table.stages)}) and head"
+    width = min(max(len(title), *(len(label) for label, _ in rows)), MAX_LABEL)
+    lines = [f"{title:<{width}}  {'State':<10} {'Trainable':>13} / Total"]
     for label, names in rows:
-        t = sum(table.numel(n) for n in names if trainable[n])
-        n = sum(table.numel(n) for n in names)
-        lines.append(f"{label:<{width}} {state(t, n):<10} {t:>13,} / {n:,}")
+        t = table.count([n for n in names if trainable[n]])
+        n = table.count(names)
+        lines.append(f"{_clip(label, width):<{width}}  {state(t, n):<10} {t:>13,} / {n:,}")
     return "\n".join(lines)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _detailed(table: ParamTable, trainable: Mapping[str, bool]) -> str:
@@ -126,24 +155,71 @@ def _detailed(table: ParamTable, trainable: Mapping[str, bool]) -> str:
 
 
 def _totals(counts: Mapping[str, int]) -> str:
-    pct = 100.0 * counts["trainable"] / counts["total"] if counts["total"] else 0.0
+    pct = share(counts["trainable"], counts["total"])
     return "\n".join([
         f"Total parameters:     {counts['total']:,}",
-        f"Trainable parameters: {counts['trainable']:,} ({pct:.2f}%)",
+        f"Trainable parameters: {counts['trainable']:,} ({pct})",
         f"Frozen parameters:    {counts['frozen']:,}",
     ])
 
 
 def _groups(document: Mapping[str, Any]) -> str:
     optimizer = document.get("optimizer", {}).get("_target_", "?")
-    if not document["groups"]:
+    groups = document["groups"]
+    if not groups:
         return f"Param groups for {optimizer}: none (nothing trains)"
+    if len(groups) > COMPACT_AFTER and all(_decay_step(g) for g in groups):
+        return _layer_groups(optimizer, groups)
     lines = [f"Param groups for {optimizer}:"]
-    for g in document["groups"]:
+    for g in groups:
         why = f"  [{'; '.join(g['reasons'])}]" if g.get("reasons") else ""
         lines.append(f"  {g['name']}: lr={g['lr']:g} weight_decay={g['weight_decay']:g}, "
-                     f"{len(g['params'])} tensors{why}")
+                     f"{plural(len(g['params']), 'tensor')}{why}")
     return "\n".join(lines)
+
+
+def _decay_step(group: Mapping[str, Any]) -> tuple[str, int] | None:
+    """(factor, exponent) from a group's 'layer_decay F^K' reason, if it has one."""
+    for reason in group.get("reasons", []):
+        if reason.startswith("layer_decay "):
+            factor, _, exponent = reason.split()[1].partition("^")
+            return factor, int(exponent)
+    return None
+
+
+def _layer_groups(optimizer: str, groups: Sequence[Mapping[str, Any]]) -> str:
+    """Layer decay in three lines: the lr of the lowest and highest training layer, counts,
+    and the weight decays (the file lists every group)."""
+    lrs: dict[int, set[float]] = {}
+    heads: set[int] = set()
+    top = 0
+    for g in groups:
+        factor, exponent = _decay_step(g)  # type: ignore[misc]
+        for layer in set(g["layer_ids"]):
+            lrs.setdefault(layer, set()).add(g["lr"])
+            top = max(top, layer + exponent)
+            heads |= {layer} if g["name"].split("/")[0] == "head" else set()
+
+    def at(layer: int) -> str:
+        values = "|".join(f"{v:g}" for v in sorted(lrs[layer]))
+        return f"{values} (layer {layer}{', head' if layer in heads else ''})"
+
+    first, last = min(lrs), max(lrs)
+    decays: dict[float, list[int]] = {}
+    for g in groups:
+        decays.setdefault(g["weight_decay"], []).append(len(g["params"]))
+    no_decay = list(dict.fromkeys(r for g in groups for r in g.get("reasons", [])
+                                  if r.startswith("optim.no_decay")))
+    tensors = sum(len(g["params"]) for g in groups)
+    return "\n".join([
+        f"Param groups for {optimizer}: {plural(len(groups), 'group')}, "
+        f"{plural(tensors, 'tensor')}",
+        f"  layer decay {factor}: {len(lrs)} of {plural(top + 1, 'layer')} train, "
+        f"lr {at(first)} ... {at(last)}",
+        "  " + "; ".join(f"weight_decay {wd:g}: {plural(sum(decays[wd]), 'tensor')}"
+                         for wd in sorted(decays, reverse=True))
+        + (f"  [{'; '.join(no_decay)}]" if no_decay else ""),
+    ])
 
 
 def _memory(memory: Mapping[str, int] | None) -> str:
@@ -162,12 +238,7 @@ def _verified(verified: Mapping[str, Any] | None) -> str:
     status = "OK" if verified["ok"] else "FAILED"
     lines = [f"Verified: one forward/backward/optimizer step on a random batch "
              f"{verified['input']}: {status}"]
-    labels = {
-        "frozen_with_grad": "frozen parameters that got a gradient",
-        "frozen_changed": "frozen parameters that changed",
-        "trainable_without_grad": "trainable parameters that got no gradient (unused: breaks DDP)",
-        "trainable_unchanged": "trainable parameters the step did not change",
-    }
+    labels = {**FAILURES, "trainable_unchanged": "trainable parameters the step did not change"}
     for key, label in labels.items():
         if verified.get(key):
             lines.append(f"  {label}: {', '.join(verified[key][:8])}"

@@ -5,23 +5,24 @@ A pattern selects parameters by name, anchored (never a bare substring):
   `*.bn1` covers `layer1.0.bn1.weight`, `*` covers everything;
 - `re:REGEX`, matched with fullmatch against full parameter names;
 - an alias: `@head`, `@stage[i]`, `@stages[a:b]` (Python indexing, negatives too), `@norm`,
-  `@bias`, `@ndim<=1`, `@all`.
+  `@bias`, `@ndim<=1`, `@no_weight_decay` (what the model itself excludes from weight decay:
+  timm's `no_weight_decay()`, a torchvision ViT's class token and position embedding), `@all`.
 A pattern that selects nothing is an error naming close matches: a typo must never freeze nothing.
 """
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from finetune_prep.errors import FinetunePrepError
+from finetune_prep.errors import FinetunePrepError, did_you_mean
 from finetune_prep.models import ParamTable
 
-ALIASES = ("@head", "@stage[i]", "@stages[a:b]", "@norm", "@bias", "@ndim<=1", "@all")
+ALIASES = ("@head", "@stage[i]", "@stages[a:b]", "@norm", "@bias", "@ndim<=1",
+           "@no_weight_decay", "@all")
 ACTIONS = ("freeze", "unfreeze")
 _FORM = "{freeze: PATTERN} or {unfreeze: PATTERN}"
 _STAGE = re.compile(r"@stage\[\s*(-?\d+)\s*\]")
@@ -48,26 +49,6 @@ class FreezePlan:
     decided_by: Mapping[str, str | None]  # parameter -> the rule that set it last (None: default)
     shadowed: tuple[str, ...]  # rules whose every parameter a later rule overrides
     empty: tuple[str, ...] = ()  # alias rules that select nothing on this model
-
-
-def covers(prefix: str, name: str) -> bool:
-    """True if `prefix` is `name` or an enclosing module of it (dot boundary)."""
-    return name == prefix or name.startswith(prefix + ".")
-
-
-def stage_params(table: ParamTable, stage: Sequence[str]) -> list[str]:
-    """Parameters covered by one stage's module/parameter names, in model order."""
-    return [n for n in table.names if any(covers(p, n) for p in stage)]
-
-
-def head_params(table: ParamTable) -> list[str]:
-    """Parameters of the head module(s), in model order."""
-    return stage_params(table, table.head)
-
-
-def stage_label(stage: Sequence[str]) -> str:
-    """A short readable name for a stage: its entries joined by '+'."""
-    return "+".join(stage)
 
 
 def match(pattern: str, table: ParamTable) -> list[str]:
@@ -160,42 +141,38 @@ def _compile(pattern: str) -> re.Pattern[str]:
 def _alias(pattern: str, table: ParamTable) -> list[str]:
     simple = {
         "@all": lambda: list(table.names),
-        "@head": lambda: head_params(table),
+        "@head": table.head_params,
         "@norm": lambda: [n for n in table.names if table.owner[n] in table.norm_modules],
         "@bias": lambda: [n for n in table.names if n.rpartition(".")[2] == "bias"],
         "@ndim<=1": lambda: [n for n in table.names if len(table.shapes[n]) <= 1],
+        "@no_weight_decay": lambda: [n for n in table.names if n in table.no_weight_decay],
     }
     if pattern in simple:
         return simple[pattern]()
     if m := _STAGE.fullmatch(pattern):
-        return stage_params(table, _stage_at(table, int(m.group(1)), pattern))
+        return table.stage_params(_stage_at(table, int(m.group(1)), pattern))
     if m := _STAGES.fullmatch(pattern):
-        picked = table.stages[slice(*(int(g) if g else None for g in m.groups()))]
-        return [n for s in picked for n in stage_params(table, s)]
+        picked = range(len(table.stages))[slice(*(int(g) if g else None for g in m.groups()))]
+        return [n for i in picked for n in table.stage_params(i)]
     raise FinetunePrepError(
         f"{pattern!r} is not an alias. Aliases: {', '.join(ALIASES)}."
-        f"{_close(pattern, ALIASES)}"
+        f"{did_you_mean(pattern, ALIASES, cutoff=0.5)}"
     )
 
 
-def _stage_at(table: ParamTable, index: int, pattern: str) -> Sequence[str]:
+def _stage_at(table: ParamTable, index: int, pattern: str) -> int:
     n = len(table.stages)
     if not -n <= index < n:
-        listing = ", ".join(f"{i}: {stage_label(s)}" for i, s in enumerate(table.stages))
+        listing = ", ".join(f"{i}: {table.stage_label(i)}" for i in range(n))
         raise FinetunePrepError(
             f"{pattern}: this model has {n} stages, so the index must be in {-n}..{n - 1}. "
             f"Stages: {listing}."
         )
-    return table.stages[index]
+    return index
 
 
 def _hint(pattern: str, table: ParamTable) -> str:
     words = list(dict.fromkeys(s for n in table.names for s in _scopes(n)))
-    close = _close(pattern.removeprefix("re:"), words)
+    close = did_you_mean(pattern.removeprefix("re:"), words, cutoff=0.5)
     tops = ", ".join(dict.fromkeys(n.split(".")[0] for n in table.names))
     return f"{close} Top-level modules: {tops}."
-
-
-def _close(word: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=5, cutoff=0.5)
-    return f" Did you mean: {', '.join(close)}?" if close else ""

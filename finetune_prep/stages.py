@@ -23,14 +23,29 @@ The derivation reads only names, module types and parameter counts (never tensor
    `encoder.layers` or regnet's `trunk_output`), open the biggest module that has several
    parameterized parts and group again.
 
-timm models with a `group_matcher` use timm's own coarse grouping (the one its layer decay
-uses) with head parameters dropped; a last group of bare leaf layers (convnext's head.norm)
-joins the stage before it. timm models without one take the general derivation.
+timm models with a `group_matcher` use timm's own coarse grouping with head parameters
+dropped; a last group of bare leaf layers (convnext's head.norm) joins the stage before it.
+timm models without one take the general derivation.
+
+Layer ids are the same concept one level finer: the units that layer-wise lr decay counts
+(`derive_layers`). On a timm model with a `group_matcher` they are timm's own fine grouping
+(`group_matcher(coarse=False)`, what timm's `param_groups_layer_decay` uses), head included.
+Elsewhere each stage is split into its blocks, the rule timm applies and BEiT/MAE describe:
+
+- the first stage (the stem) is layer 0;
+- a stage that is a container (Sequential, ModuleList, ModuleDict) of blocks gives one layer
+  per block (a ResNet bottleneck, a ConvNeXt/Swin block, an inverted residual), also through
+  one wrapper (maxvit's `blocks.i.layers`); any other module with nested layers is one block
+  (a ViT encoder layer, an inception module);
+- a module of single layers between blocks (a ConvNeXt/Swin downsampling) shares the layer of
+  the next block, and one after the last block (a final norm or 1x1 conv) the last one;
+- the head comes last, with the head's siblings in its container (convnext's classifier norm,
+  vgg's and mobilenet_v3's pre-logits layers), as timm treats them;
+- a model without any block (vgg, alexnet, squeezenet) gets one layer per stage.
 """
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +53,8 @@ from typing import Any
 
 from torch import nn
 
-from finetune_prep.errors import FinetunePrepError
+from finetune_prep.errors import FinetunePrepError, did_you_mean
+from finetune_prep.models import covers
 
 MIN_STAGES = 3  # fewer than this means "stem + trunk": open the trunk
 
@@ -62,11 +78,6 @@ class _Unit:
     kind: str  # "param", "leaf", "shallow" (conv+bn), "deep", "pool" (marker, no parameters)
     numel: int
     aux: bool = False  # part of an auxiliary classifier
-
-
-def covers(prefix: str, name: str) -> bool:
-    """True if `prefix` is `name` or an enclosing module of it (dot boundary)."""
-    return name == prefix or name.startswith(prefix + ".")
 
 
 def _read(model: nn.Module, head: Sequence[str]) -> _Tree:
@@ -174,6 +185,87 @@ def _split_at_pools(units: Sequence[_Unit]) -> list[list[_Unit]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# layer ids
+
+
+def derive_layers(
+    model: nn.Module, head: Sequence[str], stages: Sequence[Sequence[str]]
+) -> dict[str, int]:
+    """Every parameter's layer id (0 = stem ... last = head), block by block; see the module
+    docstring. Parameters outside every stage and the head get 0."""
+    if hasattr(model, "group_matcher"):
+        try:
+            from timm.models import group_parameters
+
+            return group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+        except (ImportError, NotImplementedError):
+            pass
+    tree = _read(model, head)
+    units = _layer_units(tree, stages)
+    if not any(is_block for is_block, _ in units[1:]):
+        units = [(True, list(stage)) for stage in stages]  # no blocks: a layer per stage
+    entry_layer = _number(units)
+    layers = {n: _innermost(entry_layer, n) for n in tree.params}
+    head_id = max(layers.values(), default=-1) + 1
+    for h in head:
+        scope = h.rpartition(".")[0] or h  # the head's container, or the head at the root
+        layers.update({n: head_id for n in tree.params if covers(scope, n)})
+    order = {old: new for new, old in enumerate(sorted(set(layers.values())))}
+    return {n: order[i] for n, i in layers.items()}  # no gaps: every id holds parameters
+
+
+def _innermost(ids: Mapping[str, int], name: str) -> int:
+    """The id of the closest entry that covers parameter `name` (0 if none does)."""
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        if (scope := ".".join(parts[:end])) in ids:
+            return ids[scope]
+    return 0
+
+
+def _layer_units(tree: _Tree, stages: Sequence[Sequence[str]]) -> list[tuple[bool, list[str]]]:
+    """(is a block, names) in model order; the stem stage is one unit."""
+    units: list[tuple[bool, list[str]]] = [(True, list(stages[0]))] if stages else []
+    for stage in stages[1:]:
+        for entry in stage:
+            blocks = _blocks(tree, entry)
+            if blocks:
+                units += [(True, [b]) for b in blocks]
+            else:
+                units.append((tree.depth.get(entry, 0) >= 2, [entry]))
+    return units
+
+
+def _blocks(tree: _Tree, name: str) -> list[str]:
+    """The blocks of a container of blocks (through one wrapper module), else []."""
+    module = tree.modules.get(name)
+    if module is None:
+        return []
+    kids = [c for c in _children(tree, name) if tree.numel.get(c, 0)]
+    if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return kids if kids and all(tree.depth.get(c, 0) >= 1 for c in kids) else []
+    if len(kids) == 1 and kids[0] in tree.modules:
+        inner = _blocks(tree, kids[0])
+        return inner if all(tree.depth.get(c, 0) >= 2 for c in inner) else []
+    return []
+
+
+def _number(units: Sequence[tuple[bool, list[str]]]) -> dict[str, int]:
+    """Entry -> layer id: each block a new layer; single layers before a block join it, after
+    the last block they join the last."""
+    ids: dict[str, int] = {}
+    layer, pending = -1, []
+    for is_block, names in units:
+        pending += names
+        if is_block:
+            layer += 1
+            ids.update(dict.fromkeys(pending, layer))
+            pending = []
+    ids.update(dict.fromkeys(pending, max(layer, 0)))
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
 # timm
 
 
@@ -267,8 +359,7 @@ def _resolve_name(pattern: str, known: Sequence[str], where: str) -> list[str]:
     else:
         found = [pattern] if pattern in known else []
     if not found:
-        close = difflib.get_close_matches(pattern, list(known), n=5, cutoff=0.6)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        hint = did_you_mean(pattern, known)
         tops = ", ".join(dict.fromkeys(n.split(".")[0] for n in known))
         raise FinetunePrepError(
             f"{where}: {pattern!r} is not a module or parameter name of this model.{hint}"

@@ -3,8 +3,14 @@
 Hydra 1.3 skips `on_multirun_end` when any job failed, but runs `on_job_end` for every job,
 inside the worker process (joblib too). So each job writes its own `job_result.json` and then
 rebuilds the whole summary from all result files under the sweep dir, under a file lock; the
-summary is complete after the last job whichever launcher ran it. `on_multirun_end` rebuilds
-once more. Every number comes from the job's own param_groups.json.
+summary is complete after the last job whichever launcher ran it. Every number comes from the
+job's own param_groups.json.
+
+To say once where the summary is, `on_multirun_start` (main process) writes the sweep plan
+(how many jobs the basic sweeper will run, in which batches, and which keys vary; the job
+folder names use the last) to `.sweep_plan.json`; the job whose result completes the sweep
+(or, with fail-fast batches, the batch that failed) draws the plot and logs the paths.
+Without a plan (another sweeper), `on_multirun_end` does it, which Hydra runs on success only.
 """
 
 from __future__ import annotations
@@ -25,7 +31,12 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from finetune_prep.atomic import write_atomic
+from finetune_prep.naming import PLAN_FILE, register_resolvers
+
 log = logging.getLogger("finetune_prep")
+register_resolvers()  # Hydra imports this callback in every joblib worker before naming a job
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 RESULT_FILE = "job_result.json"
 PARAM_FILE = "param_groups.json"
@@ -41,6 +52,20 @@ _hinted = False
 
 class SweepSummary(Callback):
     """Registered in conf/config.yaml under hydra.callbacks; acts in MULTIRUN mode only."""
+
+    def __init__(self) -> None:
+        self._planned = False
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            plan = sweep_plan(config)
+            if plan is not None:
+                sweep_dir = Path(str(config.hydra.sweep.dir))
+                sweep_dir.mkdir(parents=True, exist_ok=True)
+                write_atomic(sweep_dir / PLAN_FILE, json.dumps(plan) + "\n")
+                self._planned = True
+        except Exception:  # without a plan the summary is still written, just announced later
+            log.debug("no sweep plan", exc_info=True)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         hydra = config.get("hydra")
@@ -62,18 +87,60 @@ class SweepSummary(Callback):
                 result["stage_params"] = stage_counts(doc, sizes)
                 result["stage_unit"] = "elements" if sizes else "tensors"
             job_dir.mkdir(parents=True, exist_ok=True)
-            _write_atomic(job_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
-            write_summary(sweep_dir, plot_if_failed_only=True)
+            write_atomic(job_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
+            write_summary(sweep_dir, plot_if_failed_only=True, job=result["job"])
         except Exception:  # a summary problem must never turn a good job into a failed one
             log.exception("could not write the sweep summary in %s", sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             sweep_dir = Path(str(config.hydra.sweep.dir))
-            write_summary(sweep_dir)
-            (sweep_dir / LOCK_FILE).unlink(missing_ok=True)
+            if not (self._planned and not (sweep_dir / PLAN_FILE).exists()):
+                announce(sweep_dir, write_summary(sweep_dir))  # not announced by a job yet
+            for name in (LOCK_FILE, PLAN_FILE):
+                (sweep_dir / name).unlink(missing_ok=True)
         except Exception:
             log.exception("could not write the sweep summary")
+
+
+def sweep_plan(config: DictConfig) -> dict[str, Any] | None:
+    """The basic sweeper's job count, batch size and varying keys, computed as it does; None
+    for other sweepers (their job count is not known in advance)."""
+    sweeper = config.hydra.sweeper
+    if sweeper.get("_target_") != BASIC_SWEEPER:
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    overrides = OverridesParser.create().parse_overrides(
+        params + list(config.hydra.overrides.task))
+    jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    varying = [o.get_key_element() for o in overrides if o.is_sweep_override()]
+    return {"jobs": len(jobs), "batch": sweeper.get("max_batch_size") or len(jobs),
+            "varying": [k.lstrip("+~") for k in varying]}
+
+
+def announce(sweep_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Log once, at the end of a sweep, where its summary files are."""
+    written = [n for n in (CSV_FILE, MD_FILE, PNG_FILE) if (sweep_dir / n).exists()]
+    if not written:
+        return
+    failed = sum(r["status"] != "COMPLETED" for r in rows)
+    names = written[0] if len(written) == 1 else \
+        "sweep_summary.{" + ",".join(n.rpartition(".")[2] for n in written) + "}"
+    log.info("Sweep summary (%d jobs, %d failed): %s", len(rows), failed, sweep_dir / names)
+
+
+def _is_last(rows: Sequence[dict[str, Any]], plan: dict[str, Any], job: int) -> bool:
+    """True once the results of the sweep's last batch to run are all present: the whole
+    sweep, or (fail-fast batches) the batch of `job` when a job in it failed."""
+    total, size = int(plan["jobs"]), max(int(plan["batch"]), 1)
+    end = min((job // size + 1) * size, total)
+    done = {r["job"]: r["status"] for r in rows}
+    if not all(j in done for j in range(end)):
+        return False
+    return end == total or any(done[j] != "COMPLETED" for j in range(end - size, end))
 
 
 def _sweep_dir(job_dir: Path, subdir: str) -> Path:
@@ -169,19 +236,29 @@ def _md(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def write_summary(sweep_dir: Path, plot_if_failed_only: bool = False) -> list[dict[str, Any]]:
+def write_summary(
+    sweep_dir: Path, plot_if_failed_only: bool = False, job: int | None = None
+) -> list[dict[str, Any]]:
     """Rebuild sweep_summary.{csv,md,png} from every job's result file (under a lock).
 
-    After each job the plot (about 2 s of matplotlib) is drawn only once a job has failed,
-    because Hydra then skips on_multirun_end, which draws it otherwise.
+    After each job (`job` set) the plot (about 2 s of matplotlib) is drawn only by the job
+    that completes the sweep, which then logs where the files are; without a sweep plan, once
+    a job has failed (Hydra then skips on_multirun_end, which draws it otherwise).
     """
     sweep_dir = Path(sweep_dir)
     with _locked(sweep_dir / LOCK_FILE):
         rows = collect(sweep_dir)
-        _write_atomic(sweep_dir / CSV_FILE, to_csv(rows))
-        _write_atomic(sweep_dir / MD_FILE, to_markdown(rows))
-        if not plot_if_failed_only or any(r["status"] == "FAILED" for r in rows):
+        write_atomic(sweep_dir / CSV_FILE, to_csv(rows))
+        write_atomic(sweep_dir / MD_FILE, to_markdown(rows))
+        plan = _read_json(sweep_dir / PLAN_FILE) if job is not None else None
+        last = plan is not None and _is_last(rows, plan, job)
+        failed = plan is None and any(r["status"] == "FAILED" for r in rows)
+        if not plot_if_failed_only or last or failed:
             plot(rows, sweep_dir / PNG_FILE)
+        if last:
+            for name in (PLAN_FILE, LOCK_FILE):  # announced: once; nothing left to lock
+                (sweep_dir / name).unlink(missing_ok=True)
+            announce(sweep_dir, rows)
     return rows
 
 
@@ -201,21 +278,17 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    from finetune_prep.paramfile import write_atomic  # the one atomic writer (temp+fsync+rename)
-
-    write_atomic(path, text)
-
-
 def stage_counts(doc: dict[str, Any], numel: dict[str, int] | None = None) -> dict[str, list]:
     """[trainable, total] per stage (plus 'head' and, if any, 'other'), from the names in
-    param_groups.json; counted in elements with `numel` (name -> size), else in tensors."""
-    from finetune_prep.rules import covers
+    param_groups.json; counted in elements with `numel` (name -> size), else in tensors.
+    A stage is a list of module names (older files joined them with '+')."""
+    from finetune_prep.models import covers
 
     trainable = {n for g in doc["groups"] for n in g["params"]}
     model = doc["model"]
     heads = model.get("heads") or [model["head"]]
-    buckets = [(label, label.split("+")) for label in model["stages"]] + [("head", heads)]
+    stages = [s.split("+") if isinstance(s, str) else list(s) for s in model["stages"]]
+    buckets = [("+".join(s), s) for s in stages] + [("head", heads)]
     totals: dict[str, list[int]] = {label: [0, 0] for label, _ in buckets}
     for name in [*trainable, *doc["frozen"]]:
         label = next((lbl for lbl, mods in buckets if any(covers(m, name) for m in mods)),

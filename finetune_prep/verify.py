@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune_prep.models import ParamTable
+from finetune_prep.models import BuiltModel, ParamTable
 
 # Optimizer state per trainable parameter element, in parameter-sized copies.
 _STATE_COPIES = {"adamw": 2, "adam": 2, "nadam": 2, "radam": 2, "adamax": 2, "adagrad": 1,
@@ -57,6 +57,7 @@ def prove(
     `groups` are torch.optim groups of `model`'s own tensors.
     """
     params = dict(model.named_parameters())
+    non_finite = _non_finite(model)
     before = {n: p.detach().clone() for n, p in params.items()}
     optimizer = make_optimizer(groups)
     generator = torch.Generator().manual_seed(seed)
@@ -69,15 +70,51 @@ def prove(
     result = {
         "backward": True,
         "input": [batch_size, *input_size],
+        "non_finite": non_finite,
         "frozen_with_grad": [n for n in frozen if params[n].grad is not None],
-        "frozen_changed": [n for n in frozen if not torch.equal(params[n], before[n])],
+        "frozen_changed": [n for n in frozen if not _same(params[n], before[n])],
         "trainable_without_grad": [n for n in trainable if params[n].grad is None],
-        "trainable_unchanged": [n for n in trainable if torch.equal(params[n], before[n])],
+        "trainable_unchanged": [n for n in trainable if _same(params[n], before[n])],
+        "non_finite_after_step": [n for n in _non_finite(model) if n not in non_finite],
     }
-    result["ok"] = not (
-        result["frozen_with_grad"] or result["frozen_changed"] or result["trainable_without_grad"]
-    )
+    result["ok"] = not any(result[k] for k in FAILURES)
     return result
+
+
+FAILURES = {  # what makes the proof fail, in plain words
+    "non_finite": "weights or buffers that hold NaN or Inf (check the checkpoint)",
+    "frozen_with_grad": "frozen parameters that got a gradient",
+    "frozen_changed": "frozen parameters that changed",
+    "trainable_without_grad": "trainable parameters that got no gradient (unused: breaks DDP)",
+    "non_finite_after_step": "parameters that became NaN or Inf after one step (lr too high?)",
+}
+
+
+def failure(verified: dict[str, Any]) -> str | None:
+    """Why a proof that ran failed, naming the tensors; None when it passed or did not run."""
+    if not verified.get("backward") or verified.get("ok"):
+        return None
+    parts = [f"{FAILURES[k]}: {_names(verified[k])}" for k in FAILURES if verified.get(k)]
+    return "; ".join(parts)
+
+
+def _names(names: Sequence[str], limit: int = 8) -> str:
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _non_finite(model: nn.Module) -> list[str]:
+    """Floating-point parameters and buffers with a NaN or Inf anywhere."""
+    return [n for n, t in model.state_dict(keep_vars=True).items()
+            if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN equal to NaN (a NaN weight that did not move is unchanged)."""
+    if a.is_floating_point():
+        return bool(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0),
+                                                                        b.nan_to_num(0.0)))
+    return torch.equal(a, b)
 
 
 def _loss(output: Any) -> torch.Tensor:
@@ -87,3 +124,44 @@ def _loss(output: Any) -> torch.Tensor:
     tensors = [o for o in (output.values() if isinstance(output, dict) else output)
                if isinstance(o, torch.Tensor)]
     return sum(t.float().pow(2).mean() for t in tensors)
+
+
+def should_verify(verify_cfg: Any, table: ParamTable, requested: bool | None) -> bool:
+    """Whether the proof runs: the caller's request, else verify.backward, else the size bound."""
+    if requested is not None:
+        return requested
+    if verify_cfg.backward is not None:
+        return bool(verify_cfg.backward)
+    return sum(table.numel(n) for n in table.names) <= verify_cfg.max_params
+
+
+def run_proof(
+    verify_cfg: Any, built: BuiltModel, do_verify: bool, groups: list[dict[str, Any]],
+    eval_modules: Sequence[str], optimizer: Any, make_model: Callable[[], nn.Module],
+) -> dict[str, Any]:
+    """The `verified` block: the proof's findings, or why it did not run.
+
+    `make_model` returns a model with real weights that the proof may change (a copy, never
+    the model handed to the user)."""
+    from finetune_prep.paramfile import optimizer_factory, set_train_mode, tensor_groups
+
+    if not do_verify:
+        reason = ("verify.backward=false" if verify_cfg.backward is False
+                  else f"model above verify.max_params={verify_cfg.max_params:,}"
+                  if verify_cfg.backward is None else "not requested")
+        return {"backward": False, "reason": reason}
+    if built.input_size is None:
+        return {"backward": False, "reason": "input size unknown: set model.input_size=[C,H,W]"}
+    if not groups:
+        return {"backward": False, "reason": "nothing trains"}
+    model = set_train_mode(make_model(), eval_modules)
+    return prove(model, tensor_groups(model, groups), optimizer_factory(optimizer),
+                 built.input_size, verify_cfg.batch_size, verify_cfg.seed)
+
+
+def notes(verified: dict[str, Any]) -> list[str]:
+    """A warning when the proof ran and found problems."""
+    if failure(verified) is None:
+        return []
+    return ["the verification step found problems (see Verified above): fix the rules or the "
+            "model before training"]

@@ -5,33 +5,28 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from finetune_prep.__main__ import CONF_DIR
+import finetune_prep
 from finetune_prep.models import BuiltModel, build_model
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def make_cfg() -> Iterator[Callable[..., DictConfig]]:
-    """Compose the packaged config with overrides, as the CLI would (without running it)."""
+def make_cfg() -> Callable[..., DictConfig]:
+    """Compose the packaged config with overrides through the public API, as the CLI would."""
 
     def _compose(*overrides: str) -> DictConfig:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose(config_name="config", overrides=list(overrides))
+        return finetune_prep.compose(list(overrides))
 
-    yield _compose
-    GlobalHydra.instance().clear()
+    return _compose
 
 
 @cache
@@ -64,9 +59,13 @@ def resnet18_ckpt(tmp_path_factory) -> Path:
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python -m finetune_prep ARGS` as a user would; output captured as text."""
+    """Run `python -m finetune_prep ARGS` as a user would; output captured as text.
+    This checkout's package comes first on the path, whatever `cwd` is: an installed
+    finetune_prep (another checkout's editable install, say) is not what is under test."""
     full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     full_env.update(env or {})
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO), *filter(None, [full_env.get("PYTHONPATH")])])
     return subprocess.run(
         [sys.executable, "-m", "finetune_prep", *args],
         cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,

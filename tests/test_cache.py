@@ -37,7 +37,8 @@ def _plan(make_cfg, *overrides):
     return prepare(make_cfg(*overrides), materialize=False, verify=False)
 
 
-def test_same_config_reuses_model_and_checkpoint(counted, make_cfg, resnet18_ckpt):
+def test_same_model_and_checkpoint_are_reused_across_freeze_presets(counted, make_cfg,
+                                                                     resnet18_ckpt):
     args = (f"checkpoint.path={resnet18_ckpt}",)
     first = _plan(make_cfg, *args, "freeze=full")
     second = _plan(make_cfg, *args, "freeze=head_only")

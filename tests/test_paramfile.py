@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from finetune_prep.errors import FinetunePrepError
 
 @pytest.fixture
 def planned(make_cfg, tmp_path):
-    """A head_only plan for resnet18, written to tmp_path/param_groups.json."""
+    """A last_stage plan with SGD for resnet18, written to tmp_path/param_groups.json."""
     from finetune_prep.runner import run
 
     cfg = make_cfg("freeze=last_stage", "verify.backward=false", "optim=sgd")
@@ -87,15 +88,86 @@ def test_wrong_format_and_broken_json(tmp_path, planned):
         paramfile.read(broken)
 
 
-def test_write_atomic_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatch):
-    target = tmp_path / "param_groups.json"
-    target.write_text("good\n")
+def _edited(planned, tmp_path, edit) -> str:
+    """Write an edited copy of the plan; return its path."""
+    doc = json.loads(planned.read_text())
+    edit(doc)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(doc))
+    return str(path)
 
-    def no_space(fd):
-        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(paramfile.os, "fsync", no_space)
-    with pytest.raises(FinetunePrepError, match="No space left on device"):
-        paramfile.write_atomic(target, "partial")
-    assert target.read_text() == "good\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["param_groups.json"]
+def _first_frozen_into_group(doc):
+    doc["groups"][0]["params"].append(doc["frozen"][0])
+
+
+EDITS = {
+    "a frozen parameter also in a group": (_first_frozen_into_group, "listed twice"),
+    "a name in two groups": (lambda d: d["groups"][1]["params"].append(
+        d["groups"][0]["params"][0]), "listed twice"),
+    "lr as a string": (lambda d: d["groups"][0].update(lr="0.01"), "groups[0].lr is '0.01'"),
+    "lr null": (lambda d: d["groups"][0].update(lr=None), "groups[0].lr is None"),
+    "lr negative": (lambda d: d["groups"][0].update(lr=-1), "must be a finite number > 0"),
+    "lr true": (lambda d: d["groups"][0].update(lr=True), "groups[0].lr is True"),
+    "weight decay missing": (lambda d: d["groups"][0].pop("weight_decay"),
+                             "groups[0].weight_decay is None"),
+    "a group without params": (lambda d: d["groups"][0].pop("params"),
+                               "groups[0].params must be a non-empty list"),
+    "a group that is a string": (lambda d: d["groups"].append("head"), "is not an object"),
+    "non-string names": (lambda d: d["groups"][0].update(params=[1, 2]),
+                         "groups[0].params must be a non-empty list of parameter names"),
+    "eval_modules not a list": (lambda d: d.update(eval_modules="bn1"),
+                                "'eval_modules' must be a list"),
+    "an optimizer block without _target_": (lambda d: d.update(optimizer={"lr": 1}),
+                                            "'optimizer' must be an object with a '_target_'"),
+    "frozen not a list": (lambda d: d.update(frozen=None), "must be lists"),
+}
+
+
+@pytest.mark.parametrize("case", list(EDITS))
+def test_every_malformed_file_is_one_clear_error(planned, tmp_path, case):
+    edit, expected = EDITS[case]
+    path = _edited(planned, tmp_path, edit)
+    model = fresh_resnet18()
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    for call in (paramfile.load_param_groups, paramfile.build_optimizer):
+        with pytest.raises(FinetunePrepError, match=re.escape(expected)):
+            call(model, path)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before  # untouched
+
+
+def test_nan_in_a_file_is_refused(planned, tmp_path):
+    path = tmp_path / "nan.json"
+    path.write_text(planned.read_text().replace('"lr": 0.01', '"lr": NaN', 1))
+    with pytest.raises(FinetunePrepError, match="groups.0..lr is nan"):
+        paramfile.read(path)
+
+
+def test_deeply_nested_json_is_a_clear_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text('{"format": "finetune_prep/param_groups@1", "x": ' + "[" * 100_000
+                    + "]" * 100_000 + "}")
+    with pytest.raises(FinetunePrepError, match="nested too deeply"):
+        paramfile.read(path)
+
+
+def test_unknown_eval_modules_and_a_rejected_optimizer_are_clear_errors(planned, tmp_path):
+    model = fresh_resnet18()
+    unknown = _edited(planned, tmp_path, lambda d: d.update(eval_modules=["bn9"]))
+    with pytest.raises(FinetunePrepError, match="eval_modules names modules .*: bn9"):
+        paramfile.train_mode(model, unknown)
+    bad = _edited(planned, tmp_path, lambda d: d["optimizer"].update(momentum="fast"))
+    with pytest.raises(FinetunePrepError, match="rejects the file's arguments"):
+        paramfile.build_optimizer(model, bad)
+    missing = _edited(planned, tmp_path, lambda d: d["optimizer"].update(_target_="torch.nope"))
+    with pytest.raises(FinetunePrepError, match="optim.optimizer cannot be built"):
+        paramfile.build_optimizer(model, missing)
+
+
+def test_name_checks_are_linear(planned, tmp_path):
+    doc = json.loads(planned.read_text())
+    doc["frozen"] += [f"extra.{i}.weight" for i in range(300_000)]
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(FinetunePrepError, match="300000 names in the file not in the model"):
+        paramfile.load_param_groups(fresh_resnet18(), path)  # quadratic checks took minutes

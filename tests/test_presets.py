@@ -7,14 +7,15 @@ import torchvision
 from conftest import REPO, meta_model
 from omegaconf import OmegaConf
 
+from finetune_prep.config import CONF_DIR
 from finetune_prep.rules import evaluate, match, parse_rules
 
 ARCHS = torchvision.models.list_models(module=torchvision.models)
-PRESETS = sorted(p.stem for p in (REPO / "conf" / "freeze").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in (CONF_DIR / "freeze").glob("*.yaml"))
 
 
 def trainable_under(table, preset: str) -> set[str]:
-    rules = OmegaConf.load(REPO / "conf" / "freeze" / f"{preset}.yaml").rules
+    rules = OmegaConf.load(CONF_DIR / "freeze" / f"{preset}.yaml").rules
     plan = evaluate(parse_rules(rules), table)
     return {n for n, t in plan.trainable.items() if t}
 
@@ -44,3 +45,31 @@ def test_an_alias_that_selects_nothing_is_reported_not_fatal():
     plan = evaluate(parse_rules([{"unfreeze": "*"}, {"freeze": "@norm"}]), table)
     assert plan.empty == ("freeze.rules[1] {freeze: @norm}",)
     assert all(plan.trainable.values())
+
+
+def readme_layer_decay_rows() -> dict[str, list[str]]:
+    """The README's 'What optim=layer_decay gives' table: model preset -> its cells."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("#### What `optim=layer_decay` gives", 1)[1].split("\n#", 1)[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in section.splitlines() if line.startswith("| `model=")]
+    return {row[0].strip("`").removeprefix("model="): row[1:] for row in rows}
+
+
+def test_readme_layer_decay_table_is_what_the_code_gives(make_cfg):
+    from finetune_prep import prepare
+
+    rows = readme_layer_decay_rows()
+    assert list(rows) == ["resnet50", "vit_b_16", "convnext_tiny"]
+    for model, (layers, first, last) in rows.items():
+        cfg = make_cfg(f"model={model}", "optim=layer_decay", "freeze=full",
+                       "verify.backward=false")
+        lrs: dict[int, set[float]] = {}
+        for g in prepare(cfg, materialize=False).document["groups"]:
+            for layer in g["layer_ids"]:
+                lrs.setdefault(layer, set()).add(g["lr"])
+        assert all(len(v) == 1 for v in lrs.values())  # one lr per layer
+        n = len(lrs)
+        assert layers.split(":")[0] == str(n), model
+        assert first == ", ".join(f"{lrs[k].pop():.3g}" for k in range(3)), model
+        assert last == ", ".join(f"{lrs[k].pop():.3g}" for k in range(n - 3, n)), model

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -16,7 +19,7 @@ from conftest import REPO, run_cli
 from finetune_prep import provenance
 
 PRESET = """defaults:
-  - /schema/freeze@_here_
+  - /finetune_prep/schema/freeze@_here_
   - _self_
 rules:
   - freeze: "*"
@@ -42,6 +45,7 @@ def _entry(prov: dict, folder: Path) -> dict:
     return found[0]
 
 
+@pytest.mark.slow
 def test_user_config_dir_git_state_and_hash(tmp_path):
     repo = tmp_path / "project"
     conf = repo / "my_conf"
@@ -73,10 +77,9 @@ def test_user_config_dir_git_state_and_hash(tmp_path):
     assert other["config_sha256"] != clean["config_sha256"]
 
 
-def test_git_state_never_raises(tmp_path):
+def test_git_state_never_raises_and_the_hash_follows_the_config(tmp_path):
     assert "folder not found" in provenance.git_state(tmp_path / "missing")["git"]
     assert "not in a git work tree" in provenance.git_state(tmp_path)["git"]
-    assert provenance.config_sha256("a: 1\n") == provenance.config_sha256("a: 1\n")
     assert provenance.config_sha256("a: 1\n") != provenance.config_sha256("a: 2\n")
 
 
@@ -90,30 +93,63 @@ def wheel(tmp_path_factory) -> Path:
     return next(out.glob("finetune_prep-*.whl"))
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_configs(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    shipped = {p.relative_to(REPO).as_posix() for p in (REPO / "conf").rglob("*.yaml")}
-    assert "conf/config.yaml" in shipped and "conf/sweep/freeze_presets.yaml" in shipped
-    assert {"finetune_prep/" + p for p in shipped} <= names
+    shipped = {p.relative_to(REPO).as_posix()
+               for p in (REPO / "finetune_prep" / "conf").rglob("*.yaml")}
+    assert "finetune_prep/conf/config.yaml" in shipped
+    assert "finetune_prep/conf/sweep/freeze_presets.yaml" in shipped
+    assert shipped <= names
 
 
-def test_installed_wheel_runs_from_another_folder(wheel, tmp_path):
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-                   check=True, timeout=120)
+def _site_dirs() -> list[str]:
+    """The folders this interpreter imports installed packages from (a venv's or the system's)."""
+    dirs = [*site.getsitepackages(), sysconfig.get_paths()["purelib"],
+            sysconfig.get_paths()["platlib"]]
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return [d for d in dict.fromkeys(dirs) if Path(d).is_dir()]
+
+
+def _venv_seeing_these_packages(venv: Path) -> Path:
+    """A new venv that imports this interpreter's packages (torch, hydra, ...) through a .pth
+    file: `--system-site-packages` would give the base interpreter's, not this venv's.
+    The paths are plain lines, so the current environment's own .pth files (an editable
+    finetune_prep among them) are not run: the wheel is the only finetune_prep the venv sees."""
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True).stdout.strip()
+    (Path(purelib) / "outer_site_packages.pth").write_text("\n".join(_site_dirs()) + "\n")
+    return python
+
+
+@pytest.mark.slow
+def test_installed_wheel_runs_from_another_folder(wheel, tmp_path):
+    python = _venv_seeing_these_packages(tmp_path / "venv")
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
                     str(wheel)], check=True, capture_output=True, timeout=120)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(
         [str(python), "-c", "import finetune_prep, sys; print(finetune_prep.__file__)"],
-        cwd=elsewhere, capture_output=True, text=True, check=True)
-    assert str(venv) in done.stdout  # the wheel, not the checkout
+        cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
+    assert str(tmp_path / "venv") in done.stdout  # the wheel, not the checkout
     done = subprocess.run([str(python), "-m", "finetune_prep", "hydra.run.dir=out",
-                           "verify.backward=false"], cwd=elsewhere, capture_output=True,
-                          text=True, timeout=120)
+                           "verify.backward=false"], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     doc = json.loads((elsewhere / "out" / "param_groups.json").read_text())
     assert doc["counts"]["trainable"] == 513
     assert "site-packages" in doc["provenance"]["git"][0]["config_dir"]
+    compose = ("import finetune_prep, hydra; "
+               "cfg = finetune_prep.compose(['freeze=last_stage', 'model=vit_b_16']); "
+               "print(cfg.model.arch, len(cfg.freeze.rules)); "
+               "ctx = hydra.initialize_config_module('finetune_prep.conf', version_base='1.3'); "
+               "ctx.__enter__(); print(hydra.compose('config', ['optim=sgd']).optim.lr)")
+    done = subprocess.run([str(python), "-c", compose], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["vit_b_16", "3", "0.01"], done.stderr

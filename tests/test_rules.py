@@ -176,3 +176,15 @@ def test_rules_agree_with_a_reference_evaluation(fixture, request):
         assert dict(again.trainable) == expected  # applying the rules twice changes nothing
 
     check()
+
+
+def test_no_weight_decay_alias_follows_the_model(resnet18_table):
+    from conftest import meta_model
+
+    swin = meta_model("swin_t").table
+    tables = match("@no_weight_decay", swin)
+    assert tables and all(n.endswith("attn.relative_position_bias_table") for n in tables)
+    assert match("@no_weight_decay", resnet18_table) == []  # a CNN excludes nothing itself
+    pytest.importorskip("timm")
+    vit = meta_model("vit_tiny_patch16_224", source="timm").table
+    assert match("@no_weight_decay", vit) == ["cls_token", "pos_embed"]  # no reg/dist tokens

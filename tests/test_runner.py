@@ -27,7 +27,7 @@ def test_prepare_loads_the_checkpoint_and_sets_requires_grad(make_cfg, resnet18_
 def test_prepare_accepts_a_plain_dict():
     cfg = {"model": {"arch": "resnet18"}, "freeze": {"rules": [{"freeze": "*"},
                                                                {"unfreeze": "layer4"}]}}
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, verify=False)
     trainable = {n for n, p in prepared.model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in prepared.model.named_parameters()
                          if n.startswith("layer4.")}
@@ -44,13 +44,14 @@ def test_strict_false_lists_a_skipped_head(make_cfg, tmp_path):
     path = tmp_path / "imagenet_like.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
     prepared = prepare(make_cfg(f"checkpoint.path={path}", "checkpoint.strict=false"),
-                       materialize=False)
+                       materialize=False, verify=False)
     skipped = prepared.document["checkpoint"]["skipped"]
     assert {s["key"]: (s["checkpoint"], s["model"]) for s in skipped} == {
         "fc.weight": ([1000, 512], [1, 512]), "fc.bias": ([1000], [1])}
     assert "skipped (shape mismatch): fc.weight checkpoint [1000, 512] vs model [1, 512]" in (
         prepared.summary)
-    excluded = prepare(make_cfg(f"checkpoint.path={path}", "checkpoint.exclude_head=true"))
+    excluded = prepare(make_cfg(f"checkpoint.path={path}", "checkpoint.exclude_head=true"),
+                       verify=False)
     assert excluded.document["checkpoint"]["excluded"] == ["fc.weight", "fc.bias"]
     assert excluded.model.fc.weight.shape == (1, 512) and not excluded.model.fc.weight.is_meta
 
@@ -69,7 +70,7 @@ def test_proof_reports_a_trainable_layer_that_gets_no_gradient():
     assert prepared.model.unused.weight.grad is None and prepared.model.fc.weight.grad is None
 
 
-def test_proof_passes_on_head_only_and_keeps_frozen_batchnorm_fixed(make_cfg):
+def test_proof_passes_on_last_stage_and_keeps_frozen_batchnorm_in_eval(make_cfg):
     prepared = prepare(make_cfg("freeze=last_stage"), verify=True)
     verified = prepared.document["verified"]
     assert verified["ok"] and verified["input"] == [2, 3, 224, 224]
@@ -78,10 +79,11 @@ def test_proof_passes_on_head_only_and_keeps_frozen_batchnorm_fixed(make_cfg):
 
 
 def test_memory_estimate_counts_params_grads_and_adamw_state(make_cfg):
-    memory = prepare(make_cfg(), materialize=False).document["memory"]
+    memory = prepare(make_cfg(), materialize=False, verify=False).document["memory"]
     assert memory["plan_bytes"] == (11_177_025 + 513 * 3) * 4
     assert memory["full_finetune_bytes"] == 11_177_025 * 4 * 4
-    sgd = prepare(make_cfg("optim=sgd", "freeze=full"), materialize=False).document["memory"]
+    sgd = prepare(make_cfg("optim=sgd", "freeze=full"), materialize=False,
+                  verify=False).document["memory"]
     assert sgd["plan_bytes"] == 11_177_025 * 3 * 4  # params + grads + one momentum buffer
 
 
@@ -91,14 +93,65 @@ def test_a_wrong_optimizer_argument_fails_at_plan_time(make_cfg):
 
 
 def test_bn_stats_train_warns_about_live_running_statistics(make_cfg):
-    prepared = prepare(make_cfg("freeze.bn_stats=train"), materialize=False)
+    prepared = prepare(make_cfg("freeze.bn_stats=train"), materialize=False, verify=False)
     assert prepared.eval_modules == []
     assert "WARNING: freeze.bn_stats=train: 20 frozen norm layers" in prepared.summary
 
 
 def test_config_object_round_trips_through_omegaconf(make_cfg):
     cfg = make_cfg("freeze=full")
-    a = prepare(cfg, materialize=False).document
-    b = prepare(OmegaConf.to_container(cfg), materialize=False).document
+    a = prepare(cfg, materialize=False, verify=False).document
+    b = prepare(OmegaConf.to_container(cfg), materialize=False, verify=False).document
     assert a["groups"] == b["groups"]
     assert a["provenance"]["config_sha256"] == b["provenance"]["config_sha256"]
+
+
+def test_prepare_without_materialize_returns_the_meta_model_even_after_the_proof(make_cfg):
+    prepared = prepare(make_cfg("freeze=last_stage"), materialize=False, verify=True)
+    assert prepared.document["verified"]["ok"] is True  # the proof ran, on its own copy
+    assert all(p.is_meta for p in prepared.model.parameters())
+    assert all(b.is_meta for b in prepared.model.buffers())
+
+
+def test_the_proof_never_touches_the_model_it_returns(make_cfg, resnet18_ckpt):
+    prepared = prepare(make_cfg(f"checkpoint.path={resnet18_ckpt}", "freeze=full"), verify=True)
+    assert prepared.document["verified"]["ok"] is True
+    state = torch.load(resnet18_ckpt, weights_only=True)
+    model_state = prepared.model.state_dict()
+    assert all(torch.equal(model_state[k], v) for k, v in state.items())  # no optimizer step
+    assert all(p.grad is None for p in prepared.model.parameters())  # no backward either
+
+
+def test_non_finite_weights_fail_the_proof_by_name_and_nothing_is_written(make_cfg, tmp_path,
+                                                                          resnet18_ckpt):
+    from finetune_prep.runner import run
+
+    state = torch.load(resnet18_ckpt, weights_only=True)
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    state["bn1.running_var"][0] = float("inf")
+    bad = tmp_path / "nan.pth"
+    torch.save(state, bad)
+    prepared = prepare(make_cfg(f"checkpoint.path={bad}"), materialize=False, verify=True)
+    verified = prepared.document["verified"]
+    assert verified["ok"] is False
+    assert verified["non_finite"] == ["bn1.running_var", "layer1.0.conv1.weight"]
+    assert verified["frozen_changed"] == []  # a NaN that did not move is unchanged
+    out = tmp_path / "run"
+    expected = (r"the one-step proof failed: weights or buffers that hold NaN or Inf "
+                r"\(check the checkpoint\): .*layer1\.0\.conv1\.weight")
+    with pytest.raises(FinetunePrepError, match=expected):
+        run(make_cfg(f"checkpoint.path={bad}", "verify.backward=true"), out)
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("verify.batch_size=0", "verify.batch_size=0: the proof needs a batch of at least 1"),
+    ("verify.batch_size=-1", "verify.batch_size=-1"),
+    ("model.input_size=[0]", r"model.input_size=\[0\]: give \[C, H, W\]"),
+    ("model.input_size=[3,0,224]", r"model.input_size=\[3, 0, 224\]"),
+    ("optim.lr=inf", "optim.lr=inf: must be a finite number > 0"),
+    ("optim.weight_decay=nan", "optim.weight_decay=nan"),
+])
+def test_sizes_and_numbers_no_run_can_use_are_clear_errors(make_cfg, override, message):
+    with pytest.raises(FinetunePrepError, match=message):
+        prepare(make_cfg(override), materialize=False, verify=False)

@@ -11,7 +11,7 @@ from torch import nn
 
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.models import BuiltModel, build_model
-from finetune_prep.stages import derive_stages, override_stages
+from finetune_prep.stages import derive_layers, derive_stages, override_stages
 
 ARCHS = torchvision.models.list_models(module=torchvision.models)
 NUM_OUTPUTS = 3
@@ -46,10 +46,6 @@ def check_invariants(b: BuiltModel) -> None:
     assert all(p.is_meta for p in b.model.parameters())  # never materialized
 
 
-def test_all_torchvision_classifiers_are_listed():
-    assert len(ARCHS) == 80
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_stage_invariants(arch):
     check_invariants(built(arch))
@@ -65,11 +61,6 @@ def test_head_is_replaced(arch):
         head = modules[name]
         outputs = head.out_features if isinstance(head, nn.Linear) else head.out_channels
         assert outputs == NUM_OUTPUTS, name
-
-
-def test_derive_stages_is_what_build_model_stored():
-    b = built("resnet18")
-    assert tuple(map(tuple, derive_stages(b.model, b.table.head))) == b.table.stages
 
 
 # --- the expected stage lists --------------------------------------------------------------------
@@ -273,6 +264,93 @@ def test_tied_weights_are_counted_once():
     net.norm2.weight = net.norm.weight  # tied: named_parameters lists them under norm only
     net.norm2.bias = net.norm.bias
     assert derive_stages(net, ["fc"])[-1] == ["trunk.2", "norm"]  # norm2 would cover nothing
+
+
+# --- layer ids (layer decay's units) -------------------------------------------------------------
+
+
+def layers_of(arch: str) -> list[list[str]]:
+    """The parameter names of each layer id, in id order."""
+    layers = built(arch).table.layers
+    return [[n for n, i in layers.items() if i == k] for k in range(max(layers.values()) + 1)]
+
+
+def tops(names: list[str], depth: int) -> list[str]:
+    """The distinct module prefixes of `depth` parts, in order."""
+    return list(dict.fromkeys(".".join(n.split(".")[:depth]) for n in names))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layer_invariants(arch):
+    """Ids 0..n-1 all used; the stem is 0; the head is last; stages never go back in depth."""
+    t = built(arch).table
+    ids = t.layers
+    assert set(ids) == set(t.names) and set(ids.values()) == set(range(max(ids.values()) + 1))
+    assert {ids[n] for n in t.stage_params(0)} == {0}
+    top = max(ids.values())
+    assert {ids[n] for n in t.head_params()} == {top}
+    floor = 0
+    for i in range(len(t.stages)):
+        below_head = [ids[n] for n in t.stage_params(i) if ids[n] != top]
+        assert below_head == sorted(below_head) and min(below_head, default=floor) >= floor
+        floor = max(below_head, default=floor)
+    assert len(set(ids.values())) >= len(t.stages) - 1  # blocks refine stages, never merge 2+
+
+
+def test_layers_are_what_build_model_stored():
+    b = built("convnext_tiny")
+    assert derive_layers(b.model, b.table.head, b.table.stages) == b.table.layers
+
+
+@pytest.mark.parametrize(("arch", "blocks"), [("resnet18", [2, 2, 2, 2]),
+                                              ("resnet50", [3, 4, 6, 3])])
+def test_resnet_layers_are_blocks(arch, blocks):
+    layers = layers_of(arch)
+    expected = [f"layer{s + 1}.{b}" for s, count in enumerate(blocks) for b in range(count)]
+    assert layers[0] == ["conv1.weight", "bn1.weight", "bn1.bias"]
+    assert [tops(names, 2) for names in layers[1:-1]] == [[e] for e in expected]
+    assert layers[-1] == ["fc.weight", "fc.bias"]
+
+
+def test_vit_layers_are_encoder_layers():
+    layers = layers_of("vit_b_16")
+    assert layers[0] == ["class_token", "conv_proj.weight", "conv_proj.bias",
+                         "encoder.pos_embedding"]
+    assert [tops(n, 3) for n in layers[1:12]] == [
+        [f"encoder.layers.encoder_layer_{i}"] for i in range(11)]
+    assert tops(layers[12], 3) == ["encoder.layers.encoder_layer_11", "encoder.ln.weight",
+                                   "encoder.ln.bias"]  # the final norm joins the last block
+    assert layers[13] == ["heads.head.weight", "heads.head.bias"]
+
+
+def test_convnext_and_swin_downsampling_joins_the_next_block():
+    layers = [tops(n, 3) for n in layers_of("convnext_tiny")]
+    assert len(layers) == 1 + 3 + 3 + 9 + 3 + 1  # stem, 18 blocks, head (as timm's)
+    assert layers[4] == ["features.2.0", "features.2.1", "features.3.0"]
+    assert layers[-2] == ["features.7.2"]
+    assert layers[-1] == ["classifier.0.weight", "classifier.0.bias", "classifier.2.weight",
+                          "classifier.2.bias"]  # the head's norm at the head's lr, as timm
+    swin = [tops(n, 3) for n in layers_of("swin_t")]
+    assert len(swin) == 1 + 2 + 2 + 6 + 2 + 1
+    assert swin[3] == ["features.2.reduction", "features.2.norm", "features.3.0"]
+    assert swin[-2] == ["features.7.1", "norm.weight", "norm.bias"]
+
+
+def test_efficientnet_and_mobilenet_layers_are_inverted_residual_blocks():
+    eff = [tops(n, 3) for n in layers_of("efficientnet_b0")]
+    assert len(eff) == 1 + 16 + 1 and eff[1] == ["features.1.0"]
+    assert eff[-2] == ["features.7.0", "features.8.0", "features.8.1"]  # final 1x1 conv joins
+    mob = [tops(n, 2) for n in layers_of("mobilenet_v3_large")]
+    assert mob[1:15] == [[f"features.{i}"] for i in range(1, 15)]
+    assert mob[15] == ["features.15", "features.16"]
+    assert mob[-1] == ["classifier.0", "classifier.3"]  # pre-logits with the head, as timm
+
+
+def test_models_without_blocks_get_a_layer_per_stage():
+    t = built("vgg11").table
+    layers = layers_of("vgg11")
+    assert len(layers) == len(t.stages)  # the last stage (pre-logits) joins the head
+    assert layers[0] == t.stage_params(0)
 
 
 # --- timm ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 from conftest import run_cli
 
 from finetune_prep import sweep
+from finetune_prep.naming import MAX_LEN, PLAN_FILE, job_name
 
 FAST = ("model=resnet18", "verify.backward=false")
 
@@ -32,6 +33,7 @@ def _check_against_job_files(row: dict[str, str]) -> None:
     assert row["status"] == "COMPLETED" and row["error"] == ""
 
 
+@pytest.mark.slow
 def test_sweep_with_a_failing_job(tmp_path):
     sweep_dir = tmp_path / "sweep"
     done = run_cli("-m", *FAST, f"hydra.sweep.dir={sweep_dir}",
@@ -39,9 +41,18 @@ def test_sweep_with_a_failing_job(tmp_path):
                    "verify.backward=false,true")
     assert done.returncode == 1, done.stderr
     assert "'layr4' matches no parameter" in done.stderr
+    said = [line for line in (done.stdout + done.stderr).splitlines() if "Sweep summary" in line]
+    assert len(said) == 1 and said[0].endswith(  # once, although Hydra skips on_multirun_end
+        f"Sweep summary (4 jobs, 2 failed): {sweep_dir}/sweep_summary.{{csv,md,png}}")
 
     rows = _rows(sweep_dir)
     assert [r["job"] for r in rows] == ["0", "1", "2", "3"]
+    assert [Path(r["job_dir"]).name for r in rows] == [  # the swept values, not the constant
+        "0_verify.backward=False,freeze.rules=freeze_layr4",
+        "1_verify.backward=False,freeze.rules=freeze_layer4",
+        "2_verify.backward=True,freeze.rules=freeze_layr4",
+        "3_verify.backward=True,freeze.rules=freeze_layer4"]
+    assert not (sweep_dir / PLAN_FILE).exists() and not (sweep_dir / ".sweep_summary.lock").exists()
     failed = [r for r in rows if r["status"] == "FAILED"]
     assert len(failed) == 2
     for row in failed:
@@ -66,14 +77,17 @@ def test_sweep_with_a_failing_job(tmp_path):
     assert result["stage_params"]["head"] == [513, 513]  # head trains, 1 output
 
 
+@pytest.mark.slow
 def test_joblib_launcher(tmp_path):
     sweep_dir = tmp_path / "sweep"
     done = run_cli("-m", *FAST, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                    f"hydra.sweep.dir={sweep_dir}", "freeze=head_only,last_stage")
     assert done.returncode == 0, done.stderr
+    said = [line for line in (done.stdout + done.stderr).splitlines() if "Sweep summary" in line]
+    assert len(said) == 1 and "(2 jobs, 0 failed)" in said[0]
     rows = _rows(sweep_dir)
     assert [(r["job"], Path(r["job_dir"]).name) for r in rows] == [
-        ("0", "0_head_only"), ("1", "1_last_stage")]
+        ("0", "0_freeze=head_only"), ("1", "1_freeze=last_stage")]
     for row in rows:
         _check_against_job_files(row)
     assert int(rows[0]["trainable"]) == 513
@@ -82,7 +96,7 @@ def test_joblib_launcher(tmp_path):
 
 def _fake_result(job_dir: Path, num: int, status: str = "COMPLETED") -> None:
     job_dir.mkdir(parents=True)
-    doc = {"model": {"stages": ["conv1+bn1", "layer1"], "head": "fc", "heads": ["fc"]},
+    doc = {"model": {"stages": [["conv1", "bn1"], ["layer1"]], "head": "fc", "heads": ["fc"]},
            "counts": {"total": 4, "trainable": 1}, "memory": {"plan_bytes": 3 * 2**20},
            "groups": [{"name": "head", "params": ["fc.weight"]}],
            "frozen": ["conv1.weight", "bn1.weight", "layer1.0.conv1.weight"],
@@ -121,8 +135,46 @@ def test_summary_without_matplotlib(tmp_path, monkeypatch, caplog):
     assert len(hints) == 1
 
 
+def test_sweep_over_architectures_names_folders_after_them(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    done = run_cli("-m", *FAST, f"hydra.sweep.dir={sweep_dir}", "model.arch=resnet18,resnet34",
+                   "hydra.sweeper.max_batch_size=1")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [
+        "0_model.arch=resnet18", "1_model.arch=resnet34"]
+    said = [line for line in (done.stdout + done.stderr).splitlines() if "Sweep summary" in line]
+    assert len(said) == 1 and "(2 jobs, 0 failed)" in said[0]
+
+
+def test_job_names_are_safe_short_and_distinct(tmp_path):
+    assert job_name(["freeze.rules=[{freeze: layr4}]", "+model.arch=resnet18"]) == (
+        "freeze.rules=freeze_layr4,model.arch=resnet18")
+    assert job_name(["checkpoint.path=/data/run 1/best.ckpt"]) == (
+        "checkpoint.path=data_run_1_best.ckpt")
+    rules = [f"freeze.rules=[{{unfreeze: layer4.{i}.conv1}}, {{freeze: 're:.*bn.*'}}]"
+             for i in range(2)]
+    long = [job_name([r, "model.arch=resnet18"]) for r in rules]
+    assert long[0] != long[1] and all(len(n) == MAX_LEN and "/" not in n for n in long)
+    (tmp_path / PLAN_FILE).write_text(json.dumps({"jobs": 2, "batch": 2, "varying": ["freeze"]}))
+    assert job_name(["model=resnet18", "freeze=full"], str(tmp_path)) == "freeze=full"
+    assert job_name([]) == "job"
+
+
+@pytest.mark.parametrize(("batch", "statuses", "job", "last"), [
+    (4, ["COMPLETED"] * 4, 3, True),
+    (4, ["COMPLETED"] * 3, 2, False),              # job 3 still running
+    (1, ["COMPLETED", "FAILED"], 1, True),         # fail-fast: the sweep stops after job 1
+    (2, ["FAILED", "COMPLETED"], 1, True),         # ... after the batch that failed
+    (2, ["FAILED"], 0, False),                     # ... but only once the whole batch is in
+    (2, ["COMPLETED", "COMPLETED"], 1, False),     # batches of 2 out of 4: more to come
+])
+def test_the_last_job_is_known_from_the_plan(batch, statuses, job, last):
+    rows = [{"job": i, "status": s} for i, s in enumerate(statuses)]
+    assert sweep._is_last(rows, {"jobs": 4, "batch": batch}, job) is last
+
+
 def test_stage_counts_by_dot_boundary():
-    doc = {"model": {"stages": ["conv1+bn1", "layer1"], "head": "fc", "heads": ["fc"]},
+    doc = {"model": {"stages": [["conv1", "bn1"], ["layer1"]], "head": "fc", "heads": ["fc"]},
            "groups": [{"params": ["fc.weight", "layer1.0.bias"]}],
            "frozen": ["conv1.weight", "bn1.weight", "layer1.0.weight", "layer10.weight"]}
     tensors = sweep.stage_counts(doc)
@@ -130,3 +182,5 @@ def test_stage_counts_by_dot_boundary():
     sizes = {"fc.weight": 10, "layer1.0.bias": 2, "layer1.0.weight": 8}
     elements = sweep.stage_counts(doc, sizes)
     assert elements["layer1"] == [2, 10] and elements["head"] == [10, 10]
+    doc["model"]["stages"] = ["conv1+bn1", "layer1"]  # files written before stages were lists
+    assert sweep.stage_counts(doc) == tensors

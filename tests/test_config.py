@@ -1,0 +1,146 @@
+"""The schema, its registration and `finetune_prep.compose`: configs compose from Python, and no
+key is silently ignored."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+import finetune_prep
+from finetune_prep.config import BnStats, ModelSource, validate
+from finetune_prep.errors import FinetunePrepError
+
+
+def test_schemas_are_registered_under_a_namespaced_group_with_a_provider():
+    repo = ConfigStore.instance().repo
+    schemas = repo["finetune_prep"]["schema"]
+    assert {"config.yaml", "freeze.yaml", "optim.yaml", "model.yaml"} <= set(schemas)
+    assert schemas["freeze.yaml"].provider == "finetune_prep"
+    assert "schema" not in repo  # no bare top-level group that a user's own schema could clash with
+
+
+def test_hydras_own_compose_api_works_after_import_alone():
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=finetune_prep.CONF_MODULE, version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=["freeze=last_stage"])
+    finally:
+        GlobalHydra.instance().clear()
+    assert cfg.model.arch == "resnet18"
+    assert [dict(r) for r in cfg.freeze.rules] == [
+        {"freeze": "*"}, {"unfreeze": "@stage[-1]"}, {"unfreeze": "@head"}]
+
+
+def test_compose_applies_presets_and_overrides():
+    cfg = finetune_prep.compose(["model=vit_b_16", "optim=sgd", "head.num_outputs=10"])
+    assert (cfg.model.arch, cfg.model.source) == ("vit_b_16", ModelSource.torchvision)
+    assert cfg.optim.optimizer["_target_"] == "torch.optim.SGD"
+    assert cfg.optim.lr == 0.01 and cfg.head.num_outputs == 10
+    assert cfg.freeze.bn_stats == BnStats.eval  # from the primary config: presets set what differs
+
+
+def test_compose_with_a_user_config_dir_adds_its_presets(tmp_path):
+    (tmp_path / "freeze").mkdir()
+    (tmp_path / "freeze" / "mine.yaml").write_text(
+        "defaults:\n  - /finetune_prep/schema/freeze@_here_\n  - _self_\n"
+        "rules:\n  - freeze: '*'\n  - unfreeze: layer3\n")
+    cfg = finetune_prep.compose(["freeze=mine"], config_dir=tmp_path)
+    assert [dict(r) for r in cfg.freeze.rules] == [{"freeze": "*"}, {"unfreeze": "layer3"}]
+    with pytest.raises(FinetunePrepError, match="is not a folder"):
+        finetune_prep.compose([], config_dir=tmp_path / "nope")
+
+
+def test_an_unknown_preset_is_a_finetune_prep_error_listing_the_options():
+    with pytest.raises(FinetunePrepError, match="head_only"):
+        finetune_prep.compose(["freeze=nope"])
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("+head.num_output=10", "head.num_output is not a config key"),
+    ("+model.archh=resnet50", "Did you mean: model.arch"),
+    ("+verify.batchsize=4", "Did you mean: verify.batch_size"),
+])
+def test_a_key_outside_the_schema_is_an_error_even_with_plus(override, expected):
+    cfg = finetune_prep.compose([override])  # Hydra accepts a '+' key...
+    with pytest.raises(FinetunePrepError, match=expected.replace("[", r"\[").replace(".", r"\.")):
+        validate(cfg)  # ...finetune_prep does not read it, so it says so
+    with pytest.raises(FinetunePrepError, match="finetune_prep does not read it"):
+        finetune_prep.prepare(cfg, materialize=False, verify=False)
+
+
+def test_open_sections_take_any_key():
+    cfg = validate(finetune_prep.compose(
+        ["model=vit_b_16", "+model.kwargs.dropout=0.1", "+optim.optimizer.betas=[0.9,0.95]"]))
+    assert cfg.model.kwargs.dropout == 0.1
+    prepared = finetune_prep.prepare(cfg, materialize=False, verify=False)
+    assert prepared.document["optimizer"]["betas"] == [0.9, 0.95]
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("+model.kwargs.weights=DEFAULT", "model.kwargs.weights: finetune_prep sets weights itself; "
+                                      "use model.weights"),
+    ("+model.kwargs.num_classes=10", "use head.num_outputs"),
+    ("+model.kwargs.nope=1", "model.kwargs (nope) rejected by resnet18"),
+])
+def test_model_kwargs_the_builder_sets_or_rejects_are_clear_errors(override, expected):
+    with pytest.raises(FinetunePrepError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        finetune_prep.prepare(finetune_prep.compose([override]), materialize=False, verify=False)
+
+
+@pytest.mark.parametrize(("override", "values"), [
+    ("model.source=foo", "torchvision, timm, target"),
+    ("freeze.bn_stats=sometimes", "eval, train"),
+])
+def test_enum_keys_list_their_valid_values(override, values):
+    with pytest.raises(FinetunePrepError, match=values):
+        finetune_prep.compose([override])
+
+
+def test_a_plain_dict_validates_against_the_same_schema():
+    cfg = validate({"model": {"arch": "resnet50"}, "freeze": {"bn_stats": "train"}})
+    assert cfg.model.arch == "resnet50" and cfg.freeze.bn_stats == BnStats.train
+    with pytest.raises(FinetunePrepError, match="Did you mean: head.num_outputs"):
+        validate({"head": {"num_output": 3}})
+    with pytest.raises(FinetunePrepError, match=r"optim\.groups\[0\]\.lr_mul is not a config key"):
+        validate({"optim": {"groups": [{"match": "fc", "lr_mul": 2}]}})
+
+
+def test_every_yaml_key_has_a_comment():
+    key = re.compile(r"^\s*(- )?[\w@/.()-]+:")
+    missing = []
+    for path in sorted(finetune_prep.CONF_DIR.rglob("*.yaml")):
+        block = None  # indentation of a `key: |` text block being skipped
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            indent = len(line) - len(line.lstrip())
+            if block is not None and (indent > block or not line.strip()):
+                continue
+            block = indent if re.search(r":\s*\|", line) else None
+            if key.match(line) and "#" not in line:
+                missing.append(f"{path.relative_to(finetune_prep.CONF_DIR)}:{n}: {line.strip()}")
+    assert missing == []
+
+
+@pytest.mark.slow
+def test_compose_gives_the_config_the_cli_gets(tmp_path):
+    overrides = ["model=vit_b_16", "freeze=last_two_stages", "optim=layer_decay"]
+    done = subprocess.run([sys.executable, "-m", "finetune_prep", *overrides, "--cfg", "job"],
+                          capture_output=True, text=True, check=True, cwd=tmp_path)
+    cli = yaml.safe_load(done.stdout)
+    ours = OmegaConf.to_container(finetune_prep.compose(overrides), enum_to_str=True)
+    assert ours == cli
+
+
+def test_importing_the_package_does_not_import_the_cli_or_torch():
+    code = ("import sys, finetune_prep; finetune_prep.compose(['freeze=full']);"
+            "print('finetune_prep.__main__' in sys.modules, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "False"]
