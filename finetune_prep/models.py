@@ -22,7 +22,7 @@ from torch import nn
 
 from finetune_prep.errors import FinetunePrepError, did_you_mean
 
-SOURCES = ("torchvision", "timm", "target")
+SOURCES = ("torchvision", "timm", "target", "hf")
 GRANULARITIES = ("block", "stage")  # what optim.layer_decay counts as one layer
 # torchvision's transformers have no no_weight_decay(): these parameter names are excluded as
 # the DeiT/MAE recipes and torchvision's own reference scripts (transformer_embedding_decay) do
@@ -108,6 +108,7 @@ class BuiltModel:
     arch: str
     num_outputs: int
     input_size: tuple[int, ...] | None  # (C, H, W) for the verification pass, if known
+    folder: str | None = None  # source=hf: the model's folder (config.json, its own weights)
 
 
 @contextmanager
@@ -157,6 +158,10 @@ def build_model(model_cfg: Any, head_cfg: Any, meta: bool) -> BuiltModel:
         raise FinetunePrepError(
             f"model.source={source!r} is not one of {', '.join(SOURCES)}."
         )
+    if source == "hf":  # Hugging Face transformers: its own module
+        from finetune_prep import hf
+
+        return hf.build(model_cfg, head_cfg, num_outputs, meta)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # googlenet/inception init notices
         if meta:

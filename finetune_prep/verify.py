@@ -30,11 +30,17 @@ def state_copies(optimizer: Any) -> int:
 
 def memory_estimate(
     table: ParamTable, trainable: Sequence[str], optimizer: Any, bytes_per: int = 4
-) -> dict[str, int]:
-    """fp32 training memory for parameters + gradients + optimizer state, plan vs. full."""
+) -> dict[str, Any]:
+    """Training memory for parameters + gradients + optimizer state, plan vs. full (no
+    activations): fp32 at the top level, and under "bf16" the same with every tensor
+    (weights, gradients, the optimizer's state) in bfloat16."""
     total = sum(table.numel(n) for n in table.names)
     train = sum(table.numel(n) for n in trainable)
     copies = state_copies(optimizer)
+    return {**_bytes(total, train, copies, bytes_per), "bf16": _bytes(total, train, copies, 2)}
+
+
+def _bytes(total: int, train: int, copies: int, bytes_per: int) -> dict[str, int]:
     return {
         "params_bytes": total * bytes_per,
         "grads_bytes": train * bytes_per,

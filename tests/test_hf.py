@@ -1,0 +1,228 @@
+"""model.source=hf: tiny transformers models saved with save_pretrained (sharded), planned and
+loaded as from_pretrained would; the model id from a local Hugging Face cache; errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune_prep.errors import FinetunePrepError
+from finetune_prep.runner import prepare
+from finetune_prep.sweep import stage_counts
+
+transformers = pytest.importorskip("transformers")
+
+
+def _plan(make_cfg, folder: Path, *overrides: str, materialize: bool = False):
+    return prepare(make_cfg("model=hf_folder", f"model.arch={folder}", *overrides),
+                   materialize=materialize, verify=False)
+
+
+def test_vit_folder_is_planned_from_its_sharded_weights(make_cfg, hf_folder):
+    folder = hf_folder("vit")
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1  # really sharded
+    p = _plan(make_cfg, folder, "head.num_outputs=3")
+    doc = p.document
+    assert doc["model"]["source"] == "hf" and doc["model"]["head"] == "classifier"
+    assert p.table.stages == (("vit.embeddings",), ("vit.layers.0",),
+                              ("vit.layers.1", "vit.layernorm"))
+    src = doc["checkpoint"]["sources"][0]
+    assert src["from"] == "model.arch" and src["format"] == "safetensors shards"
+    assert src["path"].endswith("model.safetensors.index.json")
+    # every tensor but the 5-label head loads; the head is left fresh, as transformers does
+    assert src["excluded"] == ["classifier.weight", "classifier.bias"]
+    assert src["loaded"] == len(p.model.state_dict()) - 2
+    assert any("ignore_mismatched_sizes" in s for s in src["unwrapped"])
+    assert any("renamed" in s for s in src["unwrapped"])  # legacy names on disk
+    assert doc["counts"]["trainable"] == 32 * 3 + 3  # head_only: the fresh head
+    assert next(p.model.parameters()).is_meta
+
+
+def test_materialized_weights_equal_from_pretrained(make_cfg, hf_folder):
+    folder = hf_folder("vit")
+    ours = _plan(make_cfg, folder, "head.num_outputs=5", materialize=True).model
+    theirs = transformers.AutoModelForImageClassification.from_pretrained(folder)
+    mine, ref = ours.state_dict(), theirs.state_dict()
+    assert mine.keys() == ref.keys()
+    assert all(torch.equal(mine[k], ref[k]) for k in ref)  # the head loads when it fits
+
+
+def test_mismatched_head_is_fresh_and_the_backbone_loaded(make_cfg, hf_folder):
+    folder = hf_folder("vit")
+    ours = _plan(make_cfg, folder, "head.num_outputs=3", materialize=True).model
+    theirs = transformers.AutoModelForImageClassification.from_pretrained(
+        folder, num_labels=3, ignore_mismatched_sizes=True)
+    ref = theirs.state_dict()
+    backbone = [k for k in ref if not k.startswith("classifier.")]
+    assert all(torch.equal(ours.state_dict()[k], ref[k]) for k in backbone)
+    assert ours.classifier.weight.shape == (3, 32)
+    assert ours(torch.randn(2, 3, 32, 32)).logits.shape == (2, 3)
+
+
+@pytest.mark.parametrize(("kind", "stages", "n_layers"), [
+    ("convnext", ["convnext.embeddings", *[f"convnext.encoder.stages.{i}" for i in range(4)]], 7),
+    ("resnet", ["resnet.embedder", *[f"resnet.encoder.stages.{i}" for i in range(4)]], 7),
+])
+def test_stages_come_from_the_models_own_layer_list(make_cfg, hf_folder, kind, stages,
+                                                    n_layers):
+    p = _plan(make_cfg, hf_folder(kind), "head.num_outputs=3", "optim=layer_decay",
+              "freeze=full")
+    assert [s[0] for s in p.table.stages] == stages
+    ids = p.table.layer_ids()
+    assert len(set(ids.values())) == n_layers  # stem, 1+1+2+1 blocks, head
+    assert max(ids.values()) == ids[p.table.head_params()[0]]
+    groups = p.document["groups"]
+    lrs = {g["lr"] for g in groups}
+    assert max(lrs) == pytest.approx(1e-3) and min(lrs) == pytest.approx(1e-3 * 0.75 ** 6)
+    assert p.document["checkpoint"]["sources"][0]["missing"] == []
+
+
+def test_convnext_downsampling_shares_the_next_blocks_layer(make_cfg, hf_folder):
+    ids = _plan(make_cfg, hf_folder("convnext"), "head.num_outputs=3").table.layer_ids()
+    down = ids["convnext.encoder.stages.1.downsampling_layer.1.weight"]
+    assert down == ids["convnext.encoder.stages.1.layers.0.dwconv.weight"]
+    assert ids["convnext.encoder.stages.2.layers.0.dwconv.weight"] + 1 == \
+        ids["convnext.encoder.stages.2.layers.1.dwconv.weight"]
+
+
+@pytest.mark.parametrize("kind", ["mistral", "llama"])
+def test_sequence_classification_with_presets_and_aliases(make_cfg, hf_folder, kind):
+    folder = hf_folder(kind)
+    base = ("model.hf_class=AutoModelForSequenceClassification", "head.num_outputs=5")
+    p = _plan(make_cfg, folder, *base, "freeze=last_stage")
+    assert p.table.head == ("score",)
+    assert p.table.stages == (("model.embed_tokens",), ("model.layers.0",),
+                              ("model.layers.1", "model.norm"))
+    trainable = {n for g in p.param_groups for n in g["params"]}
+    assert trainable == {n for n in p.table.names
+                         if n.startswith(("model.layers.1.", "model.norm", "score"))}
+    src = p.document["checkpoint"]["sources"][0]
+    assert src["excluded"] == [] and src["missing"] == []  # the 5-label head fits: loaded
+    norm = _plan(make_cfg, folder, *base, "freeze=norm_only")
+    tuned = {n for g in norm.param_groups for n in g["params"]}
+    assert tuned == {n for n in norm.table.names if "norm" in n or n.startswith("score")}
+    rules = "freeze.rules=[{freeze: '@all'},{unfreeze: '@stage[1]'},{unfreeze: '@head'}]"
+    one = _plan(make_cfg, folder, *base, rules)
+    assert {n for g in one.param_groups for n in g["params"]} == {
+        n for n in one.table.names if n.startswith(("model.layers.0.", "score"))}
+
+
+def test_sequence_classifier_materializes_and_classifies(make_cfg, hf_folder):
+    p = _plan(make_cfg, hf_folder("llama"), "model.hf_class=AutoModelForSequenceClassification",
+              "head.num_outputs=5", materialize=True)
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(hf_folder("llama"))
+    ids = torch.randint(1, 100, (2, 6))
+    assert torch.allclose(p.model.eval()(ids).logits, ref.eval()(ids).logits)
+
+
+def test_the_summary_groups_by_the_base_models_modules_and_stages(make_cfg, hf_folder):
+    summary = _plan(make_cfg, hf_folder("vit"), "head.num_outputs=3").summary
+    rows = [line.split()[0] for line in summary.split("\n\n")[1].splitlines()[1:]]
+    assert rows == ["vit.embeddings", "vit.layers", "vit.layernorm", "classifier"]
+    assert "2 vit.layers.1+vit.layernorm" in summary
+
+
+def test_sweep_stage_counts_read_an_hf_plan(make_cfg, hf_folder):
+    p = _plan(make_cfg, hf_folder("vit"), "head.num_outputs=3", "freeze=last_stage")
+    sizes = {n: p.table.numel(n) for n in p.table.names}
+    counts = stage_counts(p.document, sizes)
+    assert counts["vit.embeddings"][0] == 0
+    assert counts["vit.layers.1+vit.layernorm"][0] == counts["vit.layers.1+vit.layernorm"][1]
+    assert counts["head"] == [99, 99]
+
+
+def test_checkpoint_path_overrides_the_folder_and_takes_a_base_model(make_cfg, hf_folder,
+                                                                      tmp_path):
+    """A ViTModel (no head, no `vit.` prefix) given as checkpoint.path loads into the
+    classifier as from_pretrained does it (the base-model prefix is added)."""
+    torch.manual_seed(1)
+    from conftest import tiny_hf_config
+
+    base = transformers.ViTModel(tiny_hf_config("vit"), add_pooling_layer=False)
+    base.save_pretrained(tmp_path / "base")
+    p = _plan(make_cfg, hf_folder("vit"), f"checkpoint.path={tmp_path / 'base'}",
+              "checkpoint.exclude_head=true", materialize=True)
+    src = p.document["checkpoint"]["sources"]
+    assert [s["from"] for s in src] == ["checkpoint.path"]
+    ref = base.state_dict()
+    assert all(torch.equal(p.model.state_dict()[f"vit.{k}"], v) for k, v in ref.items()
+               if not k.startswith("layers"))  # the new names; its layers were renamed too
+    assert torch.equal(p.model.vit.layers[1].mlp.fc1.weight, base.layers[1].mlp.fc1.weight)
+
+
+def test_a_config_only_folder_is_random_init(make_cfg, hf_folder, tmp_path):
+    shutil.copy(hf_folder("vit") / "config.json", tmp_path / "config.json")
+    doc = _plan(make_cfg, tmp_path, "head.num_outputs=3").document
+    assert doc["checkpoint"]["sources"] == []
+
+
+def test_a_model_id_is_found_in_the_local_cache_only(make_cfg, hf_folder, tmp_path,
+                                                      monkeypatch):
+    """A cache laid out as huggingface_hub does (refs/main -> snapshots/<commit>), checked by
+    huggingface_hub's own scan_cache_dir; then an id not in it names where it looked."""
+    from huggingface_hub import scan_cache_dir
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny--vit"
+    shutil.copytree(hf_folder("vit"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "blobs").mkdir()
+    assert [r.repo_id for r in scan_cache_dir(tmp_path / "hub").repos] == ["tiny/vit"]
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    p = _plan(make_cfg, Path("tiny/vit"), "head.num_outputs=3")
+    assert p.document["checkpoint"]["sources"][0]["path"].startswith(str(repo / "snapshots"))
+    with pytest.raises(FinetunePrepError, match=r"tiny/other not found: looked for .* and the "
+                       r"Hugging Face cache .*hub, and finetune_prep never downloads"):
+        _plan(make_cfg, Path("tiny/other"), "head.num_outputs=3")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("model.arch=/nonexistent/model",), r"not found: looked for /nonexistent/model"),
+    (("model.hf_class=AutoModelForSeqClassification",),
+     r"not a transformers model class\. Did you mean: AutoModelForSequenceClassification"),
+    (("+model.kwargs.hidden_sise=8",), r"model\.kwargs \(hidden_sise\) are not fields of "
+                                       r"ViTConfig"),
+])
+def test_errors_say_what_is_wrong(make_cfg, hf_folder, overrides, message):
+    with pytest.raises(FinetunePrepError, match=message):
+        prepare(make_cfg("model=hf_folder", f"model.arch={hf_folder('vit')}", *overrides),
+                materialize=False, verify=False)
+
+
+def test_a_text_model_needs_its_class_and_the_error_names_it(make_cfg, hf_folder):
+    with pytest.raises(FinetunePrepError, match=r"cannot build a 'mistral' model.*"
+                       r"model\.hf_class=AutoModelForSequenceClassification"):
+        _plan(make_cfg, hf_folder("mistral"))
+
+
+def test_a_folder_without_config_json_is_refused(make_cfg, tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(FinetunePrepError, match="folder without config.json"):
+        _plan(make_cfg, tmp_path)
+
+
+def test_model_kwargs_override_the_config(make_cfg, hf_folder):
+    """qkv_bias=false drops the q/k/v biases: the folder's weights then hold keys the model
+    lacks, an error unless checkpoint.strict=false lists them."""
+    with pytest.raises(FinetunePrepError, match="checkpoint.strict=false"):
+        _plan(make_cfg, hf_folder("vit"), "+model.kwargs.qkv_bias=false")
+    p = _plan(make_cfg, hf_folder("vit"), "+model.kwargs.qkv_bias=false",
+              "checkpoint.strict=false")
+    assert "vit.layers.0.attention.q_proj.bias" not in p.table.names
+    unexpected = p.document["checkpoint"]["sources"][0]["unexpected"]
+    assert "vit.layers.0.attention.q_proj.bias" in unexpected and len(unexpected) == 6
+
+
+def test_memory_estimate_has_fp32_and_bf16(make_cfg, hf_folder):
+    p = _plan(make_cfg, hf_folder("vit"), "head.num_outputs=3")
+    memory, total = p.document["memory"], p.document["counts"]["total"]
+    trained = p.document["counts"]["trainable"]
+    assert memory["full_finetune_bytes"] == total * 4 * 4
+    assert memory["bf16"]["full_finetune_bytes"] == total * 4 * 2
+    assert memory["bf16"]["plan_bytes"] == (total + trained * 3) * 2
+    assert "bf16" in p.summary
