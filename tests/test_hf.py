@@ -295,3 +295,36 @@ def test_a_7b_plan_costs_its_imports_and_little_memory(tmp_path):
     assert doc["memory"]["bf16"]["full_finetune_bytes"] == doc["counts"]["total"] * 8
     assert plan_mib <= floor_mib + 300, (plan_mib, floor_mib)
     assert plan_s <= floor_s + 10, (plan_s, floor_s)  # the 1 s bound: see the benchmark
+
+
+@pytest.mark.slow
+def test_cli_plans_an_hf_folder_and_sweeps_it(hf_folder, tmp_path):
+    """`python -m finetune_prep model=hf_folder model.arch=FOLDER` as a user runs it: the plan
+    files, the summary on the console; a multirun over presets gives the sweep summary + PNG."""
+    import csv
+
+    from conftest import run_cli
+
+    folder = hf_folder("convnext")
+    done = run_cli("model=hf_folder", f"model.arch={folder}", "head.num_outputs=3",
+                   "freeze=last_stage", "optim=layer_decay", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads((tmp_path / "run" / "param_groups.json").read_text())
+    assert doc["model"]["source"] == "hf" and doc["model"]["arch"] == str(folder)
+    assert doc["checkpoint"]["sources"][0]["from"] == "model.arch"
+    assert doc["verified"]["ok"] is True
+    trained = {n for g in doc["groups"] for n in g["params"]}
+    assert trained and all(n.startswith(("convnext.encoder.stages.3.", "convnext.layernorm.",
+                                         "classifier.")) for n in trained)
+    assert "convnext.encoder     Partial" in done.stdout
+    assert "in bf16 (weights, grads and optimizer state)" in done.stdout
+    sweep = tmp_path / "sweep"
+    done = run_cli("-m", "model=hf_folder", f"model.arch={folder}", "head.num_outputs=3",
+                   "freeze=head_only,last_stage,full", f"hydra.sweep.dir={sweep}")
+    assert done.returncode == 0, done.stderr
+    with open(sweep / "sweep_summary.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["status"] for r in rows] == ["COMPLETED"] * 3
+    assert [float(r["trainable_pct"]) for r in rows][2] == 100.0
+    assert float(rows[0]["trainable_pct"]) < float(rows[1]["trainable_pct"]) < 100.0
+    assert (sweep / "sweep_summary.png").stat().st_size > 10_000
