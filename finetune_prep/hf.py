@@ -26,6 +26,7 @@ from finetune_prep.errors import FinetunePrepError, did_you_mean
 from finetune_prep.models import BuiltModel, covers, describe, init_on_meta
 
 DEFAULT_CLASS = "AutoModelForImageClassification"
+TEXT_LENGTH = 16  # tokens per sequence of the proof's batch for a text model
 LAYER_LISTS = ("layer", "layers", "stages", "blocks", "block", "h")  # names of layer lists
 # Trainer decays every weight but biases and norms; these tokens and tables are excluded by the
 # ViT/DeiT/Swin/DINOv2 recipes (the names of timm's no_weight_decay() in transformers' models)
@@ -91,8 +92,27 @@ def build(model_cfg: Any, head_cfg: Any, num_outputs: int, meta: bool) -> BuiltM
                     if n.rpartition(".")[2] in NO_WEIGHT_DECAY)
     table = describe(model, head, stages, layers, nwd)
     size = tuple(model_cfg.input_size) if model_cfg.get("input_size") else image_size(config)
+    tokens = size is None and getattr(config, "vocab_size", None)
+    if tokens:
+        size = (TEXT_LENGTH,)
     return BuiltModel(model, table, "hf", str(model_cfg.arch), num_outputs, size,
-                      folder=str(folder))
+                      folder=str(folder), make_batch=_token_batch(config) if tokens else None)
+
+
+def _token_batch(config: Any) -> Any:
+    """The proof's input for a text model: random token ids (1 .. vocab_size-1)."""
+    import torch
+
+    def make(batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        if batch_size > 1 and getattr(config, "pad_token_id", None) is None:
+            raise FinetunePrepError(
+                f"the proof's batch of {batch_size} sequences needs a pad_token_id in "
+                "config.json (transformers classifies each sequence at its last non-pad "
+                "token): set +model.kwargs.pad_token_id=ID, or verify.batch_size=1.")
+        return torch.randint(1, config.vocab_size, (batch_size, TEXT_LENGTH),
+                             generator=generator)
+
+    return make
 
 
 @contextmanager

@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -109,6 +109,8 @@ class BuiltModel:
     num_outputs: int
     input_size: tuple[int, ...] | None  # (C, H, W) for the verification pass, if known
     folder: str | None = None  # source=hf: the model's folder (config.json, its own weights)
+    # the proof's batch (batch size, generator) -> input, when not a float image batch (tokens)
+    make_batch: Callable[[int, torch.Generator], torch.Tensor] | None = None
 
 
 @contextmanager

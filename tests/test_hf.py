@@ -328,3 +328,19 @@ def test_cli_plans_an_hf_folder_and_sweeps_it(hf_folder, tmp_path):
     assert [float(r["trainable_pct"]) for r in rows][2] == 100.0
     assert float(rows[0]["trainable_pct"]) < float(rows[1]["trainable_pct"]) < 100.0
     assert (sweep / "sweep_summary.png").stat().st_size > 10_000
+
+
+def test_the_proof_runs_a_text_model_on_token_ids(make_cfg, hf_folder):
+    cfg = make_cfg("model=hf_folder", f"model.arch={hf_folder('mistral')}",
+                   "model.hf_class=AutoModelForSequenceClassification", "freeze=last_stage")
+    verified = prepare(cfg, materialize=False, verify=True).document["verified"]
+    assert verified["ok"] is True and verified["input"] == [2, 16]
+    no_pad = make_cfg("model=hf_folder", f"model.arch={hf_folder('mistral')}",
+                      "model.hf_class=AutoModelForSequenceClassification",
+                      "+model.kwargs.pad_token_id=null")
+    with pytest.raises(FinetunePrepError, match="needs a pad_token_id"):
+        prepare(no_pad, materialize=False, verify=True)
+    single = make_cfg("model=hf_folder", f"model.arch={hf_folder('mistral')}",
+                      "model.hf_class=AutoModelForSequenceClassification",
+                      "+model.kwargs.pad_token_id=null", "verify.batch_size=1")
+    assert prepare(single, materialize=False, verify=True).document["verified"]["ok"] is True
