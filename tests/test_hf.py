@@ -344,3 +344,19 @@ def test_the_proof_runs_a_text_model_on_token_ids(make_cfg, hf_folder):
                       "model.hf_class=AutoModelForSequenceClassification",
                       "+model.kwargs.pad_token_id=null", "verify.batch_size=1")
     assert prepare(single, materialize=False, verify=True).document["verified"]["ok"] is True
+
+
+def test_a_pytorch_model_bin_folder_loads_too(make_cfg, hf_folder, tmp_path):
+    """Older transformers wrote pytorch_model.bin (a torch.save'd state dict, legacy names)."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for shard in sorted(hf_folder("vit").glob("model-*.safetensors")):
+        state.update(load_file(shard))
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    shutil.copy(hf_folder("vit") / "config.json", tmp_path / "config.json")
+    p = _plan(make_cfg, tmp_path, "head.num_outputs=5", materialize=True)
+    src = p.document["checkpoint"]["sources"][0]
+    assert src["format"] == "torch" and src["loaded"] == len(state)
+    ref = transformers.AutoModelForImageClassification.from_pretrained(hf_folder("vit"))
+    assert all(torch.equal(p.model.state_dict()[k], v) for k, v in ref.state_dict().items())
