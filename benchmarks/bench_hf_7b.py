@@ -13,6 +13,8 @@ headers; the eager way (from_pretrained) would need 28 GB of RAM for fp32 weight
   (b) plan   python -m finetune_prep model=hf_folder model.arch=FOLDER
              model.hf_class=AutoModelForSequenceClassification head.num_outputs=5
              hydra.run.dir=TMP   (header-only verification of every shard, meta build)
+  (c) tiny   the same for a 2-layer, hidden-size-32 Mistral with verify.backward=false (as
+             the 7B plan, above verify.max_params: what the CLI costs for any model)
 
 Each cell is the median over --runs fresh processes of wall seconds / peak RSS MiB, measured by
 /usr/bin/time if present, else by resource.getrusage of the waited child. Usage:
@@ -43,6 +45,8 @@ FLOOR = ("import os, torch, torchvision, hydra, omegaconf, safetensors, transfor
 MISTRAL_7B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
               "num_labels": 2, "pad_token_id": 0}
+TINY = {**MISTRAL_7B, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100}
 DTYPES = {"bf16": ("BF16", 2), "fp32": ("F32", 4)}
 
 
@@ -106,10 +110,10 @@ def make_folder(folder: Path, config: dict | None = None, dtype: str = "bf16",
             "disk_bytes": sum(f.stat().st_blocks * 512 for f in files)}
 
 
-def plan_command(folder: Path, run_dir: Path) -> list[str]:
+def plan_command(folder: Path, run_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "finetune_prep", "model=hf_folder", f"model.arch={folder}",
             "model.hf_class=AutoModelForSequenceClassification", "head.num_outputs=5",
-            f"hydra.run.dir={run_dir}"]
+            f"hydra.run.dir={run_dir}", *extra]
 
 
 def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
@@ -134,9 +138,15 @@ def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     return float(wall), int(rss) / 1024
 
 
-def medians(cmd: list[str], runs: int) -> tuple[float, float]:
-    found = [measure(cmd) for _ in range(runs)]
-    return statistics.median(w for w, _ in found), statistics.median(r for _, r in found)
+def medians(cmds: list[list[str]], runs: int) -> list[tuple[float, float]]:
+    """Median (wall s, peak RSS MiB) of each command; the commands take turns within a round,
+    so a change in the machine's load falls on all of them."""
+    found: list[list[tuple[float, float]]] = [[] for _ in cmds]
+    for _ in range(runs):
+        for i, cmd in enumerate(cmds):
+            found[i].append(measure(cmd))
+    return [(statistics.median(w for w, _ in f), statistics.median(r for _, r in f))
+            for f in found]
 
 
 def main() -> None:
@@ -147,9 +157,11 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_hf_7b_"))
     try:
         info = make_folder(tmp / "mistral_7b", dtype=args.dtype)
-        measure([sys.executable, "-c", FLOOR])  # warm the page cache for both
-        floor = medians([sys.executable, "-c", FLOOR], args.runs)
-        plan = medians(plan_command(tmp / "mistral_7b", tmp / "run"), args.runs)
+        make_folder(tmp / "mistral_tiny", config=TINY, dtype=args.dtype)
+        cmds = [[sys.executable, "-c", FLOOR], plan_command(tmp / "mistral_7b", tmp / "run"),
+                plan_command(tmp / "mistral_tiny", tmp / "run_tiny", "verify.backward=false")]
+        measure(cmds[0])  # warm the page cache
+        floor, plan, tiny = medians(cmds, args.runs)
         doc = json.loads((tmp / "run" / "param_groups.json").read_text())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -167,11 +179,13 @@ def main() -> None:
           f"{mem['bf16']['plan_bytes'] / gib:.1f} GiB, full "
           f"{mem['bf16']['full_finetune_bytes'] / gib:.1f} GiB")
     print()
-    print("| model | (a) floor | (b) plan | (b)-(a) time | (b)-(a) RSS |")
-    print("|---|---|---|---|---|")
+    print("| model | (a) floor | (b) plan 7B | (c) plan tiny | (b)-(a) time | (b)-(a) RSS "
+          "| (b)-(c) time |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| mistral-7b seq-cls, {info['shards']} {args.dtype} shards | {floor[0]:.2f} / "
-          f"{floor[1]:.0f} | {plan[0]:.2f} / {plan[1]:.0f} | {plan[0] - floor[0]:+.2f} s | "
-          f"{plan[1] - floor[1]:+.0f} MiB |")
+          f"{floor[1]:.0f} | {plan[0]:.2f} / {plan[1]:.0f} | {tiny[0]:.2f} / {tiny[1]:.0f} | "
+          f"{plan[0] - floor[0]:+.2f} s | {plan[1] - floor[1]:+.0f} MiB | "
+          f"{plan[0] - tiny[0]:+.2f} s |")
 
 
 if __name__ == "__main__":

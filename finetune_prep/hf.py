@@ -56,7 +56,10 @@ def _cached(model_id: str) -> Path:
     looked = f"{os.path.abspath(model_id)} (a folder) and the Hugging Face cache " \
              f"{constants.HF_HUB_CACHE}"
     if model_id.count("/") > 1 or model_id.startswith((".", "/", "~")):
-        raise FinetunePrepError(f"model.arch={model_id} not found: looked for {looked}.")
+        raise FinetunePrepError(
+            f"model.arch={model_id} not found: there is no folder {os.path.abspath(model_id)} "
+            "(and a path is no model id, which reads org/name). Give the folder that "
+            "save_pretrained wrote (config.json beside the weights).")
     try:
         folder = Path(snapshot_download(model_id, local_files_only=True))
     except Exception as err:  # not cached (LocalEntryNotFoundError), or not a valid repo id

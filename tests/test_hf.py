@@ -185,7 +185,7 @@ def test_a_model_id_is_found_in_the_local_cache_only(make_cfg, hf_folder, tmp_pa
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (("model.arch=/nonexistent/model",), r"not found: looked for /nonexistent/model"),
+    (("model.arch=/nonexistent/model",), r"not found: there is no folder /nonexistent/model"),
     (("model.hf_class=AutoModelForSeqClassification",),
      r"not a transformers model class\. Did you mean: AutoModelForSequenceClassification"),
     (("+model.kwargs.hidden_sise=8",), r"model\.kwargs \(hidden_sise\) are not fields of "
@@ -360,3 +360,12 @@ def test_a_pytorch_model_bin_folder_loads_too(make_cfg, hf_folder, tmp_path):
     assert src["format"] == "torch" and src["loaded"] == len(state)
     ref = transformers.AutoModelForImageClassification.from_pretrained(hf_folder("vit"))
     assert all(torch.equal(p.model.state_dict()[k], v) for k, v in ref.state_dict().items())
+
+
+def test_model_stages_override_an_hf_models_own(make_cfg, hf_folder):
+    p = _plan(make_cfg, hf_folder("vit"), "head.num_outputs=3",
+              "model.stages=[vit.embeddings,[vit.layers.0,vit.layers.1,vit.layernorm]]",
+              "freeze=last_stage")
+    assert p.table.stages == (("vit.embeddings",),
+                              ("vit.layers.0", "vit.layers.1", "vit.layernorm"))
+    assert p.document["counts"]["trainable"] == 99 + 8_544 + 8_608
