@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from torch import nn
 
 from finetune_prep.checkpoint import Checkpoint, shards
 from finetune_prep.errors import FinetunePrepError, did_you_mean
-from finetune_prep.models import BuiltModel, covers, describe, init_on_meta
+from finetune_prep.models import BuiltModel, ParamTable, covers, describe, init_on_meta
 
 DEFAULT_CLASS = "AutoModelForImageClassification"
 TEXT_LENGTH = 16  # tokens per sequence of the proof's batch for a text model
@@ -86,23 +86,28 @@ def build(model_cfg: Any, head_cfg: Any, num_outputs: int, meta: bool) -> BuiltM
     cls = model_class(str(model_cfg.get("hf_class") or DEFAULT_CLASS), config)
     with _quiet(), init_on_meta() if meta else nullcontext(), _no_init() if meta else nullcontext():
         model = _instantiate(cls, config, model_cfg)
-    head = _head(model, head_cfg, num_outputs, meta)
-    stages = _stages(model, model_cfg, head)
+    table = _table(model, model_cfg, head_cfg, num_outputs, meta)
+    size = tuple(model_cfg.input_size) if model_cfg.get("input_size") else image_size(config)
+    tokens = size is None and getattr(config, "vocab_size", None)
+    return BuiltModel(model, table, "hf", str(model_cfg.arch), num_outputs,
+                      (TEXT_LENGTH,) if tokens else size, folder=str(folder),
+                      make_batch=_token_batch(config) if tokens else None)
+
+
+def _table(model: nn.Module, model_cfg: Any, head_cfg: Any, num_outputs: int,
+           meta: bool) -> ParamTable:
+    """Head, stages, layer ids and no-decay names of a built model."""
     from finetune_prep.stages import derive_layers
 
+    head = _head(model, head_cfg, num_outputs, meta)
+    stages = _stages(model, model_cfg, head)
     layers = derive_layers(model, head, _layer_stages(model, stages))
     nwd = frozenset(n for n, _ in model.named_parameters()
                     if n.rpartition(".")[2] in NO_WEIGHT_DECAY)
-    table = describe(model, head, stages, layers, nwd)
-    size = tuple(model_cfg.input_size) if model_cfg.get("input_size") else image_size(config)
-    tokens = size is None and getattr(config, "vocab_size", None)
-    if tokens:
-        size = (TEXT_LENGTH,)
-    return BuiltModel(model, table, "hf", str(model_cfg.arch), num_outputs, size,
-                      folder=str(folder), make_batch=_token_batch(config) if tokens else None)
+    return describe(model, head, stages, layers, nwd)
 
 
-def _token_batch(config: Any) -> Any:
+def _token_batch(config: Any) -> Callable[[int, Any], Any]:
     """The proof's input for a text model: random token ids (1 .. vocab_size-1)."""
     import torch
 
