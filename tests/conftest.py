@@ -100,6 +100,8 @@ def tiny_hf_config(kind: str, num_labels: int = 5):
                                               image_size=32),
         "resnet": lambda: tf.ResNetConfig(hidden_sizes=[8, 16, 32, 32], depths=[1, 1, 2, 1],
                                           embedding_size=8),
+        "swin": lambda: tf.SwinConfig(embed_dim=16, depths=[1, 2], num_heads=[1, 2],
+                                      image_size=32, patch_size=4, window_size=4),
         "mistral": lambda: tf.MistralConfig(hidden_size=32, intermediate_size=64,
                                             num_hidden_layers=2, num_attention_heads=4,
                                             num_key_value_heads=2, vocab_size=100,

@@ -68,6 +68,7 @@ def test_mismatched_head_is_fresh_and_the_backbone_loaded(make_cfg, hf_folder):
 @pytest.mark.parametrize(("kind", "stages", "n_layers"), [
     ("convnext", ["convnext.embeddings", *[f"convnext.encoder.stages.{i}" for i in range(4)]], 7),
     ("resnet", ["resnet.embedder", *[f"resnet.encoder.stages.{i}" for i in range(4)]], 7),
+    ("swin", ["swin.embeddings", "swin.encoder.layers.0", "swin.encoder.layers.1"], 5),
 ])
 def test_stages_come_from_the_models_own_layer_list(make_cfg, hf_folder, kind, stages,
                                                     n_layers):
@@ -75,11 +76,12 @@ def test_stages_come_from_the_models_own_layer_list(make_cfg, hf_folder, kind, s
               "freeze=full")
     assert [s[0] for s in p.table.stages] == stages
     ids = p.table.layer_ids()
-    assert len(set(ids.values())) == n_layers  # stem, 1+1+2+1 blocks, head
+    assert len(set(ids.values())) == n_layers  # stem, each block (1+1+2+1, 1+2), head
     assert max(ids.values()) == ids[p.table.head_params()[0]]
     groups = p.document["groups"]
     lrs = {g["lr"] for g in groups}
-    assert max(lrs) == pytest.approx(1e-3) and min(lrs) == pytest.approx(1e-3 * 0.75 ** 6)
+    assert max(lrs) == pytest.approx(1e-3)
+    assert min(lrs) == pytest.approx(1e-3 * 0.75 ** (n_layers - 1))
     assert p.document["checkpoint"]["sources"][0]["missing"] == []
 
 
@@ -369,3 +371,13 @@ def test_model_stages_override_an_hf_models_own(make_cfg, hf_folder):
     assert p.table.stages == (("vit.embeddings",),
                               ("vit.layers.0", "vit.layers.1", "vit.layernorm"))
     assert p.document["counts"]["trainable"] == 99 + 8_544 + 8_608
+
+
+def test_tokens_and_position_embeddings_get_no_weight_decay(make_cfg, hf_folder):
+    p = _plan(make_cfg, hf_folder("vit"), "head.num_outputs=3", "freeze=full")
+    decay = {n: g["weight_decay"] for g in p.param_groups for n in g["params"]}
+    assert p.table.no_weight_decay == {"vit.embeddings.cls_token",
+                                       "vit.embeddings.position_embeddings"}
+    assert decay["vit.embeddings.cls_token"] == 0.0
+    assert decay["vit.embeddings.position_embeddings"] == 0.0
+    assert decay["vit.embeddings.patch_embeddings.projection.weight"] == 0.05
