@@ -381,3 +381,14 @@ def test_tokens_and_position_embeddings_get_no_weight_decay(make_cfg, hf_folder)
     assert decay["vit.embeddings.cls_token"] == 0.0
     assert decay["vit.embeddings.position_embeddings"] == 0.0
     assert decay["vit.embeddings.patch_embeddings.projection.weight"] == 0.05
+
+
+def test_an_edited_config_json_is_built_again(make_cfg, hf_folder, tmp_path):
+    """The process cache of meta models keys an HF model on its config.json as it is now."""
+    shutil.copy(hf_folder("vit") / "config.json", tmp_path / "config.json")
+    before = _plan(make_cfg, tmp_path, "head.num_outputs=3").document["counts"]["total"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    after = _plan(make_cfg, tmp_path, "head.num_outputs=3").document["counts"]["total"]
+    assert before - after == 8_544  # one encoder layer fewer
