@@ -18,6 +18,7 @@ Both are small LRUs; `clear()` empties them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -98,6 +99,11 @@ def _model_key(model_cfg: Any, head_cfg: Any) -> Hashable | None:
         key: tuple = (json.dumps(plain, sort_keys=True),)
     except Exception:  # unresolvable or not JSON-able: build it uncached, with its own errors
         return None
+    if plain[0].get("source") == "hf":  # the folder's config.json, as it is now
+        config = os.path.join(os.path.expanduser(str(plain[0].get("arch"))), "config.json")
+        with contextlib.suppress(OSError):
+            st = os.stat(config)
+            key += (st.st_size, st.st_mtime_ns, st.st_ino)
     if plain[0].get("source") == "target":
         from hydra.utils import get_object
 

@@ -35,6 +35,7 @@ class ModelSource(str, Enum):
     torchvision = "torchvision"
     timm = "timm"
     target = "target"
+    hf = "hf"
 
 
 class BnStats(str, Enum):
@@ -53,6 +54,7 @@ class ModelConfig:
     target: Any | None = None
     stages: list[Any] | None = None
     input_size: list[int] | None = None
+    hf_class: str = "AutoModelForImageClassification"
 
 
 @dataclass

@@ -11,7 +11,7 @@ import fnmatch
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -23,7 +23,7 @@ from torch import nn
 
 from finetune_prep.errors import FinetunePrepError, did_you_mean
 
-SOURCES = ("torchvision", "timm", "target")
+SOURCES = ("torchvision", "timm", "target", "hf")
 GRANULARITIES = ("block", "stage")  # what optim.layer_decay counts as one layer
 # torchvision's transformers have no no_weight_decay(): these parameter names are excluded as
 # the DeiT/MAE recipes and torchvision's own reference scripts (transformer_embedding_decay) do
@@ -109,6 +109,9 @@ class BuiltModel:
     arch: str
     num_outputs: int
     input_size: tuple[int, ...] | None  # (C, H, W) for the verification pass, if known
+    folder: str | None = None  # source=hf: the model's folder (config.json, its own weights)
+    # the proof's batch (batch size, generator) -> input, when not a float image batch (tokens)
+    make_batch: Callable[[int, torch.Generator], torch.Tensor] | None = None
 
 
 @contextmanager
@@ -158,6 +161,10 @@ def build_model(model_cfg: Any, head_cfg: Any, meta: bool) -> BuiltModel:
         raise FinetunePrepError(
             f"model.source={source!r} is not one of {', '.join(SOURCES)}."
         )
+    if source == "hf":  # Hugging Face transformers: its own module
+        from finetune_prep import hf
+
+        return hf.build(model_cfg, head_cfg, num_outputs, meta)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # googlenet/inception init notices
         if meta:

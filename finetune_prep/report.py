@@ -43,13 +43,26 @@ def state(trainable: int, total: int) -> str:
 def top_level_rows(
     table: ParamTable, trainable: Mapping[str, bool]
 ) -> list[tuple[str, int, int]]:
-    """(top-level module, trainable count, total count), in model order."""
+    """(top-level module, trainable count, total count), in model order. A wrapper that holds
+    every parameter but the head (a Hugging Face model's `vit`, `model`) is shown opened."""
+    wrapper = _wrapper(table)
     rows: dict[str, list[int]] = {}
     for name in table.names:
-        row = rows.setdefault(name.split(".")[0], [0, 0])
+        parts = name.split(".")
+        row = rows.setdefault(".".join(parts[:2 if parts[0] == wrapper else 1]), [0, 0])
         row[0] += table.numel(name) if trainable[name] else 0
         row[1] += table.numel(name)
     return [(top, t, n) for top, (t, n) in rows.items()]
+
+
+def _wrapper(table: ParamTable) -> str | None:
+    """The one top-level module that holds every parameter outside the head, if there is one."""
+    heads = set(table.head_params())
+    tops = {n.split(".")[0] for n in table.names if n not in heads}
+    if len(tops) != 1 or any(covers(t, h) for t in tops for h in table.head):
+        return None
+    top = tops.pop()
+    return top if any(n.count(".") >= 2 for n in table.names if n not in heads) else None
 
 
 def render(
@@ -223,13 +236,25 @@ def _layer_groups(optimizer: str, groups: Sequence[Mapping[str, Any]]) -> str:
     ])
 
 
-def _memory(memory: Mapping[str, int] | None) -> str:
+def _memory(memory: Mapping[str, Any] | None) -> str:
     if not memory:
         return ""
-    mib = 1024 * 1024
-    return (f"Training memory (fp32 params + grads + optimizer state): "
-            f"{memory['plan_bytes'] / mib:,.1f} MiB for this plan, "
-            f"{memory['full_finetune_bytes'] / mib:,.1f} MiB for full fine-tuning")
+    line = (f"Training memory (fp32 params + grads + optimizer state): "
+            f"{_size(memory['plan_bytes'])} for this plan, "
+            f"{_size(memory['full_finetune_bytes'])} for full fine-tuning")
+    bf16 = memory.get("bf16")
+    if bf16:
+        line += (f"\n  in bf16 (weights, grads and optimizer state): "
+                 f"{_size(bf16['plan_bytes'])} for this plan, "
+                 f"{_size(bf16['full_finetune_bytes'])} for full fine-tuning "
+                 "(activations not included)")
+    return line
+
+
+def _size(n_bytes: int) -> str:
+    """MiB below 10 GiB (as before), GiB above: which GPU a plan fits on, at a glance."""
+    gib = n_bytes / 2**30
+    return f"{gib:,.1f} GiB" if gib >= 10 else f"{n_bytes / 2**20:,.1f} MiB"
 
 
 def _phases(document: Mapping[str, Any]) -> str:

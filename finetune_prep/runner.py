@@ -175,9 +175,18 @@ def _read_sources(cfg: DictConfig, built: BuiltModel, reuse: bool = False) -> li
         fit = check_fit(_shapes(ckpt), shapes, strict=True, exclude=built.table.head,
                         source=f"model.weights={cfg.model.weights}")
         sources.append(Source("model.weights", ckpt, fit))
+    if built.source == "hf" and not cfg.checkpoint.path:  # the model folder's own weights
+        from finetune_prep import hf
+
+        found = hf.read_folder(built, cfg.checkpoint, read, shapes)
+        sources += [Source("model.arch", *found)] if found else []
     if cfg.checkpoint.path:
         c = cfg.checkpoint
         ckpt = read(c.path, key=c.key, prefix=c.prefix)
+        if built.source == "hf":
+            from finetune_prep import hf
+
+            ckpt = hf.rename_keys(ckpt, built.model)
         exclude = built.table.head if c.exclude_head else ()
         fit = check_fit(_shapes(ckpt), shapes, strict=c.strict, exclude=exclude,
                         source=f"checkpoint.path={c.path}", outside=ckpt.outside)

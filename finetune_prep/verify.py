@@ -30,11 +30,17 @@ def state_copies(optimizer: Any) -> int:
 
 def memory_estimate(
     table: ParamTable, trainable: Sequence[str], optimizer: Any, bytes_per: int = 4
-) -> dict[str, int]:
-    """fp32 training memory for parameters + gradients + optimizer state, plan vs. full."""
+) -> dict[str, Any]:
+    """Training memory for parameters + gradients + optimizer state, plan vs. full (no
+    activations): fp32 at the top level, and under "bf16" the same with every tensor
+    (weights, gradients, the optimizer's state) in bfloat16."""
     total = sum(table.numel(n) for n in table.names)
     train = sum(table.numel(n) for n in trainable)
     copies = state_copies(optimizer)
+    return {**_bytes(total, train, copies, bytes_per), "bf16": _bytes(total, train, copies, 2)}
+
+
+def _bytes(total: int, train: int, copies: int, bytes_per: int) -> dict[str, int]:
     return {
         "params_bytes": total * bytes_per,
         "grads_bytes": train * bytes_per,
@@ -51,17 +57,20 @@ def prove(
     input_size: Sequence[int],
     batch_size: int,
     seed: int,
+    make_batch: Callable[[int, torch.Generator], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """One forward/backward/step on `model` (which it changes); return what was checked.
 
-    `groups` are torch.optim groups of `model`'s own tensors.
+    `groups` are torch.optim groups of `model`'s own tensors; `make_batch` makes the input
+    (token ids for a text model), else it is a random float batch of `input_size`.
     """
     params = dict(model.named_parameters())
     non_finite = _non_finite(model)
     before = {n: p.detach().clone() for n, p in params.items()}
     optimizer = make_optimizer(groups)
     generator = torch.Generator().manual_seed(seed)
-    batch = torch.randn(batch_size, *input_size, generator=generator)
+    batch = make_batch(batch_size, generator) if make_batch else \
+        torch.randn(batch_size, *input_size, generator=generator)
     optimizer.zero_grad(set_to_none=True)
     _loss(model(batch)).backward()
     optimizer.step()
@@ -156,7 +165,7 @@ def run_proof(
         return {"backward": False, "reason": "nothing trains"}
     model = set_train_mode(make_model(), eval_modules)
     return prove(model, tensor_groups(model, groups), optimizer_factory(optimizer),
-                 built.input_size, verify_cfg.batch_size, verify_cfg.seed)
+                 built.input_size, verify_cfg.batch_size, verify_cfg.seed, built.make_batch)
 
 
 def notes(verified: dict[str, Any]) -> list[str]:

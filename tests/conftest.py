@@ -96,3 +96,55 @@ def resnet18_plan(tmp_path_factory) -> Path:
     cfg = finetune_prep.compose(["freeze=last_stage", "head.num_outputs=10", "optim=sgd",
                                  "verify.backward=false"])
     return run(cfg, tmp_path_factory.mktemp("resnet18_plan"))
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+def tiny_hf_config(kind: str, num_labels: int = 5):
+    """A tiny transformers config (hidden size 32, 2 layers) of each kind the tests use."""
+    import transformers as tf
+
+    made = {
+        "vit": lambda: tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=64, image_size=32, patch_size=8),
+        "convnext": lambda: tf.ConvNextConfig(hidden_sizes=[8, 16, 32, 32], depths=[1, 1, 2, 1],
+                                              image_size=32),
+        "resnet": lambda: tf.ResNetConfig(hidden_sizes=[8, 16, 32, 32], depths=[1, 1, 2, 1],
+                                          embedding_size=8),
+        "swin": lambda: tf.SwinConfig(embed_dim=16, depths=[1, 2], num_heads=[1, 2],
+                                      image_size=32, patch_size=4, window_size=4),
+        "mistral": lambda: tf.MistralConfig(hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, vocab_size=100,
+                                            pad_token_id=0),
+        "llama": lambda: tf.LlamaConfig(hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=100, pad_token_id=0),
+    }[kind]()
+    made.num_labels = num_labels
+    return made
+
+
+HF_TEXT = ("mistral", "llama")
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory) -> Callable[[str], Path]:
+    """`hf_folder(kind)`: a random-init tiny model saved with save_pretrained, sharded
+    (max_shard_size 20KB), made once per session; never downloaded."""
+    made: dict[str, Path] = {}
+
+    def _make(kind: str) -> Path:
+        if kind not in made:
+            import transformers as tf
+
+            torch.manual_seed(0)
+            auto = (tf.AutoModelForSequenceClassification if kind in HF_TEXT
+                    else tf.AutoModelForImageClassification)
+            model = auto.from_config(tiny_hf_config(kind))
+            folder = tmp_path_factory.mktemp("hf") / kind
+            model.save_pretrained(folder, max_shard_size="20KB")
+            made[kind] = folder
+        return made[kind]
+
+    return _make
