@@ -280,3 +280,21 @@ def test_lightning_refuses_a_schedule_under_ddp(tmp_path):
     with pytest.raises(FinetunePrepError, match="DDPStrategy builds its wrapper once"):
         trainer.fit(Classifier(finetune_prep.build_model(plan)),
                     torch.utils.data.DataLoader(data, batch_size=2))
+
+
+def test_step_boundaries_apply_at_the_planned_step(tmp_path):
+    run(finetune_prep.compose([
+        "freeze.schedule=[{at: {step: 100}, rules: [{unfreeze: layer4}]}, "
+        "{at: {step: 250}, rules: [{unfreeze: layer3}], lr: 0.0003}]",
+        "verify.backward=false"]), tmp_path)
+    plan = tmp_path / "param_groups.json"
+    model = torchvision.models.resnet18(num_classes=1)
+    optimizer = finetune_prep.build_optimizer(model, plan)
+    schedule = finetune_prep.Schedule(model, optimizer, plan)
+    assert schedule.unit == "step"
+    assert [schedule.step(step=s) for s in (0, 99, 100, 249, 250, 999)] == [0, 0, 1, 1, 2, 2]
+    assert schedule.step(epoch=5) == 2  # epochs do not move a step schedule
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters()
+                         if n.startswith(("layer3.", "layer4.", "fc."))}
+    assert {g["lr"] for g in optimizer.param_groups[-2:]} == {0.0003}  # phase 2's absolute lr
