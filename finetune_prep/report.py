@@ -70,9 +70,8 @@ def render(
     table: ParamTable,
     trainable: Mapping[str, bool],
     grouped: bool,
-    notes: Sequence[str] = (),
 ) -> str:
-    """The whole summary as text."""
+    """The summary as text (Prepared.summary adds the warnings after it)."""
     parts = [
         _header(document, table),
         _grouped(table, trainable, document) if grouped else _detailed(table, trainable),
@@ -83,8 +82,6 @@ def render(
         _phases(document),
         _verified(document.get("verified")),
     ]
-    if notes:
-        parts.append("\n".join(f"WARNING: {n}" for n in notes))
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
