@@ -293,6 +293,7 @@ def build_model(path: str | os.PathLike) -> nn.Module:
     model_cfg = OmegaConf.create({
         "source": source, "arch": info.get("arch"), "kwargs": info.get("kwargs") or {},
         "target": info.get("target"), "stages": info.get("stages") or None, "input_size": None,
+        "hf_class": info.get("hf_class"),
     })
     head_cfg = OmegaConf.create({"num_outputs": info.get("num_outputs", 1),
                                  "module": heads[0] if len(heads) == 1 else None})
@@ -373,9 +374,12 @@ def _rebuild_block(model_cfg: Any, built: BuiltModel) -> dict[str, Any]:
     def plain(value: Any) -> Any:
         return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
-    return {"kwargs": plain(model_cfg.get("kwargs")) or {},
-            "target": plain(model_cfg.get("target")),
-            "input_size": list(built.input_size) if built.input_size else None}
+    block = {"kwargs": plain(model_cfg.get("kwargs")) or {},
+             "target": plain(model_cfg.get("target")),
+             "input_size": list(built.input_size) if built.input_size else None}
+    if built.source == "hf":
+        block["hf_class"] = model_cfg.get("hf_class")
+    return block
 
 
 def _checkpoint_block(sources: Sequence[Any], model: nn.Module) -> dict[str, Any]:

@@ -392,3 +392,19 @@ def test_an_edited_config_json_is_built_again(make_cfg, hf_folder, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     after = _plan(make_cfg, tmp_path, "head.num_outputs=3").document["counts"]["total"]
     assert before - after == 8_544  # one encoder layer fewer
+
+
+def test_build_model_rebuilds_an_hf_text_classifier_from_the_file(make_cfg, hf_folder, tmp_path):
+    import finetune_prep
+    from finetune_prep.runner import run
+
+    cfg = make_cfg("model=hf_folder", f"model.arch={hf_folder('llama')}", "head.num_outputs=5",
+                   "model.hf_class=AutoModelForSequenceClassification", "verify.backward=false")
+    path = run(cfg, tmp_path)
+    assert json.loads(path.read_text())["model"]["hf_class"] == \
+        "AutoModelForSequenceClassification"
+    model = finetune_prep.build_model(path)  # the right class, not the image default
+    assert type(model).__name__ == "LlamaForSequenceClassification"
+    optimizer = finetune_prep.build_optimizer(model, path)
+    finetune_prep.train_mode(model, path)
+    finetune_prep.check(model, optimizer, path)
