@@ -759,3 +759,30 @@ def test_prepare_loads_a_dcp_folder_and_records_its_format(dcp_folder, sd, make_
     assert prepared.document["checkpoint"]["loaded"] == len(sd)
     state = prepared.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in sd.items())
+
+
+def test_the_metadata_path_still_validates_sparse_indices(tmp_path):
+    import argparse
+
+    bad = torch.sparse_coo_tensor(torch.tensor([[0, 10**6]]), torch.tensor([1.0, 2.0]), (4,),
+                                  check_invariants=False)
+    path = tmp_path / "sparse.pt"
+    torch.save({"state_dict": {"w": bad}, "args": argparse.Namespace(a=1)}, path)
+    with pytest.raises(FinetunePrepError, match="size is 4 but found index 1000000"):
+        read_checkpoint(path)
+
+
+def test_a_deeply_nested_short_record_is_still_caught(tmp_path):
+    import zipfile
+
+    inner = {"a": torch.arange(16.0), "w": torch.full((16,), 7.0)}
+    for i in range(22):
+        inner = {"model": inner} if i % 2 else {"state_dict": inner}
+    ok, short = tmp_path / "ok.pt", tmp_path / "short.pt"
+    torch.save(inner, ok)
+    with zipfile.ZipFile(ok) as old, zipfile.ZipFile(short, "w", zipfile.ZIP_STORED) as new:
+        for info in old.infolist():
+            data = old.read(info.filename)
+            new.writestr(info, data[:16] if info.filename.endswith("/data/1") else data)
+    with pytest.raises(FinetunePrepError, match=r"is truncated or corrupt: tensor '.*\.w' needs"):
+        read_checkpoint(short)

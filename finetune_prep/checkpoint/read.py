@@ -333,8 +333,10 @@ def _safe_load(file: str, mmap: bool, reason: str) -> tuple[Any, list[str]]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            raw = torch.load(file, map_location="cpu", weights_only=False, mmap=mmap,
-                             pickle_module=safe_unpickle.pickle_module(record))
+            # weights_only=False skips torch's sparse-index validation: switch it on here
+            with torch.sparse.check_sparse_tensor_invariants():
+                raw = torch.load(file, map_location="cpu", weights_only=False, mmap=mmap,
+                                 pickle_module=safe_unpickle.pickle_module(record))
     except Exception as err:
         if record.dangerous:
             raise FinetunePrepError(_refused(file, reason, record.dangerous[0])) from err

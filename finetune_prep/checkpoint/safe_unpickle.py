@@ -357,6 +357,9 @@ def scan(data: bytes) -> tuple[Any, Record]:
     return loads(data, record, _storage_ref), record
 
 
+MAX_DEPTH = 64  # above unwrap.MAX_NESTING plus the levels rebuild arguments add
+
+
 @dataclass(frozen=True)
 class TensorRef:
     """Where a tensor of a torch zip file lives: its storage record and its view of it."""
@@ -370,8 +373,8 @@ class TensorRef:
 
 def tensor_refs(obj: Any, path: str = "", depth: int = 0) -> Iterator[TensorRef]:
     """Every tensor a `scan` result holds, with its dotted path in the file."""
-    if depth > 20:
-        return
+    if depth > MAX_DEPTH:  # deeper than unwrapping accepts: never skip a tensor's size check
+        raise pickle.UnpicklingError(f"tensors nested more than {MAX_DEPTH} levels deep")
     if isinstance(obj, Foreign) and obj.name in REBUILDS:
         ref = _tensor_ref(obj, path)
         if ref is not None:
