@@ -38,53 +38,67 @@ class Phase:
 def plan_phases(
     table: ParamTable, first: FreezePlan, schedule: Sequence[Any], optim: Any
 ) -> list[Phase]:
-    """Every phase of the schedule, in order; a phase that changes nothing is an error."""
+    """Every phase of the schedule, in order. A phase that changes nothing, or that freezes
+    what trained before, is an error."""
     phases: list[Phase] = []
     previous = first
     grouped = {n for n in table.names if first.trainable[n]}
-    for at, rules, spec, where in _expand(table, first, schedule):
-        plan = evaluate(rules, table, start=previous)
-        if plan.trainable == previous.trainable:
-            raise FinetunePrepError(
-                f"{where} changes nothing: every parameter it selects is already as it says. "
-                "Remove the phase or give it rules that unfreeze (or freeze) something new."
-            )
-        new = [n for n in table.names if plan.trainable[n] and n not in grouped]
-        grouped.update(new)
-        index = len(phases) + 1
-        groups = _groups(table, new, optim, spec, f"phase{index}/") if new else []
-        phases.append(Phase(index, at, tuple(str(r) for r in rules), plan, groups))
-        previous = plan
-    return phases
-
-
-def _expand(
-    table: ParamTable, first: FreezePlan, schedule: Sequence[Any]
-) -> list[tuple[dict[str, int], list[Rule], Any, str]]:
-    """(boundary, rules, spec, where) per phase, `each_stage` phases expanded, order checked."""
-    out: list[tuple[dict[str, int], list[Rule], Any, str]] = []
-    trainable = dict(first.trainable)
+    last: tuple[str, int, str] | None = None  # unit, boundary, where of the phase before
     for i, spec in enumerate(schedule):
         where = f"freeze.schedule[{i}]"
         unit, start = _boundary(spec, where)
         _check_numbers(spec, where)
-        if spec.each_stage:
-            if spec.rules:
-                raise FinetunePrepError(f"{where}: give rules or each_stage: true, not both.")
-            todo = [k for k in reversed(range(len(table.stages)))
-                    if not all(trainable[n] for n in table.stage_params(k))]
-            for j, k in enumerate(todo):
-                rule = Rule("unfreeze", f"@stage[{k}]", f"{where} (stage {k})")
-                out.append(({unit: start + j * spec.every}, [rule], spec, rule.where))
-            for k in todo:
-                trainable.update(dict.fromkeys(table.stage_params(k), True))
-        else:
-            if not spec.rules:
-                raise FinetunePrepError(f"{where} has no rules: give rules (e.g. "
-                                        "[{unfreeze: '@stage[-2]'}]) or each_stage: true.")
-            out.append(({unit: start}, parse_rules(spec.rules, f"{where}.rules"), spec, where))
-    _check_order(out)
-    return out
+        for at, rules, label in _steps(table, previous, spec, where, unit, start):
+            _check_order(last, unit, at[unit], label)
+            last = (unit, at[unit], label)
+            plan = evaluate(rules, table, start=previous)
+            _check_change(table, previous, plan, label)
+            new = [n for n in table.names if plan.trainable[n] and n not in grouped]
+            grouped.update(new)
+            index = len(phases) + 1
+            groups = _groups(table, new, optim, spec, f"phase{index}/") if new else []
+            phases.append(Phase(index, at, tuple(str(r) for r in rules), plan, groups))
+            previous = plan
+    return phases
+
+
+def _steps(
+    table: ParamTable, previous: FreezePlan, spec: Any, where: str, unit: str, start: int
+) -> list[tuple[dict[str, int], list[Rule], str]]:
+    """The phases one schedule entry makes: one, or one per stage still frozen (each_stage),
+    from the top, `every` apart."""
+    if not spec.each_stage:
+        if not spec.rules:
+            raise FinetunePrepError(f"{where} has no rules: give rules (e.g. "
+                                    "[{unfreeze: '@stage[-2]'}]) or each_stage: true.")
+        return [({unit: start}, parse_rules(spec.rules, f"{where}.rules"), where)]
+    if spec.rules:
+        raise FinetunePrepError(f"{where}: give rules or each_stage: true, not both.")
+    todo = [k for k in reversed(range(len(table.stages)))
+            if not all(previous.trainable[n] for n in table.stage_params(k))]
+    if not todo:
+        raise FinetunePrepError(f"{where} (each_stage) changes nothing: every stage already "
+                                "trains. Remove the phase.")
+    steps = []
+    for j, k in enumerate(todo):
+        rule = Rule("unfreeze", f"@stage[{k}]", f"{where} (stage {k})")
+        steps.append(({unit: start + j * spec.every}, [rule], rule.where))
+    return steps
+
+
+def _check_change(table: ParamTable, previous: FreezePlan, plan: FreezePlan, where: str) -> None:
+    if plan.trainable == previous.trainable:
+        raise FinetunePrepError(
+            f"{where} changes nothing: every parameter it selects is already as it says. "
+            "Remove the phase or give it rules that unfreeze something new."
+        )
+    refrozen = [n for n in table.names if previous.trainable[n] and not plan.trainable[n]]
+    if refrozen:
+        raise FinetunePrepError(
+            f"{where} freezes {len(refrozen)} parameters that train in an earlier phase "
+            f"({', '.join(refrozen[:3])}{' ...' if len(refrozen) > 3 else ''}): a phase only "
+            "adds what trains (the optimizer keeps its groups). Unfreeze later instead."
+        )
 
 
 def _boundary(spec: Any, where: str) -> tuple[str, int]:
@@ -112,16 +126,16 @@ def _check_numbers(spec: Any, where: str) -> None:
         raise FinetunePrepError(f"{where}: give lr (absolute) or lr_mult, not both.")
 
 
-def _check_order(phases: list[tuple[dict[str, int], list[Rule], Any, str]]) -> None:
-    units = {next(iter(at)) for at, *_ in phases}
-    if len(units) > 1:
+def _check_order(last: tuple[str, int, str] | None, unit: str, value: int, where: str) -> None:
+    if last is None:
+        return
+    if last[0] != unit:
         raise FinetunePrepError("freeze.schedule mixes epoch and step boundaries; use one unit "
                                 "for every phase (a step count does not know the epoch length).")
-    values = [next(iter(at.values())) for at, *_ in phases]
-    for (at, _, _, where), before, now in zip(phases[1:], values, values[1:], strict=False):
-        if now <= before:
-            raise FinetunePrepError(f"{where} starts at {at}, not after the phase before it "
-                                    f"({before}): phases must start in increasing order.")
+    if value <= last[1]:
+        raise FinetunePrepError(f"{where} starts at {unit} {value}, not after the phase before "
+                                f"it ({last[2]}, {unit} {last[1]}): phases must start in "
+                                "increasing order.")
 
 
 def _groups(

@@ -86,6 +86,11 @@ def test_backbone_at_unfreezes_everything_at_the_chosen_epoch_at_a_tenth_of_the_
      "[{unfreeze: layer3}]}]", "mixes epoch and step"),
     ("[{at: {epoch: 1}, rules: [{unfreeze: layer4}], lr_mult: nan}]", "lr_mult=nan"),
     ("[{at: {epoch: 1}}]", "has no rules"),
+    ("[{at: {epoch: 1}, rules: [{unfreeze: '@all'}]}, {at: {epoch: 2}, rules: "
+     "[{freeze: '@stage[0]'}]}]", r"freeze.schedule\[1\] freezes 3 parameters that train in an "
+                                  "earlier phase"),
+    ("[{at: {epoch: 1}, rules: [{unfreeze: '@all'}]}, {at: {epoch: 2}, each_stage: true}]",
+     r"freeze.schedule\[1\] \(each_stage\) changes nothing"),
 ])
 def test_every_phase_is_validated_like_the_first(schedule, message):
     cfg = finetune_prep.compose([f"freeze.schedule={schedule}"])
@@ -298,3 +303,14 @@ def test_step_boundaries_apply_at_the_planned_step(tmp_path):
     assert trainable == {n for n, _ in model.named_parameters()
                          if n.startswith(("layer3.", "layer4.", "fc."))}
     assert {g["lr"] for g in optimizer.param_groups[-2:]} == {0.0003}  # phase 2's absolute lr
+
+
+def test_each_stage_after_a_rules_phase_skips_what_already_trains():
+    prepared = prepare(finetune_prep.compose([
+        "freeze.schedule=[{at: {epoch: 1}, rules: [{unfreeze: '@stage[-1]'}]}, "
+        "{at: {epoch: 2}, each_stage: true}]"]), materialize=False, verify=False)
+    phases = prepared.document["schedule"]
+    assert [p["at"]["epoch"] for p in phases] == [1, 2, 3, 4, 5]
+    assert [p["rules"][0].rsplit("{", 1)[1] for p in phases[1:]] == [
+        "unfreeze: @stage[3]}", "unfreeze: @stage[2]}", "unfreeze: @stage[1]}",
+        "unfreeze: @stage[0]}"]
