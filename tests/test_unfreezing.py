@@ -298,7 +298,8 @@ def test_step_boundaries_apply_at_the_planned_step(tmp_path):
     schedule = finetune_prep.Schedule(model, optimizer, plan)
     assert schedule.unit == "step"
     assert [schedule.step(step=s) for s in (0, 99, 100, 249, 250, 999)] == [0, 0, 1, 1, 2, 2]
-    assert schedule.step(epoch=5) == 2  # epochs do not move a step schedule
+    with pytest.raises(FinetunePrepError, match=r"start at step boundaries; call step\(step="):
+        schedule.step(epoch=5)  # the wrong unit alone would never unfreeze anything
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in model.named_parameters()
                          if n.startswith(("layer3.", "layer4.", "fc."))}

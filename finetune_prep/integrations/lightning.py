@@ -115,7 +115,7 @@ class FinetunePrepCallback(Callback):
         self.hold(pl_module)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._advance(epoch=trainer.current_epoch)
+        self._advance(trainer)
         self.hold(pl_module)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -124,15 +124,15 @@ class FinetunePrepCallback(Callback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._advance(step=trainer.global_step)
+        self._advance(trainer)
         self.hold(pl_module)
 
-    def _advance(self, epoch: int | None = None, step: int | None = None) -> None:
+    def _advance(self, trainer: Trainer) -> None:
         """Gradual unfreezing: apply the phases this epoch (or step) has reached, then check."""
         if self.schedule is None:
             return
         before = self.schedule.phase
-        if self.schedule.step(epoch=epoch, step=step) != before:
+        if self.schedule.step(epoch=trainer.current_epoch, step=trainer.global_step) != before:
             self.eval_modules = self.schedule.eval_modules
             check(self.schedule.model, self.schedule.optimizer, self.path,
                   phase=self.schedule.phase)

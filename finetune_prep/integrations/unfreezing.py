@@ -53,9 +53,14 @@ class Schedule:
 
     def due(self, epoch: int | None = None, step: int | None = None) -> int:
         """The phase that training at this epoch (or step) is in."""
-        now = {"epoch": epoch, "step": step}.get(self.unit or "epoch")
+        if self.unit is None:
+            return 0
+        now = {"epoch": epoch, "step": step}[self.unit]
         if now is None:
-            return self.phase
+            raise FinetunePrepError(
+                f"{self.path}: this schedule's phases start at {self.unit} boundaries; call "
+                f"step({self.unit}=...) (both epoch= and step= may be given)."
+            )
         return max([0, *(p["phase"] for p in self.phases if now >= p["at"][self.unit])])
 
     def step(self, epoch: int | None = None, step: int | None = None) -> int:
