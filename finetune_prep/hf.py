@@ -205,6 +205,10 @@ def _instantiate(cls: Any, config: Any, model_cfg: Any) -> nn.Module:
     try:
         if hasattr(cls, "from_config"):  # an Auto class
             return cls.from_config(config, trust_remote_code=False)
+        wanted = getattr(cls, "config_class", None)
+        if isinstance(wanted, type) and not isinstance(config, wanted):
+            raise ValueError(f"Unrecognized configuration class {type(config).__name__} for "
+                             f"{cls.__name__} (it takes a {wanted.__name__})")
         return cls._from_config(config)
     except ValueError as err:
         if "Unrecognized configuration class" not in str(err):

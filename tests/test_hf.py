@@ -192,6 +192,8 @@ def test_a_model_id_is_found_in_the_local_cache_only(make_cfg, hf_folder, tmp_pa
      r"not a transformers model class\. Did you mean: AutoModelForSequenceClassification"),
     (("+model.kwargs.hidden_sise=8",), r"model\.kwargs \(hidden_sise\) are not fields of "
                                        r"ViTConfig"),
+    (("model.hf_class=BertForSequenceClassification",),
+     r"BertForSequenceClassification cannot build a 'vit' model.*AutoModelForImageClassification"),
 ])
 def test_errors_say_what_is_wrong(make_cfg, hf_folder, overrides, message):
     with pytest.raises(FinetunePrepError, match=message):
