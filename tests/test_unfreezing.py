@@ -315,3 +315,43 @@ def test_each_stage_after_a_rules_phase_skips_what_already_trains():
     assert [p["rules"][0].rsplit("{", 1)[1] for p in phases[1:]] == [
         "unfreeze: @stage[3]}", "unfreeze: @stage[2]}", "unfreeze: @stage[1]}",
         "unfreeze: @stage[0]}"]
+
+
+@pytest.mark.slow
+def test_lightning_resumes_a_fit_after_a_phase_change(tmp_path):
+    import lightning as L
+
+    from finetune_prep.integrations.lightning import FinetunePrepCallback
+
+    run(finetune_prep.compose(["freeze=backbone_at", "freeze.schedule.0.at.epoch=1",
+                               "verify.backward=false"]), tmp_path)
+    plan = tmp_path / "param_groups.json"
+
+    class Classifier(L.LightningModule):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            return self.model(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return None
+
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32)), batch_size=2)
+
+    def trainer(epochs: int, callback) -> L.Trainer:
+        return L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[callback])
+
+    first = trainer(2, FinetunePrepCallback(plan))
+    first.fit(Classifier(finetune_prep.build_model(plan)), loader)  # phase 1 from epoch 1
+    first.save_checkpoint(tmp_path / "last.ckpt")
+    callback = FinetunePrepCallback(plan)
+    second = trainer(3, callback)
+    second.fit(Classifier(finetune_prep.build_model(plan)), loader,
+               ckpt_path=tmp_path / "last.ckpt")  # the saved optimizer has phase 1's groups
+    assert callback.schedule.phase == 1
+    assert len(second.optimizers[0].param_groups) == len(first.optimizers[0].param_groups)

@@ -48,6 +48,7 @@ class FinetunePrepCallback(Callback):
         self._original: Any = None
         self._model: nn.Module | None = None
         self.schedule: Schedule | None = None  # the plan's phases (freeze.schedule), if any
+        self._resumed: tuple[int, int] | None = None  # (epoch, step) of a checkpoint resumed
 
     def model(self, pl_module: LightningModule) -> nn.Module:
         """The planned model inside `pl_module`."""
@@ -110,6 +111,15 @@ class FinetunePrepCallback(Callback):
                     "after each transition (README: Gradual unfreezing)."
                 )
             self.schedule = Schedule(model, trainer.optimizers[0], self.path)
+            if self._resumed is not None:  # the saved optimizer state holds those phases' groups
+                self.schedule.step(epoch=self._resumed[0], step=self._resumed[1])
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Resuming: remember where training was, so the phases it had reached are applied
+        before Lightning restores the optimizer's state (which has their groups)."""
+        last_step = max(int(checkpoint.get("global_step", 0)) - 1, 0)
+        self._resumed = (int(checkpoint.get("epoch", 0)), last_step)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.hold(pl_module)
