@@ -104,13 +104,15 @@ def sweep_stale(path: Path) -> list[Path]:
         parts = tmp.name[len(path.name) + 2:].split(".")
         if len(parts) >= 3 and parts[0] == "old":
             parts = parts[1:]
-        if parts and parts[0].isdigit() and not _alive(int(parts[0])):
+        if parts and parts[0].isdigit() and not pid_alive(int(parts[0])):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (this one included); a zombie, dead but not yet reaped, does
+    not, though it still answers kill(pid, 0) (Linux: state Z in /proc)."""
     if pid == os.getpid():
         return True
     try:
@@ -119,7 +121,11 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _cannot_write(path: Path, err: OSError, count: int) -> str:

@@ -41,7 +41,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from finetune_prep.atomic import write_atomic
+from finetune_prep.atomic import pid_alive, write_atomic
 from finetune_prep.naming import PLAN_FILE, register_resolvers
 
 log = logging.getLogger("finetune_prep")
@@ -170,24 +170,8 @@ def _running(sweep_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
 
 
 def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, but not ours to signal
-        return True
-    return not _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    """A dead child not yet reaped still answers kill(pid, 0) (Linux: state Z in /proc)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rpartition(")")[2].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
+    """Another process that still runs (a job in this process that left RUNNING is dead)."""
+    return isinstance(pid, int) and pid > 0 and pid != os.getpid() and pid_alive(pid)
 
 
 def _died(error: BaseException | None, jobs: Sequence[int]) -> str:
