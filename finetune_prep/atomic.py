@@ -49,9 +49,9 @@ def write_files(files: Mapping[str | os.PathLike, str]) -> None:
     except BaseException as err:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
-        _restore(backups)
+        restored = _restore(backups)
         if isinstance(err, OSError):
-            raise FinetunePrepError(_cannot_write(current, err, len(targets))) from err
+            raise FinetunePrepError(_cannot_write(current, err, len(targets), restored)) from err
         raise
     for backup in backups.values():
         if backup is not None:
@@ -82,7 +82,9 @@ def _backup(path: Path) -> Path | None:
     return backup
 
 
-def _restore(backups: Mapping[Path, Path | None]) -> None:
+def _restore(backups: Mapping[Path, Path | None]) -> bool:
+    """Put back the files already replaced; False if one of them could not be."""
+    ok = True
     for path, backup in backups.items():
         try:
             if backup is None:
@@ -90,7 +92,8 @@ def _restore(backups: Mapping[Path, Path | None]) -> None:
             else:
                 os.replace(backup, path)
         except OSError:
-            pass  # nothing better to do: the error being raised says what failed
+            ok = False
+    return ok
 
 
 def sweep_stale(path: Path) -> list[Path]:
@@ -101,9 +104,8 @@ def sweep_stale(path: Path) -> list[Path]:
     except OSError:
         return removed
     for tmp in candidates:
+        # an .old. file, an earlier version kept when it could not be put back, is never swept
         parts = tmp.name[len(path.name) + 2:].split(".")
-        if len(parts) >= 3 and parts[0] == "old":
-            parts = parts[1:]
         if parts and parts[0].isdigit() and not pid_alive(int(parts[0])):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
@@ -128,8 +130,13 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def _cannot_write(path: Path, err: OSError, count: int) -> str:
-    kept = ("Nothing was written and the earlier files are unchanged" if count > 1
-            else "Nothing was written and an earlier file of that name is unchanged")
+def _cannot_write(path: Path, err: OSError, count: int, restored: bool = True) -> str:
+    if not restored:
+        kept = ("The earlier files could not all be put back: check the folder (temp files "
+                "named .NAME.old.*.tmp hold the earlier versions)")
+    elif count > 1:
+        kept = "Nothing was written and the earlier files are unchanged"
+    else:
+        kept = "Nothing was written and an earlier file of that name is unchanged"
     return (f"cannot write {path}: {err.strerror or err}. {kept}. Free disk space or make the "
             "folder writable, or choose another output folder with hydra.run.dir=DIR.")

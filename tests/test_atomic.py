@@ -78,12 +78,12 @@ def test_files_follow_the_umask(tmp_path):
 def test_stale_temp_files_of_dead_writers_are_swept(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    stale = [tmp_path / f".param_groups.json.{dead}.abcd1234.tmp",
-             tmp_path / f".param_groups.json.old.{dead}.abcd1234.tmp"]
+    stale = [tmp_path / f".param_groups.json.{dead}.abcd1234.tmp"]
     alive = tmp_path / f".param_groups.json.{os.getpid()}.feedbeef.tmp"  # a writer still running
     other = tmp_path / f".trainability.txt.{dead}.abcd1234.tmp"  # another file's: not ours to sweep
-    for path in [*stale, alive, other]:
+    kept = tmp_path / f".param_groups.json.old.{dead}.abcd1234.tmp"  # an earlier version
+    for path in [*stale, alive, other, kept]:
         path.write_text("partial")
     atomic.write_atomic(tmp_path / "param_groups.json", "{}\n")
     assert not any(p.exists() for p in stale)
-    assert alive.exists() and other.exists()
+    assert alive.exists() and other.exists() and kept.exists()
