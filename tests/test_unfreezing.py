@@ -178,6 +178,24 @@ def test_ddp_recipe_rewraps_at_each_transition_without_a_reducer_error(tmp_path)
     assert moved == {n for n in final if n.startswith(("layer4.", "fc."))}
 
 
+def lightning_module(model: torch.nn.Module):
+    """A LightningModule around `model` whose optimizer the FinetunePrepCallback provides."""
+    import lightning as L
+
+    class Classifier(L.LightningModule):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            return self.model(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return None  # the callback builds the plan's optimizer
+
+    return Classifier(model)
+
+
 class _Snapshots:
     """A Lightning callback recording the planned model's tensors at each epoch's end."""
 
@@ -208,18 +226,6 @@ def test_lightning_applies_backbone_at_at_its_epoch(tmp_path):
     torch.manual_seed(0)
     net = finetune_prep.build_model(plan)
 
-    class Classifier(L.LightningModule):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def training_step(self, batch, batch_idx):
-            images, labels = batch
-            return torch.nn.functional.cross_entropy(self.model(images), labels)
-
-        def configure_optimizers(self):
-            return None  # the callback builds the plan's optimizer
-
     data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,)))
     loader = torch.utils.data.DataLoader(data, batch_size=4)
     snapshots = _Snapshots(net)
@@ -227,7 +233,7 @@ def test_lightning_applies_backbone_at_at_its_epoch(tmp_path):
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[callback, snapshots.callback])
-    trainer.fit(Classifier(net), loader)
+    trainer.fit(lightning_module(net), loader)
     start, epoch0, epoch1 = snapshots.states
     params = {n for n, _ in net.named_parameters()}
     moved0 = {n for n in start if not torch.equal(start[n], epoch0[n])}
@@ -267,23 +273,12 @@ def test_lightning_refuses_a_schedule_under_ddp(tmp_path):
     run(finetune_prep.compose(["freeze=backbone_at", "verify.backward=false"]), tmp_path)
     plan = tmp_path / "param_groups.json"
 
-    class Classifier(L.LightningModule):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def training_step(self, batch, batch_idx):
-            return self.model(batch[0]).pow(2).mean()
-
-        def configure_optimizers(self):
-            return None
-
     data = torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32))
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, strategy="ddp",
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         callbacks=[FinetunePrepCallback(plan)])
     with pytest.raises(FinetunePrepError, match="DDPStrategy builds its wrapper once"):
-        trainer.fit(Classifier(finetune_prep.build_model(plan)),
+        trainer.fit(lightning_module(finetune_prep.build_model(plan)),
                     torch.utils.data.DataLoader(data, batch_size=2))
 
 
@@ -327,17 +322,6 @@ def test_lightning_resumes_a_fit_after_a_phase_change(tmp_path):
                                "verify.backward=false"]), tmp_path)
     plan = tmp_path / "param_groups.json"
 
-    class Classifier(L.LightningModule):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def training_step(self, batch, batch_idx):
-            return self.model(batch[0]).pow(2).mean()
-
-        def configure_optimizers(self):
-            return None
-
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32)), batch_size=2)
 
@@ -347,11 +331,11 @@ def test_lightning_resumes_a_fit_after_a_phase_change(tmp_path):
                          enable_model_summary=False, callbacks=[callback])
 
     first = trainer(2, FinetunePrepCallback(plan))
-    first.fit(Classifier(finetune_prep.build_model(plan)), loader)  # phase 1 from epoch 1
+    first.fit(lightning_module(finetune_prep.build_model(plan)), loader)  # phase 1 from epoch 1
     first.save_checkpoint(tmp_path / "last.ckpt")
     callback = FinetunePrepCallback(plan)
     second = trainer(3, callback)
-    second.fit(Classifier(finetune_prep.build_model(plan)), loader,
+    second.fit(lightning_module(finetune_prep.build_model(plan)), loader,
                ckpt_path=tmp_path / "last.ckpt")  # the saved optimizer has phase 1's groups
     assert callback.schedule.phase == 1
     assert len(second.optimizers[0].param_groups) == len(first.optimizers[0].param_groups)
