@@ -87,14 +87,7 @@ def check_zip(file: str) -> None:
             AttributeError, UnicodeDecodeError, RuntimeError):
         return
     prefix, size = pkl[0][: -len("data.pkl")], os.path.getsize(file)
-    try:
-        refs = list(safe_unpickle.tensor_refs(obj))
-    except pickle.UnpicklingError as err:
-        raise FinetunePrepError(
-            f"checkpoint.path={file} cannot be checked: {err}. Save the weights flat: "
-            "torch.save(model.state_dict(), path)."
-        ) from err
-    for ref in refs:
+    for ref in safe_unpickle.tensor_refs(obj):
         problem = _problem(ref, records.get(f"{prefix}data/{ref.storage.key}"), size)
         if problem:
             raise FinetunePrepError(

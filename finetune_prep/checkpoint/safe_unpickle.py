@@ -357,9 +357,6 @@ def scan(data: bytes) -> tuple[Any, Record]:
     return loads(data, record, _storage_ref), record
 
 
-MAX_DEPTH = 64  # above unwrap.MAX_NESTING plus the levels rebuild arguments add
-
-
 @dataclass(frozen=True)
 class TensorRef:
     """Where a tensor of a torch zip file lives: its storage record and its view of it."""
@@ -371,24 +368,31 @@ class TensorRef:
     stride: tuple[int, ...]
 
 
-def tensor_refs(obj: Any, path: str = "", depth: int = 0) -> Iterator[TensorRef]:
-    """Every tensor a `scan` result holds, with its dotted path in the file."""
-    if depth > MAX_DEPTH:  # deeper than unwrapping accepts: never skip a tensor's size check
-        raise pickle.UnpicklingError(f"tensors nested more than {MAX_DEPTH} levels deep")
-    if isinstance(obj, Foreign) and obj.name in REBUILDS:
-        ref = _tensor_ref(obj, path)
-        if ref is not None:
-            yield ref
-            return
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from tensor_refs(v, f"{path}.{k}" if path else str(k), depth + 1)
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from tensor_refs(v, f"{path}.{i}" if path else str(i), depth + 1)
-    elif isinstance(obj, Foreign):
-        for v in (*obj.args, *obj.state, *obj.items):
-            yield from tensor_refs(v, path, depth + 1)
+def tensor_refs(obj: Any, path: str = "") -> Iterator[TensorRef]:
+    """Every tensor a `scan` result holds, with its dotted path in the file. Each container is
+    visited once, however deep or shared, so no tensor escapes the size check."""
+    stack: list[tuple[Any, str]] = [(obj, path)]
+    seen: set[int] = set()
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, (dict, list, tuple, Foreign)):
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
+        if isinstance(item, Foreign) and item.name in REBUILDS:
+            ref = _tensor_ref(item, at)
+            if ref is not None:
+                yield ref
+                continue
+        if isinstance(item, dict):
+            children = [(v, f"{at}.{k}" if at else str(k)) for k, v in item.items()]
+        elif isinstance(item, (list, tuple)):
+            children = [(v, f"{at}.{i}" if at else str(i)) for i, v in enumerate(item)]
+        elif isinstance(item, Foreign):
+            children = [(v, at) for v in (*item.args, *item.state, *item.items)]
+        else:
+            continue
+        stack.extend(reversed(children))
 
 
 def _tensor_ref(obj: Foreign, path: str) -> TensorRef | None:
