@@ -320,26 +320,22 @@ def document(
     constructor arguments let `build_model` rebuild the model from the file alone)."""
     from omegaconf import OmegaConf
 
-    from finetune_prep.verify import memory_estimate
-
     table = built.table
-    trainable = [n for n in table.names if freeze.trainable[n]]
-    total = sum(table.numel(n) for n in table.names)
-    n_trainable = sum(table.numel(n) for n in trainable)
+    state = _trainability(table, freeze, optimizer)
     return {
         "format": FORMAT,
         "model": {"source": built.source, "arch": built.arch, "num_outputs": built.num_outputs,
                   "head": table.head[0], "heads": list(table.head),
                   "stages": table.stage_lists(), **_rebuild_block(model_cfg, built)},
         "checkpoint": _checkpoint_block(sources, built.model),
-        "counts": {"total": total, "trainable": n_trainable, "frozen": total - n_trainable},
+        "counts": state["counts"],
         "groups": groups,
-        "frozen": [n for n in table.names if not freeze.trainable[n]],
+        "frozen": state["frozen"],
         "eval_modules": eval_modules,
         "optimizer": OmegaConf.to_container(optimizer, resolve=True)
         if OmegaConf.is_config(optimizer) else dict(optimizer),
         "verified": verified,
-        "memory": memory_estimate(table, trainable, optimizer),
+        "memory": state["memory"],
         "rules": {n: freeze.decided_by[n] for n in table.names},
         "schedule": [_phase_block(table, phase, evals, optimizer) for phase, evals in phases],
         "provenance": prov,
@@ -348,20 +344,21 @@ def document(
 
 def _phase_block(table: Any, phase: Any, eval_modules: list[str], optimizer: Any) -> dict:
     """One later phase: when it starts, its rules, its new groups and who trains then."""
+    state = _trainability(table, phase.plan, optimizer)
+    return {"phase": phase.index, "at": phase.at, "rules": list(phase.rules),
+            "groups": phase.groups, "frozen": state["frozen"], "eval_modules": eval_modules,
+            "counts": state["counts"], "memory": state["memory"]}
+
+
+def _trainability(table: Any, plan: FreezePlan, optimizer: Any) -> dict[str, Any]:
+    """What a freeze plan gives: frozen names, parameter counts and training memory."""
     from finetune_prep.verify import memory_estimate
 
-    trainable = [n for n in table.names if phase.plan.trainable[n]]
+    trainable = [n for n in table.names if plan.trainable[n]]
     total, n_trainable = table.count(), table.count(trainable)
-    return {
-        "phase": phase.index,
-        "at": phase.at,
-        "rules": list(phase.rules),
-        "groups": phase.groups,
-        "frozen": [n for n in table.names if not phase.plan.trainable[n]],
-        "eval_modules": eval_modules,
-        "counts": {"total": total, "trainable": n_trainable, "frozen": total - n_trainable},
-        "memory": memory_estimate(table, trainable, optimizer),
-    }
+    return {"frozen": [n for n in table.names if not plan.trainable[n]],
+            "counts": {"total": total, "trainable": n_trainable, "frozen": total - n_trainable},
+            "memory": memory_estimate(table, trainable, optimizer)}
 
 
 def _rebuild_block(model_cfg: Any, built: BuiltModel) -> dict[str, Any]:

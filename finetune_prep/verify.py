@@ -34,8 +34,7 @@ def memory_estimate(
     """Training memory for parameters + gradients + optimizer state, plan vs. full (no
     activations): fp32 at the top level, and under "bf16" the same with every tensor
     (weights, gradients, the optimizer's state) in bfloat16."""
-    total = sum(table.numel(n) for n in table.names)
-    train = sum(table.numel(n) for n in trainable)
+    total, train = table.count(), table.count(trainable)
     copies = state_copies(optimizer)
     return {**_bytes(total, train, copies, bytes_per), "bf16": _bytes(total, train, copies, 2)}
 
@@ -141,7 +140,7 @@ def should_verify(verify_cfg: Any, table: ParamTable, requested: bool | None) ->
         return requested
     if verify_cfg.backward is not None:
         return bool(verify_cfg.backward)
-    return sum(table.numel(n) for n in table.names) <= verify_cfg.max_params
+    return table.count() <= verify_cfg.max_params
 
 
 def run_proof(
