@@ -144,7 +144,11 @@ def load_param_groups(model: nn.Module, path: str | os.PathLike) -> list[dict[st
     set when they are built, so on those the file must already hold (apply it to the bare model
     before wrapping); a difference is an error that says so, not a reducer error a step later.
     """
-    document = read(path)
+    return _apply(model, read(path), path)
+
+
+def _apply(model: nn.Module, document: dict[str, Any], path: Any) -> list[dict[str, Any]]:
+    """`load_param_groups` on a document already read."""
     params = wrappers.named_parameters(model)
     check_names(params, document, path)
     trainable = {n for g in document["groups"] for n in g["params"]}
@@ -208,8 +212,9 @@ def build_optimizer(model: nn.Module, path: str | os.PathLike) -> torch.optim.Op
     Build it after wrapping and sharding (`fully_shard` replaces the parameters), from the model
     as it will train: the groups hold its current tensors.
     """
-    groups = load_param_groups(model, path)
-    spec = read(path).get("optimizer") or {"_target_": "torch.optim.AdamW"}
+    document = read(path)
+    groups = _apply(model, document, path)
+    spec = document.get("optimizer") or {"_target_": "torch.optim.AdamW"}
     try:
         return optimizer_factory(spec)(groups)
     except (TypeError, ValueError) as err:
