@@ -148,8 +148,13 @@ def init_on_meta() -> Iterator[None]:
         nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
 
 
-def build_model(model_cfg: Any, head_cfg: Any, meta: bool) -> BuiltModel:
-    """Build the configured architecture with a fresh head of `head_cfg.num_outputs` outputs."""
+def build_model(
+    model_cfg: Any, head_cfg: Any, meta: bool, make_target: Callable[[], Any] | None = None,
+) -> BuiltModel:
+    """Build the configured architecture with a fresh head of `head_cfg.num_outputs` outputs.
+
+    `make_target` builds a `_target_` model instead of Hydra's instantiate: a model rebuilt
+    from a plan file (untrusted) is built only by the class its caller passed."""
     num_outputs = int(head_cfg.num_outputs)
     if num_outputs < 1:
         raise FinetunePrepError(
@@ -169,9 +174,9 @@ def build_model(model_cfg: Any, head_cfg: Any, meta: bool) -> BuiltModel:
         warnings.simplefilter("ignore", FutureWarning)  # googlenet/inception init notices
         if meta:
             with init_on_meta():
-                model, input_size = _construct(model_cfg, num_outputs, meta)
+                model, input_size = _construct(model_cfg, num_outputs, meta, make_target)
         else:
-            model, input_size = _construct(model_cfg, num_outputs, meta)
+            model, input_size = _construct(model_cfg, num_outputs, meta, make_target)
     head = _replace_heads(model, model_cfg, head_cfg, num_outputs, meta)
     stages = _stages(model, model_cfg, head)
     if model_cfg.get("input_size"):
@@ -194,7 +199,8 @@ RESERVED_KWARGS = {  # keyword arguments the builder sets itself, and the key th
 
 
 def _construct(
-    model_cfg: Any, num_outputs: int, meta: bool = False
+    model_cfg: Any, num_outputs: int, meta: bool = False,
+    make_target: Callable[[], Any] | None = None,
 ) -> tuple[nn.Module, tuple[int, ...] | None]:
     kwargs = dict(model_cfg.get("kwargs") or {})
     source = str(getattr(model_cfg.source, "value", model_cfg.source))

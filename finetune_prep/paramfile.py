@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from finetune_prep import trust
 from finetune_prep.errors import FinetunePrepError, did_you_mean
 from finetune_prep.integrations import wrappers
 from finetune_prep.models import BuiltModel
@@ -28,6 +29,7 @@ from finetune_prep.rules import FreezePlan
 FORMAT = "finetune_prep/param_groups@2"  # @2 added `schedule` (the phases of gradual unfreezing)
 READABLE = ("finetune_prep/param_groups@1", FORMAT)  # an @1 file is an @2 file without phases
 GROUP_KEYS = ("lr", "weight_decay")  # the keys of a group that torch.optim takes
+UNITS = ("epoch", "step")  # what a phase boundary counts
 
 
 def dumps(document: dict[str, Any]) -> str:
@@ -83,35 +85,28 @@ def at_phase(document: dict[str, Any], phase: int) -> dict[str, Any]:
 
 
 def content_problems(document: dict[str, Any]) -> list[str]:
-    """What makes a document unusable: every group's params, lr and weight decay, the frozen
-    list, eval_modules and the optimizer block; a name listed twice (in groups or in `frozen`)
-    is a problem, since it would train a frozen parameter or train one twice."""
+    """What makes a document unusable, each problem with its key path: every group (params, lr,
+    weight decay), `frozen`, `eval_modules`, `counts`, the `optimizer` and `model` blocks (plain
+    data only: see finetune_prep.trust) and every phase of `schedule`; then the names: each
+    parameter exactly once in phase 0 (groups + frozen) and in every later phase (groups so far
+    + that phase's frozen), none trained earlier frozen again."""
     groups, frozen = document.get("groups"), document.get("frozen")
     if not isinstance(groups, list) or not isinstance(frozen, list):
         return ["'groups' and 'frozen' must be lists"]
-    schedule = document.get("schedule", [])
-    if not isinstance(schedule, list) or not all(
-            isinstance(p, dict) and isinstance(p.get("groups"), list) for p in schedule):
-        return ["'schedule' must be a list of phases, each with a list of 'groups'"]
     problems = [p for i, g in enumerate(groups) for p in _group_problems(i, g)]
-    problems += [p for k, phase in enumerate(schedule) for i, g in enumerate(phase["groups"])
-                 for p in _group_problems(i, g, f"schedule[{k}].")]
     if not _strings(frozen):
         problems.append("'frozen' must be a list of parameter names")
-    if not _strings(document.get("eval_modules", [])):
-        problems.append("'eval_modules' must be a list of module names")
-    spec = document.get("optimizer", {"_target_": "torch.optim.AdamW"})
-    if not isinstance(spec, dict) or not isinstance(spec.get("_target_"), str):
-        problems.append("'optimizer' must be an object with a '_target_' string")
+    problems += _module_problems(document.get("eval_modules", []), "eval_modules")
+    problems += _counts_problems(document.get("counts"), "counts", required=False)
+    problems += trust.optimizer_problems(document.get("optimizer", trust.DEFAULT_OPTIMIZER))
+    problems += trust.model_problems(document.get("model", {}))
+    schedule = document.get("schedule", [])
+    if not isinstance(schedule, list):
+        return [*problems, "'schedule' must be a list of phases"]
+    problems += [p for k, phase in enumerate(schedule) for p in _phase_problems(k, phase)]
     if not problems:
-        grouped = [n for g in groups for n in g["params"]]
-        later = [n for phase in schedule for g in phase["groups"] for n in g["params"]]
-        for names, where in ((grouped + frozen, "in a group and in 'frozen'"),
-                             (grouped + later, "in two groups")):
-            twice = [n for n, count in Counter(names).items() if count > 1]
-            if twice:
-                problems.append(f"{len(twice)} names are listed twice ({where}): "
-                                f"{', '.join(twice[:5])}")
+        problems += _order_problems(schedule, document.get("counts"))
+        problems += _name_problems(groups, frozen, schedule)
     return problems
 
 
@@ -122,6 +117,8 @@ def _group_problems(i: int, group: Any, where: str = "") -> list[str]:
     problems = []
     if not _strings(group.get("params")) or not group.get("params"):
         problems.append(f"{at}.params must be a non-empty list of parameter names")
+    if not isinstance(group.get("name", ""), str):
+        problems.append(f"{at}.name is {group['name']!r}; it must be a string")
     for key, low in (("lr", 0.0), ("weight_decay", None)):
         value = group.get(key)
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -130,6 +127,130 @@ def _group_problems(i: int, group: Any, where: str = "") -> list[str]:
             bound = "> 0" if low is not None else ">= 0"
             problems.append(f"{at}.{key} is {value!r}; it must be a finite number {bound}")
     return problems
+
+
+def _module_problems(names: Any, where: str) -> list[str]:
+    """eval_modules: module names, none empty (the empty name is the whole model)."""
+    if not _strings(names):
+        return [f"'{where}' must be a list of module names"]
+    return [f"{where}[{i}] is '': the whole model, not a norm layer (name the layers to keep in "
+            "eval mode)" for i, n in enumerate(names) if n == ""]
+
+
+def _counts_problems(counts: Any, where: str, required: bool = True) -> list[str]:
+    """counts: whole numbers >= 0 with trainable + frozen == total."""
+    if counts is None and not required:
+        return []
+    keys = ("total", "trainable", "frozen")
+    if not isinstance(counts, dict) or not all(
+            _whole(counts.get(k)) and counts[k] >= 0 for k in keys):
+        return [f"{where} is {_short(counts)}; it must be an object of whole numbers >= 0: "
+                "total, trainable, frozen"]
+    if counts["trainable"] + counts["frozen"] != counts["total"]:
+        return [f"{where}: trainable {counts['trainable']} + frozen {counts['frozen']} is not "
+                f"total {counts['total']}"]
+    return []
+
+
+def _phase_problems(k: int, phase: Any) -> list[str]:
+    """The shape of one later phase, as the writer writes it (`_phase_block`)."""
+    at = f"schedule[{k}]"
+    if not isinstance(phase, dict):
+        return [f"{at} is not an object"]
+    problems = []
+    if not _whole(phase.get("phase")) or phase["phase"] != k + 1:
+        problems.append(f"{at}.phase is {_short(phase.get('phase'))}; it must be {k + 1} "
+                        "(phases are numbered 1, 2, ... in file order)")
+    boundary = phase.get("at")
+    if not (isinstance(boundary, dict) and len(boundary) == 1
+            and next(iter(boundary)) in UNITS and _whole(next(iter(boundary.values())))
+            and next(iter(boundary.values())) >= 1):
+        problems.append(f"{at}.at is {_short(boundary)}; it must be {{\"epoch\": N}} or "
+                        "{\"step\": N} with a whole number N >= 1")
+    if not _strings(phase.get("rules")):
+        problems.append(f"{at}.rules must be a list of strings")
+    if not isinstance(phase.get("groups"), list):
+        problems.append(f"{at}.groups must be a list of groups")
+    else:
+        problems += [p for i, g in enumerate(phase["groups"])
+                     for p in _group_problems(i, g, f"{at}.")]
+    if not _strings(phase.get("frozen")):
+        problems.append(f"{at}.frozen must be a list of parameter names")
+    problems += _module_problems(phase.get("eval_modules"), f"{at}.eval_modules")
+    problems += _counts_problems(phase.get("counts"), f"{at}.counts")
+    return problems
+
+
+def _order_problems(schedule: list[dict[str, Any]], counts: Any) -> list[str]:
+    """One unit for every phase, boundaries increasing; counts that only grow, one total."""
+    problems, last = [], None
+    total = counts["total"] if isinstance(counts, dict) else None
+    trainable = counts["trainable"] if isinstance(counts, dict) else 0
+    for k, phase in enumerate(schedule):
+        ((unit, value),) = phase["at"].items()
+        if last is not None and unit != last[0]:
+            problems.append(f"schedule[{k}].at uses {unit}, the phase before {last[0]}: one "
+                            "unit for every phase")
+        elif last is not None and value <= last[1]:
+            problems.append(f"schedule[{k}].at is {unit} {value}, not after the phase before "
+                            f"({unit} {last[1]}): phases start in increasing order")
+        last = (unit, value)
+        c = phase["counts"]
+        if total is not None and c["total"] != total:
+            problems.append(f"schedule[{k}].counts.total is {c['total']}, the plan's is {total}")
+        if c["trainable"] < trainable:
+            problems.append(f"schedule[{k}].counts.trainable is {c['trainable']}, fewer than "
+                            f"the phase before ({trainable}): a phase only adds what trains")
+        trainable = c["trainable"]
+    return problems
+
+
+def _name_problems(groups: list[dict], frozen: list[str], schedule: list[dict]) -> list[str]:
+    """Every parameter once in phase 0 and in each later phase; nothing trained frozen again."""
+    grouped = [n for g in groups for n in g["params"]]
+    later = [n for phase in schedule for g in phase["groups"] for n in g["params"]]
+    problems = []
+    for names, where in ((grouped + frozen, "in a group and in 'frozen'"),
+                         (grouped + later, "in two groups")):
+        twice = [n for n, count in Counter(names).items() if count > 1]
+        if twice:
+            problems.append(f"{len(twice)} names are listed twice ({where}): "
+                            f"{', '.join(twice[:5])}")
+    if problems or not schedule:
+        return problems
+    every = grouped + frozen  # the plan's parameters (phase 0 lists each once)
+    known, trained = set(every), set(grouped)
+    for k, phase in enumerate(schedule):
+        at = f"schedule[{k}]"
+        new = [n for g in phase["groups"] for n in g["params"]]
+        before, trained = trained, trained | set(new)
+        listed = set(phase["frozen"])
+        for where, what, names in (
+            (f"{at}.groups", "parameters the plan does not list",
+             [n for n in new if n not in known]),
+            (f"{at}.frozen", "parameters the plan does not list",
+             [n for n in phase["frozen"] if n not in known]),
+            (f"{at}.frozen", "parameters listed twice",
+             [n for n, c in Counter(phase["frozen"]).items() if c > 1]),
+            (f"{at}.frozen", "parameters that train in an earlier phase (a phase only adds "
+             "what trains)", [n for n in phase["frozen"] if n in before]),
+            (f"{at}.frozen", "parameters in a group of the same phase",
+             [n for n in new if n in listed]),
+            (at, "parameters in no group so far and not frozen (they would train outside the "
+             "optimizer)", [n for n in every if n not in trained and n not in listed]),
+        ):
+            if names:
+                problems.append(f"{where}: {_listing(what, names, 5)}")
+    return problems
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _strings(items: Any) -> bool:
@@ -195,9 +316,20 @@ def tensor_groups(model: nn.Module, groups: Sequence[dict[str, Any]]) -> list[di
     ]
 
 
+# --------------------------------------------------------------------------- trust boundary
+# Two optimizer factories, one per trust level:
+# - `optimizer_factory` (TRUSTED input only): the user's own Hydra config at plan time (the
+#   plan check, the proof, `Prepared.build_optimizer`), through Hydra's instantiate;
+# - `trust.file_optimizer_factory` (UNTRUSTED input): the `optimizer` block of a file, which may
+#   only name an allowlisted optimizer class (see finetune_prep/trust.py). Never pass anything
+#   read from a file to `optimizer_factory`.
+
+
 def optimizer_factory(spec: Any) -> Any:
-    """`groups -> optimizer` from an optimizer spec (`_target_` and arguments): the one factory
-    that the plan-time check, the proof and `build_optimizer` share."""
+    """`groups -> optimizer` from the user's own `optim.optimizer` config (`_target_` and
+    arguments), through Hydra's instantiate. TRUSTED input only: the plan-time check, the proof
+    and `Prepared.build_optimizer` share it; a file's block goes to
+    `trust.file_optimizer_factory` instead."""
     from hydra.utils import instantiate
 
     try:
@@ -206,21 +338,20 @@ def optimizer_factory(spec: Any) -> Any:
         raise FinetunePrepError(f"optim.optimizer cannot be built: {err}") from err
 
 
-def build_optimizer(model: nn.Module, path: str | os.PathLike) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, path: str | os.PathLike, optimizers: Sequence[trust.OptimizerSpec] = (),
+) -> torch.optim.Optimizer:
     """The optimizer the file records (its `_target_` and arguments), on the file's groups.
 
-    Build it after wrapping and sharding (`fully_shard` replaces the parameters), from the model
-    as it will train: the groups hold its current tensors.
+    The file may name a `torch.optim` optimizer; another class only if it is in `optimizers`
+    (classes, or dotted names you write: `optimizers=[timm.optim.Lamb]`). Build it after
+    wrapping and sharding (`fully_shard` replaces the parameters), from the model as it will
+    train: the groups hold its current tensors.
     """
     document = read(path)
-    groups = _apply(model, document, path)
-    spec = document.get("optimizer") or {"_target_": "torch.optim.AdamW"}
-    try:
-        return optimizer_factory(spec)(groups)
-    except (TypeError, ValueError) as err:
-        raise FinetunePrepError(
-            f"{path}: the optimizer {spec.get('_target_')} rejects the file's arguments: {err}"
-        ) from err
+    spec = document.get("optimizer") or trust.DEFAULT_OPTIMIZER
+    factory = trust.file_optimizer_factory(spec, optimizers, path)  # refuses before any change
+    return factory(_apply(model, document, path))
 
 
 def train_mode(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -278,37 +409,28 @@ def _listing(what: str, names: list[str], limit: int = 8) -> str:
     return f"{len(names)} {what}: {', '.join(names[:limit])}{more}"
 
 
-def build_model(path: str | os.PathLike) -> nn.Module:
+def build_model(path: str | os.PathLike, target: Any = None) -> nn.Module:
     """The model the file was made for, rebuilt from its `model` block: the architecture with
     the fresh head, real tensors, random init. Load your weights into it, then train.
 
-    A `_target_` model needs its class importable here (on PYTHONPATH), as at planning time.
+    torchvision and timm models are rebuilt by registry name, a Hugging Face model from its
+    folder on this machine (never remote code). A `_target_` model is rebuilt only from the
+    class you pass (`build_model(path, target=MyNet)`), which must be the class the file names:
+    a file never imports or calls anything itself (see finetune_prep/trust.py).
     """
-    from omegaconf import OmegaConf
-
     from finetune_prep import models
 
-    info = read(path).get("model") or {}
-    source, heads = info.get("source"), list(info.get("heads") or [info.get("head")])
-    if source == "target" and not info.get("target"):
-        raise FinetunePrepError(
-            f"{path} names a _target_ model ({info.get('arch')}) but not its arguments (written "
-            "by an older finetune_prep): prepare the file again, or build the model yourself."
-        )
-    model_cfg = OmegaConf.create({
-        "source": source, "arch": info.get("arch"), "kwargs": info.get("kwargs") or {},
-        "target": info.get("target"), "stages": info.get("stages") or None, "input_size": None,
-        "hf_class": info.get("hf_class"),
-    })
-    head_cfg = OmegaConf.create({"num_outputs": info.get("num_outputs", 1),
-                                 "module": heads[0] if len(heads) == 1 else None})
+    document = read(path)
+    model_cfg, head_cfg, make_target = trust.model_config(document.get("model") or {}, target,
+                                                          path)
     try:
-        model = models.build_model(model_cfg, head_cfg, meta=False).model
+        model = models.build_model(model_cfg, head_cfg, meta=False, make_target=make_target).model
     except FinetunePrepError as err:
-        needs = (f" It needs {info['target'].get('_target_')} importable in this process: add "
-                 "the folder of its module to PYTHONPATH." if source == "target" else "")
-        raise FinetunePrepError(f"build_model({path}): {err}{needs}") from err
-    check_names(wrappers.named_parameters(model), read(path), path)
+        raise FinetunePrepError(f"build_model({path}): {err}") from err
+    except (TypeError, ValueError) as err:  # registry builders rejecting the file's kwargs
+        raise FinetunePrepError(f"build_model({path}): {model_cfg.arch} cannot be built from "
+                                f"the file's model block: {err}") from err
+    check_names(wrappers.named_parameters(model), document, path)
     return model
 
 

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from conftest import TwoBranchNet
 
 from finetune_prep import paramfile
 from finetune_prep.errors import FinetunePrepError
@@ -160,7 +161,8 @@ def test_unknown_eval_modules_and_a_rejected_optimizer_are_clear_errors(planned,
     with pytest.raises(FinetunePrepError, match="rejects the file's arguments"):
         paramfile.build_optimizer(model, bad)
     missing = _edited(planned, tmp_path, lambda d: d["optimizer"].update(_target_="torch.nope"))
-    with pytest.raises(FinetunePrepError, match="optim.optimizer cannot be built"):
+    with pytest.raises(FinetunePrepError, match="optimizer._target_ 'torch.nope' is not in "
+                                                "torch.optim, and the caller did not allow it"):
         paramfile.build_optimizer(model, missing)
 
 
@@ -185,7 +187,7 @@ def test_build_model_rebuilds_each_source_from_the_file(make_cfg, tmp_path):
         plan = run(make_cfg(*overrides, "freeze=head_only", "verify.backward=false"),
                    tmp_path / str(i))
         doc = json.loads(plan.read_text())
-        model = paramfile.build_model(plan)
+        model = paramfile.build_model(plan, target=TwoBranchNet if i == 2 else None)
         names = [n for n, _ in model.named_parameters()]
         assert sorted(names) == sorted(doc["frozen"] + [n for g in doc["groups"]
                                                         for n in g["params"]])

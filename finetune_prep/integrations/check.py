@@ -40,6 +40,7 @@ def check(
     """
     document = paramfile.at_phase(paramfile.read(path), phase)  # gradual unfreezing: phase N
     params = wrappers.named_parameters(model)
+    _not_on_meta(model, params)
     paramfile.check_names(params, document, path)
     optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
     groups = [g for opt in optimizers for g in opt.param_groups]
@@ -56,6 +57,20 @@ def check(
         raise FinetunePrepError(
             f"the training setup differs from {path} in {len(problems)} way(s):\n- "
             + "\n- ".join(problems) + (FLATTENED_HINT if flattened else "")
+        )
+
+
+def _not_on_meta(model: nn.Module, params: dict[str, nn.Parameter]) -> None:
+    """A meta-built model has no data: nothing would train, so no check can pass on it."""
+    meta = [n for n, p in params.items() if p.is_meta]
+    meta += [n for n, b in wrappers.named_buffers(model).items()
+             if isinstance(b, torch.Tensor) and b.is_meta]
+    if meta:
+        raise FinetunePrepError(
+            f"{paramfile._listing('tensors of the model are on the meta device', meta)} "
+            "(built without data: nothing would train). Materialize it first: "
+            "`model.to_empty(device='cpu')` and load your weights, or "
+            "`finetune_prep.build_model(path)`; then build the optimizer and check again."
         )
 
 

@@ -15,11 +15,12 @@ Plain loops use `finetune_prep.train_mode` (and `Schedule`) instead.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
-from finetune_prep import paramfile
+from finetune_prep import paramfile, trust
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.integrations import wrappers
 from finetune_prep.integrations.check import check
@@ -37,12 +38,19 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 class FinetunePrepCallback(Callback):
     """Hold the plan in `path` through fitting. `module` names the attribute of the
     LightningModule that holds the planned model (e.g. "net"); None finds the one submodule
-    (or the LightningModule itself) whose parameter names are exactly the file's."""
+    (or the LightningModule itself) whose parameter names are exactly the file's. `optimizers`
+    allows optimizer classes beyond torch.optim for the file's `_target_`, as in
+    `finetune_prep.build_optimizer` (a file names nothing else that is called)."""
 
-    def __init__(self, path: str | os.PathLike, module: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, module: str | None = None,
+                 optimizers: Sequence[trust.OptimizerSpec] = ()) -> None:
         document = paramfile.read(path)
         self.path = path
         self.module = module
+        self.optimizers = tuple(optimizers)
+        # refuse a file whose optimizer is not allowed now, not when fitting starts
+        trust.optimizer_class((document.get("optimizer") or trust.DEFAULT_OPTIMIZER)["_target_"],
+                              self.optimizers, path)
         self.names = [n for g in document["groups"] for n in g["params"]] + document["frozen"]
         self.eval_modules = list(document.get("eval_modules", []))
         self._original: Any = None
@@ -83,7 +91,9 @@ class FinetunePrepCallback(Callback):
 
         def configure_optimizers() -> Any:
             result = original()
-            return paramfile.build_optimizer(model, self.path) if result is None else result
+            if result is not None:
+                return result
+            return paramfile.build_optimizer(model, self.path, optimizers=self.optimizers)
 
         pl_module.configure_optimizers = configure_optimizers  # type: ignore[method-assign]
 

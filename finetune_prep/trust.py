@@ -1,0 +1,298 @@
+"""The trust boundary of a plan file: all that reading a param_groups.json may make this process do.
+
+People commit, share and download param_groups.json, so a plan file is untrusted input. It is
+read as plain JSON (`json.loads`: never OmegaConf, never Hydra's `instantiate`, so no
+interpolation is resolved and no `_target_` is called), and the only names in it that this
+process ever looks up and calls are:
+
+- the optimizer class: `torch.optim.<Name>`, a subclass of `torch.optim.Optimizer` found as an
+  attribute of the already imported `torch.optim`; any other class only when the caller allows
+  it (`build_optimizer(model, path, optimizers=[timm.optim.Lamb])`, or its dotted name), and
+  only if the file's `_target_` names exactly that class;
+- the model: an architecture name in the torchvision or timm registry, a Hugging Face model
+  folder on this machine (never its remote code), or the `_target_` class the caller passes
+  (`build_model(path, target=MyNet)`) when the file's `_target_` names exactly that class.
+
+Every other value the library uses (optimizer arguments, model kwargs, a target's arguments) must
+be plain data: numbers, strings, bools, null, lists and objects with no Hydra key (`_target_`,
+`_args_`, `_partial_`, ...) at any depth and no `${...}` interpolation. The user's own Hydra
+config is trusted and is instantiated by `paramfile.optimizer_factory` (plan time); nothing read
+from a file ever reaches that factory or `models._target`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from finetune_prep.errors import FinetunePrepError
+
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW"}
+HYDRA_KEYS = frozenset({"_target_", "_args_", "_partial_", "_recursive_", "_convert_"})
+TARGET_TOP_KEYS = frozenset({"_target_", "_args_", "_recursive_", "_convert_"})  # Hydra's own
+SOURCES = ("torchvision", "timm", "target", "hf")
+# keyword arguments a file may not pass to a model builder: they make it read files, download
+# or run code (beside the ones models.RESERVED_KWARGS keeps for the builder itself)
+FILE_REFUSED_KWARGS = {
+    "timm": ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir",
+             "pretrained"),
+    "hf": ("trust_remote_code", "auto_map", "cache_dir", "force_download", "resume_download",
+           "proxies", "token", "use_auth_token", "revision", "code_revision", "subfolder",
+           "local_files_only", "return_unused_kwargs", "num_labels"),
+}
+OptimizerSpec = type | str  # what a caller may allow: the class, or its dotted name
+
+
+class Fields(dict):
+    """A plain dict whose keys also read as attributes: what `models.build_model` reads off a
+    config, without OmegaConf (so nothing in it is ever resolved or interpolated)."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError as err:
+            raise AttributeError(key) from err
+
+
+# --------------------------------------------------------------------------- plain data
+
+
+def data_problems(value: Any, where: str) -> list[str]:
+    """Why `value`, read from a file, is not plain data: a Hydra key at any depth, or an
+    interpolation string. Iterative, so any depth json.loads accepted is walked."""
+    problems, todo = [], [(value, where)]
+    while todo:
+        item, at = todo.pop()
+        if isinstance(item, dict):
+            for key, sub in reversed(list(item.items())):
+                if key in HYDRA_KEYS:
+                    problems.append(f"{at}.{key} is a Hydra key inside what must be plain data "
+                                    "(a plan file never instantiates anything)")
+                else:
+                    todo.append((sub, f"{at}.{key}"))
+        elif isinstance(item, list):
+            todo.extend((sub, f"{at}[{i}]") for i, sub in reversed(list(enumerate(item))))
+        elif isinstance(item, str) and "${" in item:
+            problems.append(f"{at} is {item!r}: an interpolation; a plan file is plain data "
+                            "and is never resolved (write the value itself)")
+    return problems
+
+
+def optimizer_problems(spec: Any) -> list[str]:
+    """What is wrong with a file's `optimizer` block as data (the class is checked when built)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("_target_"), str):
+        return ["'optimizer' must be an object with a '_target_' string"]
+    problems = data_problems(spec["_target_"], "optimizer._target_")
+    for key, value in spec.items():
+        if key != "_target_":
+            problems += data_problems({key: value}, "optimizer")
+    return problems
+
+
+def model_problems(info: Any) -> list[str]:
+    """The types of the `model` block's fields that `build_model` and the messages read."""
+    if not isinstance(info, dict):
+        return ["'model' must be an object"]
+    problems = []
+
+    def check(key: str, ok: Callable[[Any], bool], what: str) -> None:
+        if key in info and not ok(info[key]):
+            problems.append(f"model.{key} is {_short(info[key])}; it must be {what}")
+
+    check("source", lambda v: v in SOURCES, f"one of {', '.join(SOURCES)}")
+    check("arch", lambda v: isinstance(v, str) and v != "", "a non-empty string")
+    check("num_outputs", lambda v: _whole(v) and v >= 1, "a whole number >= 1")
+    check("head", lambda v: v is None or isinstance(v, str), "a module name or null")
+    check("heads", lambda v: _strings(v), "a list of module names")
+    check("stages", lambda v: v is None or isinstance(v, list) and all(
+        isinstance(s, str) or _strings(s) for s in v), "a list of lists of names, or null")
+    check("kwargs", lambda v: v is None or isinstance(v, dict), "an object or null")
+    check("target", lambda v: v is None or isinstance(v, dict) and isinstance(
+        v.get("_target_"), str), "null or an object with a '_target_' string")
+    check("input_size", lambda v: v is None or isinstance(v, list) and all(
+        _whole(x) and x >= 1 for x in v), "a list of whole numbers >= 1, or null")
+    check("hf_class", lambda v: v is None or isinstance(v, str) and v.isidentifier(),
+          "a transformers class name or null")
+    if problems:
+        return problems
+    plain = {k: v for k, v in info.items() if k != "target"}
+    problems += data_problems(plain, "model")
+    target = info.get("target")
+    if target:
+        if "_partial_" in target:
+            problems.append("model.target._partial_: a plan file rebuilds the model itself")
+        if "_args_" in target and not isinstance(target["_args_"], list):
+            problems.append("model.target._args_ must be a list")
+        problems += data_problems(target["_target_"], "model.target._target_")
+        problems += data_problems({k: v for k, v in target.items() if k not in TARGET_TOP_KEYS},
+                                  "model.target")
+    return problems
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _strings(items: Any) -> bool:
+    return isinstance(items, list) and all(isinstance(x, str) for x in items)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# --------------------------------------------------------------------------- the optimizer
+
+
+def torch_optimizers() -> dict[str, type[torch.optim.Optimizer]]:
+    """`torch.optim.<Name>` -> class, for every optimizer class torch.optim exports (attribute
+    lookups on the imported module: nothing is imported)."""
+    return {f"torch.optim.{name}": cls for name, cls in vars(torch.optim).items()
+            if not name.startswith("_") and isinstance(cls, type)
+            and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer}
+
+
+def names_class(dotted: str, cls: Any) -> bool:
+    """True if `dotted` names `cls`: its qualified name, or an alias in a module that is already
+    imported (`timm.optim.Lamb` for `timm.optim.lamb.Lamb`). Imports nothing."""
+    if dotted == qualified_name(cls):
+        return True
+    module, _, attr = dotted.rpartition(".")
+    found = sys.modules.get(module)
+    return found is not None and vars(found).get(attr) is cls
+
+
+def qualified_name(obj: Any) -> str:
+    """`module.QualName` of a class or function."""
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def optimizer_class(
+    target: str, allowed: Sequence[OptimizerSpec], path: Any
+) -> type[torch.optim.Optimizer]:
+    """The class a file's optimizer `_target_` may name: a torch.optim optimizer, or one the
+    caller allowed (a class, or a dotted name the caller wrote: imported only then)."""
+    for entry in allowed:
+        if isinstance(entry, str):
+            if entry == target:
+                return _caller_class(entry)
+        elif isinstance(entry, type) and issubclass(entry, torch.optim.Optimizer):
+            if names_class(target, entry):
+                return entry
+        else:
+            raise FinetunePrepError(
+                f"optimizers=[...] takes torch.optim.Optimizer subclasses or their dotted names; "
+                f"got {_short(entry)}.")
+    known = torch_optimizers()
+    if target in known:
+        return known[target]
+    why = ("the base class, not an optimizer" if target == "torch.optim.Optimizer" else
+           "not an optimizer class of torch.optim" if target.startswith("torch.optim.") else
+           "not in torch.optim, and the caller did not allow it")
+    raise FinetunePrepError(
+        f"{path}: optimizer._target_ {target!r} is {why}. A plan file may name a torch.optim "
+        f"optimizer ({', '.join(n.rpartition('.')[2] for n in sorted(known))}); to use another "
+        "optimizer you trust, pass it: build_optimizer(model, path, optimizers=[MyOptimizer]) "
+        "(or FinetunePrepCallback(path, optimizers=[...])).")
+
+
+def _caller_class(dotted: str) -> type[torch.optim.Optimizer]:
+    """Import a class the caller named (the caller's own choice, not the file's)."""
+    module, _, attr = dotted.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise FinetunePrepError(f"optimizers=[{dotted!r}] cannot be imported: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise FinetunePrepError(f"optimizers=[{dotted!r}] is not a torch.optim.Optimizer "
+                                "subclass.")
+    return cls
+
+
+def file_optimizer_factory(
+    spec: dict[str, Any], allowed: Sequence[OptimizerSpec], path: Any
+) -> Callable[[list[dict[str, Any]]], torch.optim.Optimizer]:
+    """`groups -> optimizer` from a file's checked `optimizer` block: the allowed class called
+    with the block's plain arguments. The untrusted counterpart of paramfile.optimizer_factory."""
+    cls = optimizer_class(spec["_target_"], allowed, path)
+    kwargs = {k: v for k, v in spec.items() if k != "_target_"}
+
+    def build(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        try:
+            return cls(groups, **kwargs)
+        except (TypeError, ValueError) as err:
+            raise FinetunePrepError(
+                f"{path}: the optimizer {spec['_target_']} rejects the file's arguments: {err}"
+            ) from err
+
+    return build
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def model_config(
+    info: dict[str, Any], target: Callable[..., Any] | None, path: Any
+) -> tuple[Fields, Fields, Callable[[], Any] | None]:
+    """From a file's checked `model` block: the model and head configs for
+    `models.build_model` (plain Fields, never resolved) and, for a `_target_` model, the
+    constructor call of the class the caller passed."""
+    source, arch = info.get("source"), info.get("arch")
+    if source is None or arch is None:
+        raise FinetunePrepError(f"{path}: the model block has no source or arch; prepare the "
+                                "file again, or build the model yourself.")
+    kwargs = dict(info.get("kwargs") or {})
+    refused = [k for k in kwargs if k in FILE_REFUSED_KWARGS.get(source, ()) or k.startswith("_")]
+    if refused:
+        raise FinetunePrepError(
+            f"{path}: model.kwargs.{refused[0]} is not accepted from a plan file ({source} would "
+            "read files, download or run code with it). Build the model yourself, or prepare "
+            "the file again without it.")
+    make = _target_call(info, target, path) if source == "target" else None
+    if target is not None and source != "target":
+        raise FinetunePrepError(f"{path} describes a {source} model ({arch}), not a _target_ "
+                                "one: call build_model(path) without target=.")
+    heads = list(info.get("heads") or [info.get("head")])
+    model_cfg = Fields(source=source, arch=arch, kwargs=kwargs, target=info.get("target"),
+                       stages=info.get("stages") or None, input_size=None,
+                       hf_class=info.get("hf_class"))
+    head_cfg = Fields(num_outputs=info.get("num_outputs", 1),
+                      module=heads[0] if len(heads) == 1 else None)
+    return model_cfg, head_cfg, make
+
+
+def _target_call(info: dict[str, Any], target: Callable[..., Any] | None,
+                 path: Any) -> Callable[[], Any]:
+    spec = info.get("target")
+    if not spec:
+        raise FinetunePrepError(
+            f"{path} names a _target_ model ({info.get('arch')}) but not its arguments (written "
+            "by an older finetune_prep): prepare the file again, or build the model yourself.")
+    recorded = spec["_target_"]
+    if target is None:
+        raise FinetunePrepError(
+            f"{path} describes a _target_ model ({recorded}); a plan file never imports or calls "
+            "a class it names. Pass the class yourself: "
+            f"finetune_prep.build_model(path, target={recorded.rpartition('.')[2]}).")
+    if not names_class(recorded, target):
+        raise FinetunePrepError(
+            f"{path} was made for {recorded}, but target= is {qualified_name(target)}: pass the "
+            "class the file was made for, or prepare a file for this one.")
+    args = list(spec.get("_args_") or [])
+    kwargs = {k: v for k, v in spec.items() if k not in TARGET_TOP_KEYS}
+
+    def make() -> Any:
+        try:
+            return target(*args, **kwargs)
+        except Exception as err:  # the caller's own constructor, with the file's plain data
+            raise FinetunePrepError(
+                f"{path}: {recorded}(**{_short(kwargs)}) failed: {type(err).__name__}: {err}"
+            ) from err
+
+    return make
+
