@@ -4,16 +4,17 @@
     python examples/train.py outputs/demo/param_groups.json --steps 5
 
 It rebuilds the model the file was made for (`finetune_prep.build_model`: torchvision, timm or
-your `_target_`, which must be importable here, e.g. on PYTHONPATH; random init here, load your
-own weights where the comment says), turns the file into an optimizer in one call, checks the
-setup against the plan, keeps frozen norm layers in eval mode every step, and prints, as JSON,
-how far frozen and trainable weights and frozen BatchNorm statistics moved: frozen ones must not
-move at all.
+your `_target_` class, which you name with --target: a plan file never imports a class itself;
+random init here, load your own weights where the comment says), turns the file into an
+optimizer in one call, checks the setup against the plan, keeps frozen norm layers in eval mode
+every step, and prints, as JSON, how far frozen and trainable weights and frozen BatchNorm
+statistics moved: frozen ones must not move at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -29,6 +30,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
                         help="input size of the random batches (default: the file's)")
+    parser.add_argument("--target", metavar="MODULE.CLASS",
+                        help="the class of a _target_ model (your choice, imported here)")
     args = parser.parse_args()
 
     with open(args.param_groups, encoding="utf-8") as f:
@@ -39,7 +42,7 @@ def main() -> None:
                  "model.input_size): pass --input-size C H W.")
     torch.manual_seed(0)
     try:
-        model = finetune_prep.build_model(args.param_groups)
+        model = finetune_prep.build_model(args.param_groups, target=_import(args.target))
     except finetune_prep.FinetunePrepError as err:
         sys.exit(f"error: {err}")
     # Load your checkpoint here, e.g. model.load_state_dict(torch.load(path, weights_only=True)).
@@ -65,6 +68,14 @@ def main() -> None:
         print(f"step {step}: loss {loss.item():.4f}")
     print(json.dumps(movement(model, before, stats_before, args.param_groups) | {
         "steps": args.steps}))
+
+
+def _import(dotted: str | None) -> type | None:
+    """The class named on the command line (the user's choice, never the file's)."""
+    if dotted is None:
+        return None
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def movement(model: torch.nn.Module, before: dict, stats_before: dict, path: str) -> dict:

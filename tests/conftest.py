@@ -98,6 +98,31 @@ def resnet18_plan(tmp_path_factory) -> Path:
     return run(cfg, tmp_path_factory.mktemp("resnet18_plan"))
 
 
+@pytest.fixture(scope="session")
+def gradual_plan(tmp_path_factory) -> Path:
+    """freeze=gradual on resnet18 (5 stages: phases at epochs 1..5), written as the CLI does.
+    Written once; do not modify it."""
+    from finetune_prep.runner import run
+
+    out = tmp_path_factory.mktemp("gradual")
+    run(finetune_prep.compose(["freeze=gradual", "verify.backward=false",
+                               "model.input_size=[3,32,32]"]), out)
+    return out / "param_groups.json"
+
+
+@pytest.fixture(scope="session")
+def target_plan(tmp_path_factory) -> Path:
+    """A head_only plan for the custom `conftest.TwoBranchNet` (width 4): a `_target_` model.
+    Written once; do not modify it."""
+    from finetune_prep.runner import run
+
+    cfg = finetune_prep.compose(["model=custom", "model.target._target_=conftest.TwoBranchNet",
+                                 "~model.target.num_classes", "+model.target.width=4",
+                                 "model.input_size=[3,16,16]", "freeze=head_only",
+                                 "verify.backward=false"])
+    return run(cfg, tmp_path_factory.mktemp("target_plan"))
+
+
 # --------------------------------------------------------------------------- Hugging Face
 
 def tiny_hf_config(kind: str, num_labels: int = 5):

@@ -153,3 +153,20 @@ def test_every_difference_is_listed_at_once(setup, resnet18_plan):
     torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=10)
     text = differences(model, optimizer, resnet18_plan)
     assert "in 4 way(s)" in text
+
+
+def test_a_model_on_the_meta_device_fails_with_how_to_materialize(resnet18_plan):
+    """A meta-built model set up exactly as the plan says passed: now it is refused, and the
+    same model materialized passes."""
+    import torchvision
+
+    with torch.device("meta"):
+        model = torchvision.models.resnet18(num_classes=10)
+    optimizer = finetune_prep.build_optimizer(model, resnet18_plan)
+    finetune_prep.train_mode(model, resnet18_plan)
+    text = differences(model, optimizer, resnet18_plan)
+    # 62 parameters and 60 buffers (BatchNorm statistics)
+    assert text.startswith("122 tensors of the model are on the meta device: conv1.weight")
+    assert "Materialize it first: `model.to_empty(device='cpu')`" in text
+    model.to_empty(device="cpu")
+    finetune_prep.check(model, finetune_prep.build_optimizer(model, resnet18_plan), resnet18_plan)

@@ -29,9 +29,10 @@ def test_example_trains_each_kind_of_plan(kind, tmp_path):
     made = run_cli(*PLANS[kind], "verify.backward=false", f"hydra.run.dir={tmp_path}", env=ENV)
     assert made.returncode == 0, made.stdout + made.stderr
     plan = tmp_path / "param_groups.json"
+    target = ["--target", "conftest.TwoBranchNet"] if kind == "target" else []
     trained = subprocess.run(
         [sys.executable, str(REPO / "examples" / "train.py"), str(plan), "--steps", "2",
-         "--batch-size", "2"],
+         "--batch-size", "2", *target],
         env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300,
     )
     assert trained.returncode == 0, trained.stdout + trained.stderr
@@ -45,11 +46,12 @@ def test_example_says_what_a_target_model_needs(tmp_path):
     made = run_cli(*PLANS["target"], "verify.backward=false", f"hydra.run.dir={tmp_path}",
                    env=ENV)
     assert made.returncode == 0, made.stdout + made.stderr
-    env = {**os.environ, "PYTHONPATH": str(REPO)}  # finetune_prep, but not tests/conftest.py
+    env = {**os.environ, **ENV}  # conftest.py importable: the file still never imports it
     trained = subprocess.run(
         [sys.executable, str(REPO / "examples" / "train.py"), str(tmp_path / "param_groups.json"),
          "--steps", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert trained.returncode == 1
-    assert "It needs conftest.TwoBranchNet importable in this process: add the folder of its " \
-        "module to PYTHONPATH." in trained.stderr
+    assert "describes a _target_ model (conftest.TwoBranchNet); a plan file never imports or " \
+        "calls a class it names. Pass the class yourself: finetune_prep.build_model(path, " \
+        "target=TwoBranchNet)." in trained.stderr

@@ -44,3 +44,35 @@ def test_a_module_without_the_planned_model_says_how_to_name_it(resnet18_plan):
         FinetunePrepCallback(resnet18_plan).model(Wrapper(torch.nn.Linear(3, 3)))
     assert "no submodule of Wrapper has exactly the 62 parameters of" in str(err.value)
     assert "FinetunePrepCallback(path, module='net')" in str(err.value)
+
+
+class Planned(Wrapper):
+    def configure_optimizers(self):
+        return None  # the callback builds the plan's optimizer
+
+
+def test_an_optimizer_beyond_torch_optim_only_when_the_callback_allows_it(resnet18_plan,
+                                                                          tmp_path):
+    import json
+
+    import timm.optim
+
+    doc = json.loads(resnet18_plan.read_text())
+    doc["optimizer"] = {"_target_": "timm.optim.Lamb", "weight_decay": 0.02}
+    path = tmp_path / "lamb.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(FinetunePrepError, match="'timm.optim.Lamb' is not in torch.optim, and "
+                                                "the caller did not allow it"):
+        FinetunePrepCallback(path)  # refused when made, not when fitting starts
+    net = finetune_prep.build_model(path)
+    module = Planned(net)
+    callback = FinetunePrepCallback(path, optimizers=[timm.optim.Lamb])
+    callback.setup(None, module, "fit")
+    optimizer = module.configure_optimizers()
+    assert type(optimizer) is timm.optim.Lamb and optimizer.defaults["weight_decay"] == 0.02
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert held == {id(p) for n, p in net.named_parameters() if n.startswith(("layer4.", "fc."))}
+    callback.on_train_start(None, module)  # frozen BN back in eval
+    finetune_prep.check(net, optimizer, path)
+    callback.teardown(None, module, "fit")
+    assert module.configure_optimizers() is None  # the module's own method is back

@@ -13,15 +13,6 @@ from finetune_prep.errors import FinetunePrepError
 from finetune_prep.runner import prepare, run
 
 
-@pytest.fixture(scope="module")
-def gradual_plan(tmp_path_factory):
-    """freeze=gradual on resnet18 (5 stages: phases at epochs 1..5), written as the CLI does."""
-    out = tmp_path_factory.mktemp("gradual")
-    run(finetune_prep.compose(["freeze=gradual", "verify.backward=false",
-                               "model.input_size=[3,32,32]"]), out)
-    return out / "param_groups.json"
-
-
 def test_gradual_plans_one_stage_per_epoch_from_the_top(gradual_plan):
     doc = json.loads(gradual_plan.read_text())
     assert doc["format"] == "finetune_prep/param_groups@2"
