@@ -198,6 +198,8 @@ def measure_activations(
     model = set_train_mode(copy.deepcopy(built.model), eval_modules)
     try:
         return _meta_forward(model, built, batch_size, built.input_size)
+    except FinetunePrepError:  # the batch maker's own message (a text model's pad token)
+        raise
     except Exception as err:  # the model's forward: blame the input when another one works
         blame = _blame_input(model, built, batch_size, err)
         if blame is not None:
