@@ -114,7 +114,7 @@ def prepare(
     proof_bytes = None
     if proof.skip_reason(cfg.verify, built, do_verify, proof_groups) is None:  # before any
         proof_bytes = proof.check_fits(  # real tensor: the caller's model, the proof's copy
-            cfg.verify, built, built.table.count(last_trainable), cfg.optim.optimizer,
+            cfg.verify, built, last_trainable, cfg.optim.optimizer,
             proof_eval, copies=2 if materialize else 1)
     model = _materialize_model(cfg, built, sources, trainable) if materialize else built.model
 
