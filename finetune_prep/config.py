@@ -9,8 +9,9 @@ config tutorial): `register_configs()` stores them under `finetune_prep/schema`,
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -198,18 +199,128 @@ def validate(cfg: Any) -> DictConfig:
     return merged
 
 
+# Bounds of the numbers a plan writes or uses. Learning rates and weight decays are applied in
+# float32 (or narrower) arithmetic: below the smallest normal float32 an lr is zero or subnormal
+# (no update survives), above the largest it is inf.
+F32_TINY = 1.1754943508222875e-38  # numpy.finfo(numpy.float32).tiny
+F32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
+MAX_OUTPUTS = 10**12  # head.num_outputs: far above any classifier, far below int64 overflow
+MAX_BATCH = 4096  # verify.batch_size: the proof needs one small batch (2 covers BatchNorm)
+MAX_DIM = 2**20  # each model.input_size entry
+MAX_SAMPLE = 2**31 - 1  # elements of one input sample (C*H*W)
+MAX_RANK = 4  # model.input_size entries: [C, H, W] for images, [C, T, H, W] for video
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
+MAX_COUNT = 2**53  # epochs/steps of a schedule: exact in every JSON reader (a double)
+IMAGE_SOURCES = ("torchvision", "timm")  # their models take [C, H, W]
+
+
+def check_number(key: str, value: Any, ok: Callable[[float], bool], bound: str,
+                 fix: str = "") -> None:
+    """A finite number for which `ok` holds, else one error: `KEY=VALUE: must be a finite
+    number BOUND; FIX.`"""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and ok(value)):
+        raise FinetunePrepError(f"{key}={value}: must be a finite number {bound}"
+                                f"{'; ' + fix if fix else ''}.")
+
+
+LR_BOUND = "> 0 that float32 can apply (1.2e-38 .. 3.4e38)"
+LR_FIX = ("below 1.2e-38, the smallest normal float32, every update underflows to zero and "
+          "nothing trains; above 3.4e38 it is inf (a usual lr is 1e-5 .. 1e-1)")
+
+
+def check_lr(key: str, value: Any) -> None:
+    """A learning rate float32 arithmetic can apply: a normal float32 (so > 0)."""
+    check_number(key, value, lambda x: F32_TINY <= x <= F32_MAX, LR_BOUND, LR_FIX)
+
+
+def check_int(key: str, value: Any, low: int, high: int, fix: str = "") -> None:
+    """A whole number in [low, high], else one error: `KEY=VALUE: must be a whole number
+    >= LOW and <= HIGH; FIX.`"""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise FinetunePrepError(f"{key}={value}: must be a whole number >= {low} and <= "
+                                f"{high:,}{'; ' + fix if fix else ''}.")
+
+
 def _check_ranges(cfg: DictConfig) -> None:
-    """Sizes and counts that the types allow but no run can use."""
-    v = cfg.verify
-    if v.batch_size < 1:
-        raise FinetunePrepError(f"verify.batch_size={v.batch_size}: the proof needs a batch of "
-                                "at least 1 (2 or more for BatchNorm in train mode).")
-    if v.max_params < 0:
-        raise FinetunePrepError(f"verify.max_params={v.max_params}: must be >= 0.")
-    size = cfg.model.input_size
-    if size is not None and (not size or any(d < 1 for d in size)):
-        raise FinetunePrepError(f"model.input_size={list(size)}: give [C, H, W] with every "
-                                "size >= 1 (e.g. [3, 224, 224]), or null for the model's own.")
+    """Every number and size of the schema that the types allow but no run can use (the keys
+    that name patterns, modules or files are checked where they are resolved)."""
+    _check_verify(cfg.verify)
+    n = cfg.head.num_outputs
+    if not 1 <= n <= MAX_OUTPUTS:
+        raise FinetunePrepError(
+            f"head.num_outputs={n}: a head needs at least one output and at most "
+            f"{MAX_OUTPUTS:,}. Set head.num_outputs to the number of classes (1 for a binary "
+            "logit).")
+    _check_input_size(cfg.model)
+    check_optim(cfg.optim)
+    for i, phase in enumerate(cfg.freeze.schedule):
+        _check_phase(phase, f"freeze.schedule[{i}]")
+
+
+def _check_verify(v: DictConfig) -> None:
+    if not 1 <= v.batch_size <= MAX_BATCH:
+        raise FinetunePrepError(
+            f"verify.batch_size={v.batch_size}: the proof needs a batch of at least 1 (2 or "
+            f"more for BatchNorm in train mode) and at most {MAX_BATCH:,}; 2 is enough.")
+    check_int("verify.max_params", v.max_params, 0, 2**63 - 1,
+              "models with more parameters skip the proof")
+    check_int("verify.seed", v.seed, 0, MAX_SEED, "the random seed of the proof's batch")
+
+
+def _check_input_size(model: DictConfig) -> None:
+    size = model.input_size
+    if size is None:
+        return
+    size = list(size)
+    source = str(getattr(model.source, "value", model.source))
+    ranks = (3,) if source in IMAGE_SOURCES else tuple(range(1, MAX_RANK + 1))
+    shape = "[C, H, W]" if ranks == (3,) else f"1 to {MAX_RANK} sizes ([C, H, W] for an image)"
+    fix = (f"give {shape} with every size >= 1 and <= {MAX_DIM:,} (e.g. [3, 224, 224]), "
+           "or null for the model's own")
+    if len(size) not in ranks or any(isinstance(d, bool) or not isinstance(d, int)
+                                     or not 1 <= d <= MAX_DIM for d in size):
+        raise FinetunePrepError(f"model.input_size={size}: {fix}.")
+    if math.prod(size) > MAX_SAMPLE:
+        raise FinetunePrepError(f"model.input_size={size}: {math.prod(size):,} elements per "
+                                f"sample, more than {MAX_SAMPLE:,}; {fix}.")
+
+
+def check_optim(optim: Any) -> None:
+    """optim's own numbers (groups.build_groups checks what each group ends up with)."""
+    check_lr("optim.lr", optim.lr)
+    check_number("optim.weight_decay", optim.weight_decay, lambda x: 0 <= x <= F32_MAX,
+                 f">= 0 and <= {F32_MAX:.1e} (e.g. 0.05)")
+    if optim.layer_decay is not None:
+        check_number("optim.layer_decay", optim.layer_decay, lambda x: 0 < x <= 1,
+                     "in (0, 1] (e.g. 0.75), or null")
+    for i, rule in enumerate(optim.groups):
+        check_mult(f"optim.groups[{i}].lr_mult", rule.lr_mult)
+        check_number(f"optim.groups[{i}].wd_mult", rule.wd_mult, lambda x: 0 <= x <= F32_MAX,
+                     f">= 0 and <= {F32_MAX:.1e}")
+
+
+def check_mult(key: str, value: Any) -> None:
+    """An lr multiplier: > 0 (lr 0 would keep a 'trainable' parameter still) and finite in
+    float32."""
+    zero = isinstance(value, (int, float)) and value <= 0
+    check_number(key, value, lambda x: 0 < x <= F32_MAX, f"> 0 and <= {F32_MAX:.1e}",
+                 "a trainable parameter at lr 0 never moves, yet counts as trainable: freeze "
+                 "it instead ({freeze: PATTERN})" if zero else "")
+
+
+def _check_phase(phase: DictConfig, where: str) -> None:
+    for unit, value in dict(phase.at or {}).items():
+        check_int(f"{where}.at.{unit}", value, 1, MAX_COUNT,
+                  "phase 0 (freeze.rules) is the start")
+    check_int(f"{where}.every", phase.every, 1, MAX_COUNT)
+    if phase.lr is not None:
+        check_lr(f"{where}.lr", phase.lr)
+    if phase.lr_mult is not None:
+        check_mult(f"{where}.lr_mult", phase.lr_mult)
+    if phase.weight_decay is not None:
+        check_number(f"{where}.weight_decay", phase.weight_decay, lambda x: 0 <= x <= F32_MAX,
+                     f">= 0 and <= {F32_MAX:.1e}")
 
 
 def unknown_keys(given: Mapping, schema: type, where: str = "") -> list[str]:

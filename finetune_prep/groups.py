@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from finetune_prep.config import F32_MAX, F32_TINY, LR_FIX, check_optim
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.models import GRANULARITIES, ParamTable
 from finetune_prep.rules import match, select
@@ -36,7 +37,9 @@ def build_groups(
     """Optimizer groups for the trainable parameters: [{name, lr, weight_decay, params, ...}]."""
     _check_numbers(optim)
     settings = assign(table, trainable, optim)
-    return merge(settings, float(optim.lr))
+    groups = merge(settings, float(optim.lr))
+    check_groups(groups, optim)
+    return groups
 
 
 def assign(table: ParamTable, trainable: Sequence[str], optim: Any) -> dict[str, Setting]:
@@ -151,18 +154,40 @@ def _pattern_union(table: ParamTable, patterns: Sequence[str]) -> dict[str, str]
     return hit
 
 
+# Optimizers whose weight decay multiplies the weights by (1 - lr * weight_decay) each step
+# (decoupled, or plain SGD's L2): at lr * weight_decay >= 1 that zeroes or flips every weight.
+SHRINKING = ("adamw", "sgd", "lion")
+
+
+def check_groups(groups: Sequence[Mapping[str, Any]], optim: Any, where: str = "optim") -> None:
+    """The numbers each group ends up with (lr times layer decay, multipliers and phase
+    settings) are ones float32 training can use: a product that overflows to inf, underflows
+    below the smallest normal float32, or a weight decay that wipes the weights is an error."""
+    spec = optim.get("optimizer") or {}
+    name = str(spec.get("_target_", "")).rpartition(".")[2].lower()
+    shrinks = name in SHRINKING or bool(spec.get("decoupled_weight_decay"))
+    for g in groups:
+        lr, wd = g["lr"], g["weight_decay"]
+        why = f" ({', '.join(g['reasons'])})" if g.get("reasons") else ""
+        label = f"{where}: group {g['name']!r}{why} gets"
+        if not (math.isfinite(lr) and F32_TINY <= lr <= F32_MAX):
+            raise FinetunePrepError(
+                f"{label} lr {lr:g}: not a learning rate float32 can apply; it must be in "
+                f"1.2e-38 .. 3.4e38 ({LR_FIX}). Change optim.lr or the multipliers that give it.")
+        if not (math.isfinite(wd) and 0 <= wd <= F32_MAX):
+            raise FinetunePrepError(
+                f"{label} weight_decay {wd:g}: it must be a finite number >= 0 and <= 3.4e38. "
+                "Change optim.weight_decay or the multipliers that give it.")
+        if shrinks and lr * wd >= 1:
+            raise FinetunePrepError(
+                f"{label} lr {lr:g} and weight_decay {wd:g}: with {spec.get('_target_')} every "
+                f"step multiplies its weights by 1 - lr x weight_decay = {1 - lr * wd:g}, which "
+                "zeroes or flips them. Keep lr x weight_decay well below 1 (AdamW's usual "
+                "weight_decay is 0.01 .. 0.1).")
+
+
 def _check_numbers(optim: Any) -> None:
-    """Every number a group gets is finite and in range (NaN or inf would reach the file)."""
-    checks = [("optim.lr", optim.lr, lambda x: x > 0, "> 0 (e.g. 0.001)"),
-              ("optim.weight_decay", optim.weight_decay, lambda x: x >= 0, ">= 0 (e.g. 0.05)")]
-    if optim.layer_decay is not None:
-        checks.append(("optim.layer_decay", optim.layer_decay, lambda x: 0 < x <= 1,
-                       "in (0, 1] (e.g. 0.75), or null"))
+    """Every number a group gets is finite and in range (NaN or inf would reach the file): the
+    same checks as config.validate, for callers that pass an optim section directly."""
     granularity_of(optim)
-    for i, rule in enumerate(optim.groups):
-        for key in ("lr_mult", "wd_mult"):
-            checks.append((f"optim.groups[{i}].{key}", getattr(rule, key), lambda x: x >= 0,
-                           ">= 0"))
-    for key, value, ok, bound in checks:
-        if not (math.isfinite(value) and ok(value)):
-            raise FinetunePrepError(f"{key}={value}: must be a finite number {bound}.")
+    check_optim(optim)

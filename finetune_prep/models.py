@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from finetune_prep.config import MAX_OUTPUTS
 from finetune_prep.errors import FinetunePrepError, did_you_mean
 
 SOURCES = ("torchvision", "timm", "target", "hf")
@@ -112,6 +113,7 @@ class BuiltModel:
     folder: str | None = None  # source=hf: the model's folder (config.json, its own weights)
     # the proof's batch (batch size, generator) -> input, when not a float image batch (tokens)
     make_batch: Callable[[int, torch.Generator], torch.Tensor] | None = None
+    own_input_size: tuple[int, ...] | None = None  # the architecture's own, before model.input_size
 
 
 @contextmanager
@@ -156,10 +158,11 @@ def build_model(
     `make_target` builds a `_target_` model instead of Hydra's instantiate: a model rebuilt
     from a plan file (untrusted) is built only by the class its caller passed."""
     num_outputs = int(head_cfg.num_outputs)
-    if num_outputs < 1:
+    if not 1 <= num_outputs <= MAX_OUTPUTS:
         raise FinetunePrepError(
-            f"head.num_outputs={num_outputs}: a head needs at least one output. "
-            "Set head.num_outputs to the number of classes (1 for a binary logit)."
+            f"head.num_outputs={num_outputs}: a head needs at least one output and at most "
+            f"{MAX_OUTPUTS:,}. Set head.num_outputs to the number of classes (1 for a binary "
+            "logit)."
         )
     source = str(getattr(model_cfg.source, "value", model_cfg.source))  # the enum's name
     if source not in SOURCES:
@@ -179,12 +182,13 @@ def build_model(
             model, input_size = _construct(model_cfg, num_outputs, meta, make_target)
     head = _replace_heads(model, model_cfg, head_cfg, num_outputs, meta)
     stages = _stages(model, model_cfg, head)
+    own = input_size
     if model_cfg.get("input_size"):
         input_size = tuple(model_cfg.input_size)
     table = describe(model, head, stages, _layers(model, head, stages),
                      no_weight_decay_names(model, source))
     arch = model_cfg.arch if source != "target" else _target_name(model_cfg)
-    return BuiltModel(model, table, source, arch, num_outputs, input_size)
+    return BuiltModel(model, table, source, arch, num_outputs, input_size, own_input_size=own)
 
 
 # Above this many outputs a timm head is built as num_classes=1, then reset_classifier on meta:
@@ -215,12 +219,16 @@ def _construct(
             return _torchvision(model_cfg.arch, kwargs)
         if source == "timm":
             return _timm(model_cfg.arch, num_outputs, kwargs, meta)
-    except TypeError as err:
-        if not kwargs or "argument" not in str(err):
+    except FinetunePrepError:
+        raise
+    except Exception as err:  # with kwargs given, a constructor that fails rejects them
+        if not kwargs:
             raise
+        why = (str(err).strip().splitlines() or [""])[0]
         raise FinetunePrepError(
-            f"model.kwargs ({', '.join(kwargs)}) rejected by {model_cfg.arch}: {err}. "
-            "Check the names against the model's constructor, or remove them."
+            f"model.kwargs ({', '.join(kwargs)}) rejected by {model_cfg.arch}: "
+            f"{type(err).__name__}: {why}. Check the names and values against the model's "
+            "constructor, or remove them."
         ) from err
     return _target(model_cfg), None
 
@@ -361,8 +369,8 @@ def check_memory(numel: int, what: str, bytes_per: int = 4) -> None:
     need = numel * bytes_per
     if ram is not None and need > ram:
         raise FinetunePrepError(
-            f"{what} has {numel:,} parameters: {_human(need)} as float32, more than this "
-            f"machine's {_human(ram)} of memory, so it cannot be built with real tensors (the "
+            f"{what} has {numel:,} parameters: {human_bytes(need)} as float32, more than this "
+            f"machine's {human_bytes(ram)} of memory, so it cannot be built with real tensors (the "
             "backward proof and prepare(materialize=True) need them). Check head.num_outputs "
             "and the model's size; to plan without real tensors, set verify.backward=false "
             "(the CLI) or call prepare(cfg, materialize=False)."
@@ -377,7 +385,8 @@ def physical_memory() -> int | None:
         return None
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """A byte count for people: 1,536 -> '1.5 KiB'."""
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if n < 1024 or unit == "PiB":
             return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"

@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from finetune_prep.config import MAX_COUNT
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.groups import assign, merge
+from finetune_prep.groups import assign, check_groups, merge
 from finetune_prep.models import ParamTable
 from finetune_prep.rules import FreezePlan, Rule, evaluate, parse_rules
 
@@ -79,6 +80,10 @@ def _steps(
     if not todo:
         raise FinetunePrepError(f"{where} (each_stage) changes nothing: every stage already "
                                 "trains. Remove the phase.")
+    last = start + (len(todo) - 1) * spec.every
+    if last > MAX_COUNT:
+        raise FinetunePrepError(f"{where}: its last stage would start at {unit} {last:,}, past "
+                                f"{MAX_COUNT:,}; lower at.{unit} or every.")
     steps = []
     for j, k in enumerate(todo):
         rule = Rule("unfreeze", f"@stage[{k}]", f"{where} (stage {k})")
@@ -148,5 +153,6 @@ def _groups(
         wd = spec.weight_decay if spec.weight_decay is not None and s.weight_decay else \
             s.weight_decay
         settings[name] = dataclasses.replace(s, lr=float(lr), weight_decay=float(wd))
-    groups = merge(settings, float(optim.lr))
-    return [{**g, "name": prefix + g["name"]} for g in groups]
+    groups = [{**g, "name": prefix + g["name"]} for g in merge(settings, float(optim.lr))]
+    check_groups(groups, optim, where=f"freeze.schedule ({prefix.rstrip('/')})")
+    return groups

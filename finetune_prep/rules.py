@@ -61,7 +61,23 @@ def match(pattern: str, table: ParamTable) -> list[str]:
     if pattern.startswith("re:"):
         regex = _compile(pattern)
         return [n for n in table.names if regex.fullmatch(n)]
+    check_glob(pattern)
     return [n for n in table.names if any(fnmatch.fnmatchcase(c, pattern) for c in _scopes(n))]
+
+
+_SLICE_LIKE = re.compile(r"\[[^\]]*:[^\]]*\]")
+
+
+def check_glob(pattern: str) -> None:
+    """A glob `[...]` holding ':' looks like a slice (`layer[1:3]`) but matches ONE character
+    from the brackets; no module or parameter name holds ':', so it is always a mistake (it
+    would silently select layer1 and layer3 only)."""
+    if m := _SLICE_LIKE.search(pattern):
+        raise FinetunePrepError(
+            f"{pattern!r}: {m.group()} is a glob character class (one character out of "
+            f"{m.group()[1:-1]!r}), not a slice; names never hold ':'. To select stages by "
+            "position write @stages[a:b]; to name modules list them (layer1, layer2) or use a "
+            "class of single characters (layer[1-3]).")
 
 
 def select(pattern: str, table: ParamTable, where: str) -> list[str]:
@@ -182,7 +198,12 @@ def _alias(pattern: str, table: ParamTable) -> list[str]:
     if m := _STAGE.fullmatch(pattern):
         return table.stage_params(_stage_at(table, int(m.group(1)), pattern))
     if m := _STAGES.fullmatch(pattern):
-        picked = range(len(table.stages))[slice(*(int(g) if g else None for g in m.groups()))]
+        start, stop, step = (int(g) if g else None for g in m.groups())
+        if step == 0:
+            raise FinetunePrepError(
+                f"{pattern}: a slice step of 0 selects no stage (Python's slice step is never 0). "
+                "Write @stages[a:b] for stages a..b-1, or a step >= 1 (@stages[::2]) or < 0.")
+        picked = range(len(table.stages))[slice(start, stop, step)]
         return [n for i in picked for n in table.stage_params(i)]
     raise FinetunePrepError(
         f"{pattern!r} is not an alias. Aliases: {', '.join(ALIASES)}."

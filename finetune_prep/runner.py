@@ -107,9 +107,16 @@ def prepare(
     notes += [f"{rule} selects nothing on {built.arch}" for rule in freeze.empty]
     phases = plan_phases(built.table, freeze, cfg.freeze.schedule, cfg.optim)
     phase_eval = [_norm_stats(built.table, p.plan, cfg.freeze.bn_stats)[0] for p in phases]
-    model = _materialize_model(cfg, built, sources, trainable) if materialize else built.model
     last = phases[-1].plan if phases else freeze  # the proof covers the last phase
     last_trainable = [n for n in built.table.names if last.trainable[n]]
+    proof_groups = groups + [g for p in phases for g in p.groups]
+    proof_eval = phase_eval[-1] if phases else eval_modules
+    proof_bytes = None
+    if proof.skip_reason(cfg.verify, built, do_verify, proof_groups) is None:  # before any
+        proof_bytes = proof.check_fits(  # real tensor: the caller's model, the proof's copy
+            cfg.verify, built, last_trainable, cfg.optim.optimizer,
+            proof_eval, copies=2 if materialize else 1)
+    model = _materialize_model(cfg, built, sources, trainable) if materialize else built.model
 
     def proof_model() -> nn.Module:
         copy_ = copy.deepcopy(model) if materialize else \
@@ -117,12 +124,12 @@ def prepare(
         _set_trainable(copy_, last_trainable)
         return copy_
 
-    verified = proof.run_proof(
-        cfg.verify, built, do_verify, groups + [g for p in phases for g in p.groups],
-        phase_eval[-1] if phases else eval_modules, cfg.optim.optimizer, proof_model,
-    )
+    verified = proof.run_proof(cfg.verify, built, do_verify, proof_groups, proof_eval,
+                               cfg.optim.optimizer, proof_model)
     if phases:
         verified["phase"] = phases[-1].index
+    if proof_bytes is not None:
+        verified["memory_bytes"] = proof_bytes  # what the proof was estimated to hold at once
     document = paramfile.document(
         built, sources, freeze, groups, eval_modules, cfg.optim.optimizer, verified,
         provenance.record(OmegaConf.to_yaml(cfg), overrides, config_dirs), model_cfg=cfg.model,
@@ -214,9 +221,10 @@ def _check_optimizer(model: nn.Module, groups: list[dict], spec: Any) -> None:
     factory = paramfile.optimizer_factory(spec)
     try:
         factory(paramfile.tensor_groups(model, groups))
-    except (TypeError, ValueError) as err:
+    except Exception as err:  # the class is allowlisted: whatever it raises is about its args
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise FinetunePrepError(
-            f"optim.optimizer ({spec.get('_target_')}) rejects its arguments: {err}"
+            f"optim.optimizer ({spec.get('_target_')}) rejects its arguments: {why}"
         ) from err
 
 

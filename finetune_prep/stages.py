@@ -55,6 +55,7 @@ from torch import nn
 
 from finetune_prep.errors import FinetunePrepError, did_you_mean
 from finetune_prep.models import covers
+from finetune_prep.rules import check_glob
 
 MIN_STAGES = 3  # fewer than this means "stem + trunk": open the trunk
 
@@ -354,6 +355,10 @@ def _is_list(item: Any) -> bool:
 
 
 def _resolve_name(pattern: str, known: Sequence[str], where: str) -> list[str]:
+    try:
+        check_glob(pattern)
+    except FinetunePrepError as err:
+        raise FinetunePrepError(f"{where}: {err}") from None
     if any(c in pattern for c in "*?["):
         found = [n for n in known if fnmatch.fnmatchcase(n, pattern)]
     else:

@@ -3,17 +3,32 @@
 The proof runs one forward/backward pass on a small random batch and one optimizer step, then
 checks that frozen parameters got no gradient and did not move, and that every trainable
 parameter got a gradient (one that never does breaks DDP) and moved.
+
+"Moved" is required of every trainable parameter whose gradient has a non-zero element: if the
+step leaves it bit for bit as it was, the update underflowed (an lr too small for the weights'
+float32 precision) and nothing would train. A parameter whose gradient is exactly zero on the
+random batch (a dead ReLU unit, a bias just before a BatchNorm) cannot move in one step under an
+optimizer without weight decay; it is listed under `trainable_zero_grad`, not failed.
+
+Before any real tensor exists, `check_fits` runs the forward pass on the meta device (shapes only,
+no memory) to count the activations, and refuses a proof that this machine's memory cannot hold.
 """
 
 from __future__ import annotations
 
+import copy
+import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from finetune_prep.models import BuiltModel, ParamTable
+from finetune_prep.errors import FinetunePrepError
+from finetune_prep.models import BuiltModel, ParamTable, human_bytes, physical_memory
 
 # Optimizer state per trainable parameter element, in parameter-sized copies.
 _STATE_COPIES = {"adamw": 2, "adam": 2, "nadam": 2, "radam": 2, "adamax": 2, "adagrad": 1,
@@ -75,6 +90,8 @@ def prove(
     optimizer.step()
     frozen = [n for n, p in params.items() if not p.requires_grad]
     trainable = [n for n, p in params.items() if p.requires_grad]
+    still = [n for n in trainable if params[n].grad is not None and _same(params[n], before[n])]
+    zero_grad = [n for n in still if not bool(params[n].grad.any())]
     result = {
         "backward": True,
         "input": [batch_size, *input_size],
@@ -82,7 +99,8 @@ def prove(
         "frozen_with_grad": [n for n in frozen if params[n].grad is not None],
         "frozen_changed": [n for n in frozen if not _same(params[n], before[n])],
         "trainable_without_grad": [n for n in trainable if params[n].grad is None],
-        "trainable_unchanged": [n for n in trainable if _same(params[n], before[n])],
+        "trainable_unchanged": [n for n in still if n not in zero_grad],
+        "trainable_zero_grad": zero_grad,
         "non_finite_after_step": [n for n in _non_finite(model) if n not in non_finite],
     }
     result["ok"] = not any(result[k] for k in FAILURES)
@@ -94,6 +112,8 @@ FAILURES = {  # what makes the proof fail, in plain words
     "frozen_with_grad": "frozen parameters that got a gradient",
     "frozen_changed": "frozen parameters that changed",
     "trainable_without_grad": "trainable parameters that got no gradient (unused: breaks DDP)",
+    "trainable_unchanged": "trainable parameters that got a gradient but did not move (the update "
+                           "underflows: raise optim.lr or the multipliers that lower it)",
     "non_finite_after_step": "parameters that became NaN or Inf after one step (lr too high?)",
 }
 
@@ -134,6 +154,140 @@ def _loss(output: Any) -> torch.Tensor:
     return sum(t.float().pow(2).mean() for t in tensors)
 
 
+# ------------------------------------------------------------------------------------------
+# memory: what the proof holds at once, measured before any real tensor exists. Checked against
+# whole-process peaks (ru_maxrss growth during prepare): resnet18 full, batch 2: estimate 335 MiB,
+# measured 296 MiB; batch 32: 1354 vs 1186 MiB; vit_b_16 full, batch 8: 3569 vs 1904 MiB.
+
+
+class _Allocations(TorchDispatchMode):
+    """Watches every tensor an op creates (views and in-place results share memory and are
+    skipped): on meta tensors, the forward's activations at no cost."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[tuple[weakref.ref, int]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and not func._schema.is_mutable:
+            self.made += [(weakref.ref(t), t.numel() * t.element_size())
+                          for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        return out
+
+    def peak(self) -> int:
+        """Bytes alive now (what autograd saved for backward, and the output) plus twice the
+        largest tensor made (backward's gradients in flight)."""
+        alive = sum(size for ref, size in self.made if ref() is not None)
+        return alive + 2 * max((size for _, size in self.made), default=0)
+
+
+def _meta_forward(model: nn.Module, built: BuiltModel, batch_size: int,
+                  input_size: Sequence[int]) -> int:
+    """Run `model` (on meta, with autograd) on a meta batch; return the bytes the backward
+    pass would find in memory (see _Allocations.peak)."""
+    if built.make_batch is not None:
+        batch = built.make_batch(batch_size, torch.Generator().manual_seed(0)).to("meta")
+    else:
+        batch = torch.empty(batch_size, *input_size, device="meta")
+    counter = _Allocations()
+    with torch.enable_grad(), counter:
+        output = model(batch)
+    need = counter.peak() + batch.numel() * batch.element_size()
+    del output
+    return need
+
+
+def measure_activations(
+    built: BuiltModel, batch_size: int, eval_modules: Sequence[str],
+    trainable: Sequence[str] | None = None,
+) -> int | None:
+    """Bytes of activations the proof's forward/backward holds at its peak, from a pass on the
+    meta device with `trainable` (default: as built.model says) requiring grad: what autograd
+    saves, plus gradients in flight. None when the model cannot run on meta. A batch the
+    architecture cannot take at all is a FinetunePrepError naming model.input_size or
+    verify.batch_size (found by trying the architecture's own input size, and a batch of 2)."""
+    from finetune_prep.paramfile import set_train_mode
+
+    model = set_train_mode(copy.deepcopy(built.model), eval_modules)
+    if trainable is not None:
+        keep = set(trainable)
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in keep)
+    try:
+        return _meta_forward(model, built, batch_size, built.input_size)
+    except FinetunePrepError:  # the batch maker's own message (a text model's pad token)
+        raise
+    except Exception as err:  # the model's forward: blame the input when another one works
+        blame = _blame_input(model, built, batch_size, err)
+        if blame is not None:
+            raise blame from None
+        return None
+
+
+def _blame_input(model: nn.Module, built: BuiltModel, batch_size: int,
+                 err: Exception) -> FinetunePrepError | None:
+    """The user's setting to blame when the meta forward fails, if a changed one runs."""
+    size, own = list(built.input_size), built.own_input_size
+    shape = [batch_size, *size]
+    why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if own is not None and tuple(size) != tuple(own) and _runs(model, built, batch_size, own):
+        return FinetunePrepError(
+            f"model.input_size={size}: {built.arch} cannot take a batch of shape {shape} "
+            f"({type(err).__name__}: {why}). Its own input size is {list(own)}: set "
+            "model.input_size=null, or a size this architecture accepts.")
+    if batch_size == 1 and _runs(model, built, 2, size):
+        return FinetunePrepError(
+            f"verify.batch_size=1: {built.arch} cannot run a batch of one in train mode "
+            f"({type(err).__name__}: {why}). Set verify.batch_size=2 (BatchNorm in train mode "
+            "needs more than one value per channel).")
+    return None
+
+
+def _runs(model: nn.Module, built: BuiltModel, batch_size: int, size: Sequence[int]) -> bool:
+    try:
+        _meta_forward(model, built, batch_size, size)
+    except Exception:  # any failure: this input does not run either
+        return False
+    return True
+
+
+def proof_memory(built: BuiltModel, trainable: int, optimizer: Any, batch_size: int,
+                 activations: int | None, copies: int) -> dict[str, int]:
+    """Bytes the proof holds at once: `copies` materialized models (the caller's and the proof's
+    own), the parameters' snapshot taken before the step, gradients and optimizer state of the
+    `trainable` elements, and the forward's activations (measured on meta; if that cannot run,
+    a conservative guess: the batch once per module)."""
+    params = sum(p.numel() * p.element_size() for p in built.model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in built.model.buffers())
+    per = params // max(built.table.count(), 1) or 4
+    if activations is None:
+        modules = sum(1 for _ in built.model.modules())
+        activations = batch_size * math.prod(built.input_size) * 4 * modules
+    return {"models": (params + buffers) * copies, "snapshot": params,
+            "grads": trainable * per, "optimizer_state": trainable * per * state_copies(optimizer),
+            "activations": activations}
+
+
+def check_fits(verify_cfg: Any, built: BuiltModel, trainable: Sequence[str], optimizer: Any,
+               eval_modules: Sequence[str], copies: int) -> int:
+    """Refuse up front a proof this machine's memory cannot hold (before any real tensor is
+    made); return the bytes it needs."""
+    activations = measure_activations(built, verify_cfg.batch_size, eval_modules, trainable)
+    parts = proof_memory(built, built.table.count(trainable), optimizer,
+                         verify_cfg.batch_size, activations, copies)
+    parts["overhead"] = sum(parts.values()) // 4  # allocator slack, kernel workspaces
+    need, ram = sum(parts.values()), physical_memory()
+    if ram is not None and need > ram:
+        listing = ", ".join(f"{k.replace('_', ' ')} {human_bytes(v)}" for k, v in parts.items())
+        raise FinetunePrepError(
+            f"the one-step proof needs about {human_bytes(need)} ({listing}; batch "
+            f"{[verify_cfg.batch_size, *built.input_size]}), more than this machine's "
+            f"{human_bytes(ram)} of memory. Set verify.backward=false to plan without the proof, "
+            "or make its batch smaller (verify.batch_size=2, a smaller model.input_size).")
+    return need
+
+
 def should_verify(verify_cfg: Any, table: ParamTable, requested: bool | None) -> bool:
     """Whether the proof runs: the caller's request, else verify.backward, else the size bound."""
     if requested is not None:
@@ -141,6 +295,20 @@ def should_verify(verify_cfg: Any, table: ParamTable, requested: bool | None) ->
     if verify_cfg.backward is not None:
         return bool(verify_cfg.backward)
     return table.count() <= verify_cfg.max_params
+
+
+def skip_reason(verify_cfg: Any, built: BuiltModel, do_verify: bool,
+                groups: Sequence[dict[str, Any]]) -> str | None:
+    """Why the proof does not run (for the `verified` block), or None when it runs."""
+    if not do_verify:
+        return ("verify.backward=false" if verify_cfg.backward is False
+                else f"model above verify.max_params={verify_cfg.max_params:,}"
+                if verify_cfg.backward is None else "not requested")
+    if built.input_size is None:
+        return "input size unknown: set model.input_size=[C,H,W]"
+    if not groups:
+        return "nothing trains"
+    return None
 
 
 def run_proof(
@@ -153,15 +321,9 @@ def run_proof(
     the model handed to the user)."""
     from finetune_prep.paramfile import optimizer_factory, set_train_mode, tensor_groups
 
-    if not do_verify:
-        reason = ("verify.backward=false" if verify_cfg.backward is False
-                  else f"model above verify.max_params={verify_cfg.max_params:,}"
-                  if verify_cfg.backward is None else "not requested")
+    reason = skip_reason(verify_cfg, built, do_verify, groups)
+    if reason is not None:
         return {"backward": False, "reason": reason}
-    if built.input_size is None:
-        return {"backward": False, "reason": "input size unknown: set model.input_size=[C,H,W]"}
-    if not groups:
-        return {"backward": False, "reason": "nothing trains"}
     model = set_train_mode(make_model(), eval_modules)
     return prove(model, tensor_groups(model, groups), optimizer_factory(optimizer),
                  built.input_size, verify_cfg.batch_size, verify_cfg.seed, built.make_batch)

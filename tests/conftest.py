@@ -87,6 +87,37 @@ class TwoBranchNet(torch.nn.Module):
         return self.fc(self.pool(self.bn(self.stem(x))).flatten(1))
 
 
+class PooledNormNet(torch.nn.Module):
+    """A small custom network with a BatchNorm1d after pooling: a batch of one cannot run in
+    train mode (one value per channel), whatever the input size."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, width, 3)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.norm = torch.nn.BatchNorm1d(width)
+        self.fc = torch.nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(self.pool(self.stem(x)).flatten(1)))
+
+
+class DeadUnitNet(torch.nn.Module):
+    """A small custom network whose `dead` layer feeds a ReLU that its bias of -1000 keeps shut:
+    its weight and bias get a gradient of exactly zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(12, 8)
+        self.dead = torch.nn.Linear(8, 8)
+        torch.nn.init.constant_(self.dead.bias, -1000.0)
+        self.fc = torch.nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.body(x.flatten(1)))
+        return self.fc(torch.cat([h, torch.relu(self.dead(h))], dim=1))
+
+
 @pytest.fixture(scope="session")
 def resnet18_plan(tmp_path_factory) -> Path:
     """A plan for resnet18 with 10 classes: last stage + head train, head at 10x lr (optim=sgd),

@@ -3,6 +3,7 @@ key is silently ignored."""
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -144,3 +145,44 @@ def test_importing_the_package_does_not_import_the_cli_or_torch():
             "print('finetune_prep.__main__' in sys.modules, 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "False"]
+
+
+def _numeric_fields(schema: type, path: str = "") -> list[tuple[str, type]]:
+    """(dotted path, int or float) of every number in the schema; list items as [0]."""
+    import dataclasses
+    import typing
+
+    found = []
+    for f in dataclasses.fields(schema):
+        hint = typing.get_type_hints(schema)[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        kind = hint if hint in (int, float) else args[0] if args in ([int], [float]) else None
+        if kind is not None and hint is not bool:
+            found.append((f"{path}{f.name}", kind))
+        elif dataclasses.is_dataclass(hint):
+            found += _numeric_fields(hint, f"{path}{f.name}.")
+        elif args and dataclasses.is_dataclass(args[0]):
+            found += _numeric_fields(args[0], f"{path}{f.name}[0].")
+    return found
+
+
+def test_every_number_of_the_schema_is_bounded_at_validation():
+    """A number field added later without a bound fails here: each int refuses -1 and 2**70,
+    each float NaN, inf and -inf, as one FinetunePrepError naming the key."""
+    from finetune_prep.config import Config
+
+    fields = _numeric_fields(Config)
+    assert {"head.num_outputs", "verify.seed", "optim.lr", "optim.groups[0].lr_mult",
+            "freeze.schedule[0].every", "freeze.schedule[0].lr"} <= {p for p, _ in fields}
+    base = {"optim": {"groups": [{"match": "fc"}]},
+            "freeze": {"schedule": [{"at": {"epoch": 1}, "rules": [{"unfreeze": "layer4"}]}]}}
+    for path, kind in fields:
+        for bad in ([-1, 2**70] if kind is int else [math.nan, math.inf, -math.inf]):
+            cfg = OmegaConf.create(base)
+            OmegaConf.update(cfg, path.replace("[0]", ".0"), bad, force_add=True)
+            with pytest.raises(FinetunePrepError, match=re.escape(path.split("[0].")[-1])):
+                validate(cfg)
+    cfg = OmegaConf.create(base)
+    OmegaConf.update(cfg, "freeze.schedule.0.at.epoch", 2**70)
+    with pytest.raises(FinetunePrepError, match=r"at\.epoch=1180591620717411303424"):
+        validate(cfg)

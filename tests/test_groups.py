@@ -184,3 +184,21 @@ def test_layer_decay_matches_timm_parameter_by_parameter(make_cfg, arch):
              or got[n][0] != pytest.approx(expected[n][0], rel=1e-12, abs=0)]
     assert not wrong, wrong[:5]
     assert len({lr for lr, _ in expected.values()}) > 5  # the comparison is not trivial
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"lr": 10.0, "groups": [{"match": "fc", "lr_mult": 1e38}]}, r"group 'fc' .* gets lr 1e\+39"),
+    ({"lr": 1e-30, "layer_decay": 1e-9}, r"group 'layer0' \(layer_decay 1e-09\^\d+\) gets lr"),
+    ({"weight_decay": 1000.0}, r"1 - lr x weight_decay = 0\b"),
+])
+def test_the_numbers_a_group_ends_up_with_are_checked(resnet18_table, overrides, message):
+    with pytest.raises(FinetunePrepError, match=message):
+        build_groups(resnet18_table, list(resnet18_table.names), optim(**overrides))
+
+
+def test_weight_decay_that_wipes_weights_is_refused_only_where_it_multiplies_them(
+        resnet18_table):
+    wide = optim(weight_decay=2000.0, optimizer={"_target_": "torch.optim.Adam"})
+    assert build_groups(resnet18_table, ["fc.weight"], wide)[0]["weight_decay"] == 2000.0
+    with pytest.raises(FinetunePrepError, match="torch.optim.AdamW every step multiplies"):
+        build_groups(resnet18_table, ["fc.weight"], optim(weight_decay=2000.0))

@@ -134,3 +134,130 @@ def test_cli_nested_checkpoint_and_huge_head_are_exit_1_with_one_message(tmp_pat
     run_dir = tmp_path / "head"
     done = run_cli(f"head.num_outputs={HUGE}", "verify.backward=true", f"hydra.run.dir={run_dir}")
     assert_one_error(done, run_dir, "has 513,000,011,176,512 parameters: 1.8 PiB as float32")
+
+
+# --------------------------------------------------------------------------- issue 19, part D
+# Every numeric and list field of the schema is bounded at validation time; the products the
+# groups end up with too; patterns, input sizes and batches that used to raise deep inside torch
+# are one message naming the key and how to fix it.
+
+BAD_VALUES = [
+    # stage patterns with a zero slice step, and globs that look like slices
+    (["freeze.rules=[{freeze:'@stages[::0]'}]"], r"@stages\[::0\]: a slice step of 0"),
+    (["freeze.rules=[{unfreeze:'@stages[1:3:0]'}]"], "a slice step of 0"),
+    (["optim.groups=[{match:'@stages[::0]',lr_mult:2}]"], r"optim.groups\[0\]: .*step of 0"),
+    (["optim.no_decay=['@stages[::0]']"], "a slice step of 0"),
+    (["freeze.schedule=[{at:{epoch:1},rules:[{unfreeze:'@stages[::0]'}]}]"], "step of 0"),
+    (["freeze.rules=[{freeze:'layer[1:3:0]'}]"], r"\[1:3:0\] is a glob character class"),
+    (["model.stages=[[conv1,bn1],'layer[1:3]']"], r"model.stages\[1\]: .*not a slice"),
+    # head sizes
+    (["head.num_outputs=100000000000000000000"], "at most 1,000,000,000,000"),
+    (["head.num_outputs=-1"], "head.num_outputs=-1: a head needs at least one output"),
+    (["head.num_outputs=0"], "head.num_outputs=0: a head needs at least one output"),
+    # learning rates: subnormal, underflowing, overflowing, and their products
+    (["optim.lr=1e-320"], "optim.lr=1e-320: must be a finite number > 0 that float32"),
+    (["optim.lr=5e-324"], "optim.lr=5e-324"),
+    (["optim.lr=1e-39"], "smallest normal float32"),
+    (["optim.lr=1e308"], r"optim.lr=1e\+308"),
+    (["optim.lr=-0.001"], "optim.lr=-0.001"),
+    (["optim.lr=10", "optim.groups=[{match:fc,lr_mult:1e38}]"], r"gets lr 1e\+39"),
+    (["optim.groups=[{match:fc,lr_mult:1e308}]"], r"lr_mult=1e\+308: must be a finite number > 0"),
+    (["optim.lr=1e-30", "optim.groups=[{match:fc,lr_mult:1e-10}]"], "gets lr 1e-40"),
+    (["optim=layer_decay", "optim.layer_decay=1e-30", "freeze=full"], "group 'layer0'.*gets lr"),
+    (["optim.groups=[{match:fc,lr_mult:0}]"], "freeze it instead"),
+    (["optim.groups=[{match:fc,lr_mult:-1}]"], r"lr_mult=-1"),
+    (["optim.groups=[{match:fc,wd_mult:-1}]"], r"wd_mult=-1"),
+    (["optim.groups=[{match:fc,wd_mult:inf}]"], r"wd_mult=inf"),
+    (["optim.layer_decay=0"], r"in \(0, 1\]"),
+    (["optim.layer_decay=-inf"], "optim.layer_decay=-inf"),
+    # weight decay: overflowing, or wiping the weights every step
+    (["optim.weight_decay=1e39"], r"optim.weight_decay=1e\+39"),
+    (["optim.weight_decay=10", "optim.groups=[{match:fc,wd_mult:1e38}]"],
+     r"weight_decay 1e\+39"),
+    (["optim.weight_decay=1000", "freeze=full"], "zeroes or flips them"),
+    (["optim=sgd", "optim.weight_decay=200"], "zeroes or flips them"),
+    # the schedule's numbers
+    (["freeze.schedule=[{at:{epoch:1},rules:[{unfreeze:layer4}],lr_mult:1e308}]"],
+     r"lr_mult=1e\+308"),
+    (["freeze.schedule=[{at:{epoch:1},rules:[{unfreeze:layer4}],lr:1e-320}]"], r"\.lr=1e-320"),
+    (["freeze.schedule=[{at:{epoch:1},rules:[{unfreeze:layer4}],lr_mult:0}]"], "freeze it"),
+    (["freeze.schedule=[{at:{epoch:1},rules:[{unfreeze:layer4}],weight_decay:-1}]"],
+     "weight_decay=-1"),
+    (["freeze.schedule=[{at:{epoch:1},rules:[{unfreeze:layer4}],lr:10,weight_decay:0.5}]"],
+     "zeroes or flips"),
+    (["freeze.schedule=[{at:{epoch:100000000000000000000},rules:[{unfreeze:layer4}]}]"],
+     r"at.epoch=100000000000000000000: must be a whole number >= 1"),
+    (["freeze.schedule=[{at:{epoch:1},each_stage:true,every:0}]"], "every=0"),
+    (["freeze.schedule=[{at:{epoch:1},each_stage:true,every:4503599627370496}]"],
+     "past 9,007,199,254,740,992"),
+    # input sizes and batches
+    (["model.input_size=[-1,2,2]"], r"model.input_size=\[-1, 2, 2\]: give \[C, H, W\]"),
+    (["model.input_size=[0,224,224]"], r"model.input_size=\[0, 224, 224\]"),
+    (["model.input_size=[3,224]"], r"model.input_size=\[3, 224\]: give \[C, H, W\]"),
+    (["model.input_size=[3,224,224,1]"], r"model.input_size=\[3, 224, 224, 1\]"),
+    (["model.input_size=[3,1000000000,1000000000]"], "every size >= 1 and <= 1,048,576"),
+    (["model.input_size=[3,1000000,1000000]"], "elements per sample"),
+    (["verify.batch_size=0"], "verify.batch_size=0: the proof needs a batch of at least 1"),
+    (["verify.batch_size=-3"], "verify.batch_size=-3"),
+    (["verify.batch_size=1000000000"], "at most 4,096"),
+    (["verify.seed=-1"], "verify.seed=-1: must be a whole number >= 0"),
+    (["verify.seed=18446744073709551616"], "verify.seed=18446744073709551616"),
+    (["verify.max_params=-1"], "verify.max_params=-1"),
+    # what only the model can tell: an input it cannot take, a proof too big for this machine
+    (["model=vit_b_16", "model.input_size=[3,1,1]", "verify.backward=true"],
+     r"model.input_size=\[3, 1, 1\]: vit_b_16 cannot take a batch of shape \[2, 3, 1, 1\] "
+     r"\(AssertionError: Wrong image height!.*Its own input size is \[3, 224, 224\]"),
+    (["model=vit_b_16", "model.input_size=[3,32,32]", "verify.backward=true"],
+     r"model.input_size=\[3, 32, 32\]: vit_b_16 cannot take"),
+    (["model.input_size=[3,20000,20000]", "verify.batch_size=4096"],
+     r"the one-step proof needs about .*activations .*more than this machine's"),
+    # arguments a builder rejects, whatever exception type it raises
+    (["+optim.optimizer.betas=[0.9]"], "rejects its arguments"),
+    (["+model.kwargs.groups=0"], r"model.kwargs \(groups\) rejected by resnet18: ValueError"),
+    (["model=vit_b_16", "+model.kwargs.image_size=7"], "rejected by vit_b_16: AssertionError"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_VALUES,
+                         ids=[" ".join(o) for o, _ in BAD_VALUES])
+def test_bad_values_are_one_clear_error_in_process(overrides, message):
+    cfg = finetune_prep.compose(overrides)
+    with pytest.raises(FinetunePrepError, match=message):
+        finetune_prep.prepare(cfg, materialize=False)
+
+
+def test_a_batch_of_one_a_model_cannot_run_in_train_mode_names_verify_batch_size():
+    cfg = {"model": {"source": "target", "target": {"_target_": "conftest.PooledNormNet"},
+                     "input_size": [3, 8, 8]},
+           "freeze": {"rules": []}, "verify": {"backward": True, "batch_size": 1}}
+    with pytest.raises(FinetunePrepError, match=r"verify.batch_size=1: .*ValueError: Expected "
+                                                r"more than 1 value per channel.*batch_size=2"):
+        finetune_prep.prepare(cfg, materialize=False)
+    cfg["verify"]["batch_size"] = 2
+    assert finetune_prep.prepare(cfg, materialize=False).document["verified"]["ok"] is True
+
+
+CLI_BAD = [
+    (["freeze.rules=[{freeze:'@stages[::0]'}]"], "a slice step of 0"),
+    (["head.num_outputs=100000000000000000000"], "head.num_outputs=100000000000000000000"),
+    (["optim.lr=1e-320"], "optim.lr=1e-320"),
+    (["verify.seed=-1"], "verify.seed=-1"),
+    (["model=vit_b_16", "model.input_size=[3,1,1]", "verify.backward=true"],
+     "vit_b_16 cannot take a batch of shape [2, 3, 1, 1]"),
+    (["model.input_size=[3,20000,20000]"], "the one-step proof needs about"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("overrides", "message"), CLI_BAD, ids=[" ".join(o) for o, _ in CLI_BAD])
+def test_cli_bad_values_exit_1_with_one_error_line_and_write_nothing(tmp_path, overrides,
+                                                                      message):
+    run_dir = tmp_path / "run"
+    done = run_cli(*overrides, f"hydra.run.dir={run_dir}")
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    errors = [line for line in output.splitlines() if line.startswith("[ERROR]")]
+    assert len(errors) == 1 and message in errors[0], output
+    assert "Traceback" not in output
+    assert not (run_dir / "param_groups.json").exists()
+    assert not (run_dir / "trainability.txt").exists()

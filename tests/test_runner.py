@@ -155,3 +155,99 @@ def test_non_finite_weights_fail_the_proof_by_name_and_nothing_is_written(make_c
 def test_sizes_and_numbers_no_run_can_use_are_clear_errors(make_cfg, override, message):
     with pytest.raises(FinetunePrepError, match=message):
         prepare(make_cfg(override), materialize=False, verify=False)
+
+
+# --------------------------------------------------------------------------- the proof moves
+
+def _real(arch_cfg: dict, rules: list, input_size: list[int]):
+    """A real (random-init) model with `rules` applied, and its groups, through prepare()."""
+    cfg = {"model": {**arch_cfg, "input_size": input_size}, "freeze": {"rules": rules},
+           "optim": {"weight_decay": 0.0}}
+    prepared = prepare(cfg, verify=False)
+    return prepared.model, prepared.param_groups
+
+
+@pytest.mark.parametrize(("arch_cfg", "rules", "size"), [
+    ({"arch": "resnet18"}, [{"freeze": "*"}, {"unfreeze": "layer4"}, {"unfreeze": "@head"}],
+     [3, 64, 64]),
+    ({"source": "target", "target": {"_target_": "conftest.TwoBranchNet"}},
+     [{"freeze": "unused"}], [3, 16, 16]),
+])
+def test_the_proof_fails_when_the_update_underflows_and_passes_at_a_normal_lr(arch_cfg, rules,
+                                                                              size):
+    from finetune_prep.paramfile import optimizer_factory, tensor_groups
+    from finetune_prep.verify import FAILURES, prove
+
+    for lr, ok in ((1e-320, False), (1e-3, True)):
+        model, groups = _real(arch_cfg, rules, size)
+        groups = [{**g, "lr": lr} for g in groups]  # past validation, as a hand-edited plan
+        result = prove(model, tensor_groups(model, groups),
+                       optimizer_factory({"_target_": "torch.optim.AdamW"}), size, 2, 0)
+        trainable = [n for g in groups for n in g["params"]]
+        assert result["ok"] is ok
+        assert result["trainable_unchanged"] == ([] if ok else
+                                                 [n for n in model.state_dict() if n in trainable])
+        assert "trainable_unchanged" in FAILURES
+
+
+def test_a_plan_whose_lr_is_too_small_for_float32_weights_fails_and_writes_nothing(make_cfg,
+                                                                                    tmp_path):
+    from finetune_prep.runner import run
+
+    prepared = prepare(make_cfg("optim.lr=1e-30"), materialize=False)  # valid, yet too small
+    verified = prepared.document["verified"]
+    assert verified["ok"] is False and verified["trainable_unchanged"] == ["fc.weight", "fc.bias"]
+    assert "trainable parameters the step did not change: fc.weight, fc.bias" in prepared.summary
+    out = tmp_path / "run"
+    with pytest.raises(FinetunePrepError, match=r"got a gradient but did not move .*fc\.weight"):
+        run(make_cfg("optim.lr=1e-30"), out)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_parameter_with_an_exactly_zero_gradient_is_listed_not_failed():
+    cfg = {"model": {"source": "target", "target": {"_target_": "conftest.DeadUnitNet"},
+                     "input_size": [12]},
+           "optim": {"optimizer": {"_target_": "torch.optim.SGD"}, "weight_decay": 0.0},
+           "verify": {"backward": True}}
+    verified = prepare(cfg, materialize=False).document["verified"]
+    assert verified["ok"] is True
+    assert verified["trainable_zero_grad"] == ["dead.weight", "dead.bias"]
+    assert verified["trainable_unchanged"] == []
+
+
+# --------------------------------------------------------------------------- the memory guard
+
+def test_the_memory_guard_counts_everything_the_proof_holds(make_cfg, monkeypatch):
+    """One fp32 copy of resnet18 fits a 'machine' of 1.5 copies; the proof (the model, the
+    user's copy, the snapshot, gradients, AdamW state, activations) does not."""
+    from finetune_prep import models, verify
+
+    cfg = make_cfg("freeze=full", "model.input_size=[3,64,64]")
+    needed = prepare(cfg, materialize=False).document["verified"]["memory_bytes"]
+    weights = 11_689_512 - 513_000 + 513  # resnet18 with a 1-output head
+    assert needed > weights * 4 * (1 + 1 + 1 + 2)  # proof copy, snapshot, grads, AdamW x2
+    small = int(weights * 4 * 1.5)
+    monkeypatch.setattr(models, "physical_memory", lambda: small)
+    monkeypatch.setattr(verify, "physical_memory", lambda: small)
+    models.check_memory(weights, "resnet18")  # the old guard: one copy fits
+    with pytest.raises(FinetunePrepError) as err:
+        prepare(cfg)
+    text = str(err.value)
+    assert text.startswith("the one-step proof needs about ")
+    assert f"more than this machine's {models.human_bytes(small)} of memory" in text
+    assert "activations" in text and "optimizer state" in text and "snapshot" in text
+    assert "verify.backward=false" in text and "verify.batch_size" in text
+    assert prepare(cfg, verify=False, materialize=False).document["verified"]["backward"] is False
+
+
+def test_activations_are_measured_on_meta_and_grow_with_the_batch(make_cfg):
+    from finetune_prep import cache, verify
+    from finetune_prep.config import validate
+
+    cfg = validate(make_cfg("freeze=full"))
+    built = cache.build_meta_model(cfg.model, cfg.head)
+    two = verify.measure_activations(built, 2, [])
+    four = verify.measure_activations(built, 4, [])
+    assert 2 * 3 * 224 * 224 * 4 * 10 < two  # far more than the input batch
+    assert 1.9 * two < four <= 2 * two  # per-sample tensors double; per-channel ones do not
+    assert all(p.is_meta for p in built.model.parameters())  # nothing real was made
