@@ -6,6 +6,16 @@ two chained tracebacks. This callback runs first (`on_run_start`) and turns each
 message and exit status 1. It also takes a lock in the folder, held until the process ends, so
 a second run into the same folder stops with "in use by process N" instead of mixing its
 `.hydra/config.yaml` with the first run's plan.
+
+A run folder may be shared or cloned, so it may hold planted links: the lock and the log are
+opened without following links, and a folder whose lock, log or `.hydra` entries are links is
+refused before anything is written (`atomic.open_for_writing`).
+
+`.hydra` always describes the param_groups.json beside it: Hydra writes its output subdir into
+a pending folder (`hydra.output_subdir: ${fp_pending:.hydra}`, a name private to this process),
+and the runner moves it into `.hydra` in the same all-or-nothing step that writes the plan
+files (`atomic.write_files(dirs=...)`). A failed run removes its pending folder; a killed one
+leaves it, and the next run in that folder sweeps it (its process is gone).
 """
 
 from __future__ import annotations
@@ -17,10 +27,32 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from finetune_prep.atomic import open_for_writing, refuse_link, remove, sweep_stale, temp_name
+from finetune_prep.errors import FinetunePrepError
+from finetune_prep.sweep import LOCK_FILE as SWEEP_LOCK
 
 LOCK_FILE = ".finetune_prep.lock"
+HYDRA_DIR = ".hydra"
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")  # what Hydra writes there
+PENDING_RESOLVER = "fp_pending"
+_PENDING: dict[str, str] = {}  # one pending name per folder name, for the life of the process
 _held: list[Any] = []  # open lock files, kept for the life of the process
+
+
+def pending_name(name: str = HYDRA_DIR) -> str:
+    """This process's pending folder name for `name` (the same on every call)."""
+    return _PENDING.setdefault(name, temp_name(name))
+
+
+def register_resolvers() -> None:
+    """Register `fp_pending` (idempotent); Hydra resolves hydra.output_subdir with it."""
+    if not OmegaConf.has_resolver(PENDING_RESOLVER):
+        OmegaConf.register_new_resolver(PENDING_RESOLVER, lambda name=HYDRA_DIR: pending_name(name))
+
+
+register_resolvers()  # Hydra imports this callback in every joblib worker before running a job
 
 
 class RunDirGuard(Callback):
@@ -29,12 +61,50 @@ class RunDirGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         folder = Path(str(config.hydra.run.dir)).absolute()
         fail_unless_writable(folder, "hydra.run.dir")
+        try:
+            check_entries(folder, f"{config.hydra.job.name}.log")
+        except FinetunePrepError as err:
+            _fail(str(err))
         problem = lock(folder)
         if problem:
             _fail(problem)
+        sweep_pending(folder)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        fail_unless_writable(Path(str(config.hydra.sweep.dir)).absolute(), "hydra.sweep.dir")
+        folder = Path(str(config.hydra.sweep.dir)).absolute()
+        fail_unless_writable(folder, "hydra.sweep.dir")
+        try:
+            for name in ("multirun.yaml", SWEEP_LOCK):  # Hydra's sweeper writes the first
+                refuse_link(folder / name)  # with a plain open; the summary's lock is ours
+        except FinetunePrepError as err:
+            _fail(str(err))
+
+
+def check_entries(folder: Path, log_name: str | None = None) -> None:
+    """Refuse a run folder whose lock, log or .hydra entries are links (FinetunePrepError)."""
+    names = [LOCK_FILE, HYDRA_DIR, *(f"{HYDRA_DIR}/{n}" for n in HYDRA_FILES)]
+    for name in names + ([log_name] if log_name else []):
+        refuse_link(folder / name)
+
+
+def sweep_pending(folder: Path) -> None:
+    """Remove the pending .hydra folders that killed runs left in `folder`."""
+    sweep_stale(folder / HYDRA_DIR)
+
+
+def staged_hydra(output_dir: Path, output_subdir: str | None) -> dict[Path, Path]:
+    """{.hydra: the pending folder Hydra wrote} for the runner to move in with the plan files;
+    empty when Hydra wrote into .hydra itself (a config without our hydra settings) or
+    nowhere (hydra.output_subdir=null)."""
+    if not output_subdir or output_subdir != _PENDING.get(HYDRA_DIR):
+        return {}
+    return {output_dir / HYDRA_DIR: output_dir / output_subdir}
+
+
+def discard(staged: dict[Path, Path]) -> None:
+    """Remove a pending folder the run did not move into place (it failed or was stopped)."""
+    for pending in staged.values():
+        remove(pending)
 
 
 def writable_problem(folder: Path) -> str | None:
@@ -61,7 +131,10 @@ def lock(folder: Path) -> str | None:
         import fcntl
     except ImportError:  # Windows: no advisory locks; runs are not serialised there
         return None
-    handle = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 - held open until the process ends
+    try:  # never through a planted link: the lock is truncated below
+        handle = os.fdopen(open_for_writing(folder / LOCK_FILE, append=False), "r+")
+    except FinetunePrepError as err:
+        return str(err)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

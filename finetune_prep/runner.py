@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,9 +142,10 @@ def prepare(
 
 def run(
     cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (),
-    config_dirs: Sequence[str] = (),
+    config_dirs: Sequence[str] = (), dirs: Mapping[Path, Path] | None = None,
 ) -> Path:
-    """The CLI's job: plan on the meta device, write trainability.txt and param_groups.json."""
+    """The CLI's job: plan on the meta device, write trainability.txt and param_groups.json.
+    `dirs`: staged folders moved into place with them (the run's pending .hydra)."""
     prepared = prepare(cfg, materialize=False, overrides=overrides, config_dirs=config_dirs)
     failed = proof.failure(prepared.document["verified"])
     if failed:
@@ -159,7 +160,7 @@ def run(
     output_dir.mkdir(parents=True, exist_ok=True)
     target = output_dir / "param_groups.json"
     write_files({target: paramfile.dumps(prepared.document),
-                 output_dir / "trainability.txt": prepared.summary})  # both or neither
+                 output_dir / "trainability.txt": prepared.summary}, dirs=dirs)  # all or none
     log.info("Wrote %s", target)
     return target
 

@@ -41,7 +41,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from finetune_prep.atomic import pid_alive, write_atomic
+from finetune_prep.atomic import open_for_writing, pid_alive, write_atomic
 from finetune_prep.naming import PLAN_FILE, register_resolvers
 
 log = logging.getLogger("finetune_prep")
@@ -176,6 +176,8 @@ def _alive(pid: Any) -> bool:
 
 def _died(error: BaseException | None, jobs: Sequence[int]) -> str:
     """How a job whose process ended without a result died, as far as the launcher says."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted (Ctrl-C) before it finished"
     text = f"{error}" if error is not None else ""
     found = re.search(r"SIG([A-Z]+)\((-?\d+)\)", text)  # joblib: {SIGKILL(-9)}
     if found is None:
@@ -389,7 +391,7 @@ def _locked(path: Path) -> Iterator[None]:
     except ImportError:  # Windows: the atomic renames still keep every file whole
         yield
         return
-    with open(path, "a") as handle:
+    with os.fdopen(open_for_writing(path), "a") as handle:  # never through a planted link
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -499,10 +501,10 @@ def plot(rows: Sequence[dict[str, Any]], target: Path) -> bool:
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label=f"trainable share ({unit})", fraction=0.05, pad=0.02)
     fig.tight_layout()
-    tmp = target.with_name(f".{target.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    image_bytes = io.BytesIO()
+    fig.savefig(image_bytes, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, target)
+    write_atomic(target, image_bytes.getvalue())  # a temp file of its own, never a link's target
     return True
 
 

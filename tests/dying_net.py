@@ -17,12 +17,13 @@ from torch import nn
 
 
 class DyingNet(nn.Module):
-    """A tiny classifier; with `die=True` its constructor sends SIGKILL to its own process."""
+    """A tiny classifier; with `die=True` its constructor sends SIGKILL (or the signal named
+    by `sig`, e.g. SIGINT: a Ctrl-C at that moment) to its own process."""
 
-    def __init__(self, die: bool = False, width: int = 4) -> None:
+    def __init__(self, die: bool = False, width: int = 4, sig: str = "SIGKILL") -> None:
         if die:
             _wait_for_others()
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.Signals[sig])
         super().__init__()
         self.stem = nn.Conv2d(3, width, 3)
         self.bn = nn.BatchNorm2d(width)

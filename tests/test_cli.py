@@ -106,3 +106,172 @@ def test_console_shows_plain_summary_and_warnings_before_the_last_line(tmp_path)
 
 def finetune_prep_version() -> str:
     return version("finetune_prep")
+
+
+# --------------------------------------------------------------------------- .hydra and the plan
+
+FAST = "verify.backward=false"
+DYING = ("model.source=target", "+model.target._target_=dying_net.DyingNet", FAST)
+TESTS_ON_PATH = {"PYTHONPATH": str(REPO / "tests")}  # run_cli puts the checkout first
+
+
+def _snapshot(folder) -> dict:
+    """Every file under `folder` by content; the lock and log (each run touches them) and a
+    killed run's pending folder (checked apart) aside."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in (".finetune_prep.lock", "finetune_prep.log")
+            and not p.relative_to(folder).parts[0].startswith("..hydra.")}
+
+
+def _pending(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("..hydra."))
+
+
+@pytest.mark.slow
+def test_a_failed_rerun_leaves_hydra_describing_the_plan_beside_it(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_cli(FAST, "freeze=head_only", f"hydra.run.dir={run_dir}").returncode == 0
+    before = _snapshot(run_dir)
+    done = run_cli(FAST, "freeze=full", f"checkpoint.path={tmp_path / 'missing.pt'}",
+                   f"hydra.run.dir={run_dir}")
+    assert done.returncode == 1 and "missing.pt does not exist" in done.stdout + done.stderr
+    assert _snapshot(run_dir) == before  # .hydra/config.yaml still says head_only
+    assert "freeze=head_only" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert _pending(run_dir) == []  # the failed run removed its pending .hydra
+
+
+@pytest.mark.slow
+def test_a_killed_rerun_leaves_the_earlier_pair_and_the_next_run_tidies_up(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_cli(*DYING, "freeze=head_only", f"hydra.run.dir={run_dir}", env=TESTS_ON_PATH)
+    assert first.returncode == 0, first.stdout + first.stderr
+    before = _snapshot(run_dir)
+    killed = run_cli(*DYING, "freeze=full", "+model.target.die=true", f"hydra.run.dir={run_dir}",
+                     env=TESTS_ON_PATH)
+    assert killed.returncode == -9  # SIGKILL while building the model
+    assert _snapshot(run_dir) == before
+    assert len(_pending(run_dir)) == 1  # Hydra's config copies of the killed run, aside
+    third = run_cli(*DYING, "freeze=full", f"hydra.run.dir={run_dir}", env=TESTS_ON_PATH)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert _pending(run_dir) == []
+    assert "freeze=full" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert json.loads((run_dir / "param_groups.json").read_text())["counts"]["frozen"] == 0
+
+
+@pytest.mark.slow
+def test_a_run_can_be_repeated_from_its_hydra_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_cli(FAST, "freeze=last_stage", f"hydra.run.dir={run_dir}").returncode == 0
+    again = run_cli("--config-dir", str(run_dir / ".hydra"), "--config-name", "config",
+                    f"hydra.run.dir={tmp_path / 'again'}")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (tmp_path / "again" / ".hydra" / "config.yaml").exists()
+    assert json.loads((tmp_path / "again" / "param_groups.json").read_text())["groups"]
+
+
+# --------------------------------------------------------------------------- pipes and Ctrl-C
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reader", ["head -3", "true"])  # true: the pipe is closed at once
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path, reader):
+    run_dir = tmp_path / "run"
+    err = tmp_path / "stderr"
+    script = (f"{sys.executable} -m finetune_prep {FAST} hydra.run.dir={run_dir} 2>{err}"
+              f" | {reader}; exit ${{PIPESTATUS[0]}}")
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert err.read_text() == "" and done.stderr == ""
+    assert done.returncode == 0
+    assert len(done.stdout.splitlines()) == (3 if reader == "head -3" else 0)
+    assert (run_dir / "param_groups.json").exists()  # the plan is written all the same
+
+
+@pytest.mark.slow
+def test_help_into_a_closed_pipe_ends_quietly(tmp_path):
+    script = f"{sys.executable} -m finetune_prep --help | true; exit ${{PIPESTATUS[0]}}"
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert (done.returncode, done.stderr) == (0, "")
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_exit_130_and_no_new_file(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_cli(FAST, f"hydra.run.dir={run_dir}").returncode == 0
+    before = _snapshot(run_dir)
+    done = run_cli(*DYING, "+model.target.die=true", "+model.target.sig=SIGINT",
+                   f"hydra.run.dir={run_dir}", env=TESTS_ON_PATH)
+    output = done.stdout + done.stderr
+    assert done.returncode == 130, output
+    assert "Traceback" not in output and output.count("[ERROR]") == 1
+    assert f"[ERROR] interrupted: {run_dir} keeps its earlier files" in done.stdout
+    assert _snapshot(run_dir) == before and _pending(run_dir) == []
+    assert "interrupted" in (run_dir / "finetune_prep.log").read_text()
+
+
+# --------------------------------------------------------------------------- the command line
+
+FLAG_CASES = {
+    "misspelt": (["freeze=head_only", "--cfgg"], "unknown option --cfgg. Did you mean: --cfg?"),
+    "unknown": (["--flag"], "unknown option --flag."),
+    "no_value": (["--config-name"], "option --config-name needs a value"),
+    "no_value_short": (["freeze=full", "-cd"], "option --config-dir needs a value"),
+    "bad_choice": (["freeze=head_only", "-m", "--cfg", "jobb"],
+                   "argument --cfg/-c: invalid choice: 'jobb'"),
+    "ambiguous": (["--conf", "x"], "ambiguous option: --conf could match"),
+}
+
+
+@pytest.mark.parametrize("case", list(FLAG_CASES))
+def test_a_wrong_flag_is_a_message_naming_it(case):
+    from finetune_prep.__main__ import checked_argv
+    from finetune_prep.errors import FinetunePrepError
+
+    argv, text = FLAG_CASES[case]
+    with pytest.raises(FinetunePrepError) as err:
+        checked_argv(argv)
+    assert text in str(err.value) and "--help" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_flags_may_follow_the_overrides():
+    from finetune_prep.__main__ import checked_argv
+
+    assert checked_argv(["freeze=full", "--cfg", "job", "model=vit_b_16", "-m"]) == [
+        "--cfg=job", "--multirun", "freeze=full", "model=vit_b_16"]
+    assert checked_argv(["--info", "defaults", "-cd", "my conf", "x=1"]) == [
+        "--config-dir=my conf", "--info=defaults", "x=1"]  # in the parser's order
+    assert checked_argv(["--info"]) == ["--info=all"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["misspelt", "no_value", "bad_choice"])
+def test_a_wrong_flag_on_the_cli_is_one_error_line_exit_1(case, tmp_path):
+    argv, text = FLAG_CASES[case]
+    done = run_cli(f"hydra.run.dir={tmp_path / 'run'}", *argv)
+    assert done.returncode == 1
+    assert done.stdout == "" and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("[ERROR] ") and text in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_overrides_after_a_flag_run(tmp_path):
+    done = run_cli("freeze=full", "--cfg", "job", "head.num_outputs=7")
+    assert done.returncode == 0, done.stderr
+    assert "num_outputs: 7" in done.stdout and "- unfreeze: '*'" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,text", [
+    ("freeze=", "Could not find 'freeze/'"),
+    ("model.arch==x", "Error parsing override 'model.arch==x'"),
+    ("+foo", "Error parsing override '+foo'"),
+    ("freeze=nope", "Could not find 'freeze/nope'"),
+])
+def test_a_bad_override_is_hydras_message_exit_1(override, text, tmp_path):
+    done = run_cli(override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 1
+    assert text in done.stderr
+    assert "Traceback" not in done.stderr and "usage:" not in done.stderr
+    assert not (tmp_path / "run").exists()

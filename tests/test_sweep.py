@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO, run_cli
 
 from finetune_prep import sweep
+from finetune_prep.errors import FinetunePrepError
 from finetune_prep.naming import MAX_LEN, PLAN_FILE, job_name
 
 FAST = ("model=resnet18", "verify.backward=false")
@@ -312,3 +313,35 @@ def test_finish_interrupted_does_nothing_after_an_announced_sweep(tmp_path, monk
     monkeypatch.setattr(sweep, "_active", tmp_path)
     sweep.finish_interrupted(RuntimeError("a job failed"))
     assert not (tmp_path / "sweep_summary.csv").exists()
+
+
+def test_a_job_stopped_by_ctrl_c_is_listed_as_interrupted(tmp_path, monkeypatch):
+    _fake_result(tmp_path / "0_a", 0)
+    _record(tmp_path / "1_b", 1, "RUNNING", os.getpid())  # this process: Ctrl-C stopped it
+    monkeypatch.setattr(sweep, "_active", tmp_path)
+    sweep.finish_interrupted(KeyboardInterrupt(), wait=0.2)
+    rows = _rows(tmp_path)
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "COMPLETED"), ("1", "FAILED")]
+    assert rows[1]["error"] == "interrupted (Ctrl-C) before it finished"
+
+
+# --------------------------------------------------------------------------- planted links
+
+def test_the_summary_writes_through_no_planted_link(tmp_path):
+    victim = tmp_path / "home" / ".bashrc"
+    victim.parent.mkdir()
+    victim.write_bytes(b"keep\n")
+    sweep_dir = tmp_path / "sweep"
+    _fake_result(sweep_dir / "0_a", 0)
+    for name in ("sweep_summary.csv", "sweep_summary.md", "sweep_summary.png",
+                 ".sweep_summary.png.tmp.png"):  # the last: the plot's temp file before
+        (sweep_dir / name).symlink_to(victim)
+    sweep.write_summary(sweep_dir)
+    assert victim.read_bytes() == b"keep\n"
+    assert not (sweep_dir / "sweep_summary.csv").is_symlink()  # replaced, not followed
+    assert (sweep_dir / "sweep_summary.png").read_bytes()[:4] == b"\x89PNG"
+    (sweep_dir / sweep.LOCK_FILE).unlink(missing_ok=True)
+    (sweep_dir / sweep.LOCK_FILE).symlink_to(victim)
+    with pytest.raises(FinetunePrepError, match="is a symbolic link"):
+        sweep.write_summary(sweep_dir)
+    assert victim.read_bytes() == b"keep\n"
