@@ -9,34 +9,29 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from finetune_prep.config import CONF_DIR, CONF_MODULE, compose, register_configs
+from finetune_prep.config import CONF_DIR, compose, register_configs
 from finetune_prep.errors import FinetunePrepError
 
 if TYPE_CHECKING:
-    from finetune_prep.runner import Prepared
+    from finetune_prep.app.pipeline import Prepared, prepare
 
-__all__ = ["CONF_DIR", "CONF_MODULE", "FinetunePrepError", "Schedule", "build_model",
+__all__ = ["CONF_DIR", "FinetunePrepError", "Prepared", "Schedule", "build_model",
            "build_optimizer", "check", "compose", "load_param_groups", "peak_lrs", "prepare",
            "register_configs", "train_mode"]
 
 LAZY = {  # public name -> the module that defines it (imported on first use: it needs torch)
-    "load_param_groups": "finetune_prep.paramfile",
-    "build_optimizer": "finetune_prep.paramfile",
-    "train_mode": "finetune_prep.paramfile",
-    "build_model": "finetune_prep.paramfile",
-    "check": "finetune_prep.integrations.check",
-    "peak_lrs": "finetune_prep.integrations.schedules",
-    "Schedule": "finetune_prep.integrations.unfreezing",
+    "prepare": "finetune_prep.app.pipeline",
+    "Prepared": "finetune_prep.app.pipeline",
+    "load_param_groups": "finetune_prep.train.apply",
+    "build_optimizer": "finetune_prep.train.apply",
+    "train_mode": "finetune_prep.train.apply",
+    "build_model": "finetune_prep.train.apply",
+    "check": "finetune_prep.train.check",
+    "peak_lrs": "finetune_prep.train.lr",
+    "Schedule": "finetune_prep.train.unfreezing",
 }
 
 register_configs()
-
-
-def prepare(cfg: Any, **kwargs: Any) -> Prepared:
-    """Build, load, freeze and plan from a composed config (see `finetune_prep.runner.prepare`)."""
-    from finetune_prep.runner import prepare as _prepare
-
-    return _prepare(cfg, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

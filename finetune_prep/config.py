@@ -23,8 +23,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from finetune_prep.errors import FinetunePrepError, did_you_mean
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
-CONF_MODULE = "finetune_prep.conf"
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"  # where a wheel ships conf/
+# the packaged presets: inside the package when installed from a wheel, else conf/ at the top of
+# the repository (a checkout or an editable install)
+CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else _PACKAGED_CONF.parent.parent / "conf"
 SCHEMA_GROUP = "finetune_prep/schema"
 PROVIDER = "finetune_prep"
 OPEN_KEYS = ("model.kwargs", "model.target", "optim.optimizer")  # free-form by design

@@ -20,3 +20,11 @@ def did_you_mean(word: str, options: Iterable[str], n: int = 5, cutoff: float = 
     """' Did you mean: a, b?' naming the options closest to `word`, or '' if none is close."""
     close = difflib.get_close_matches(word, list(options), n=n, cutoff=cutoff)
     return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def listing(what: str, names: list[str], limit: int = 8) -> str:
+    """'3 what: a, b, c' naming at most `limit` of `names` ('' when there are none)."""
+    if not names:
+        return ""
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{len(names)} {what}: {', '.join(names[:limit])}{more}"

@@ -14,7 +14,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import finetune_prep
-from finetune_prep.models import BuiltModel, build_model
+from finetune_prep.model.build import build_architecture
+from finetune_prep.model.describe import BuiltModel
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,7 +34,7 @@ def make_cfg() -> Callable[..., DictConfig]:
 def meta_model(arch: str, num_outputs: int = 1, source: str = "torchvision") -> BuiltModel:
     """A model built on the meta device, once per session (do not mutate it)."""
     cfg = OmegaConf.create({"source": source, "arch": arch})
-    return build_model(cfg, OmegaConf.create({"num_outputs": num_outputs}), meta=True)
+    return build_architecture(cfg, OmegaConf.create({"num_outputs": num_outputs}), meta=True)
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +52,7 @@ def resnet18_ckpt(tmp_path_factory) -> Path:
     """A random-init resnet18 with a 1-output head, saved as a plain state_dict."""
     torch.manual_seed(0)
     cfg = OmegaConf.create({"source": "torchvision", "arch": "resnet18"})
-    model = build_model(cfg, OmegaConf.create({"num_outputs": 1}), meta=False).model
+    model = build_architecture(cfg, OmegaConf.create({"num_outputs": 1}), meta=False).model
     path = tmp_path_factory.mktemp("ckpt") / "resnet18_binary.pth"
     torch.save(model.state_dict(), path)
     return path
@@ -122,7 +123,7 @@ class DeadUnitNet(torch.nn.Module):
 def resnet18_plan(tmp_path_factory) -> Path:
     """A plan for resnet18 with 10 classes: last stage + head train, head at 10x lr (optim=sgd),
     frozen BatchNorm layers in eval_modules. Written once; do not modify it."""
-    from finetune_prep.runner import run
+    from finetune_prep.app.pipeline import run
 
     cfg = finetune_prep.compose(["freeze=last_stage", "head.num_outputs=10", "optim=sgd",
                                  "verify.backward=false"])
@@ -133,7 +134,7 @@ def resnet18_plan(tmp_path_factory) -> Path:
 def gradual_plan(tmp_path_factory) -> Path:
     """freeze=gradual on resnet18 (5 stages: phases at epochs 1..5), written as the CLI does.
     Written once; do not modify it."""
-    from finetune_prep.runner import run
+    from finetune_prep.app.pipeline import run
 
     out = tmp_path_factory.mktemp("gradual")
     run(finetune_prep.compose(["freeze=gradual", "verify.backward=false",
@@ -145,7 +146,7 @@ def gradual_plan(tmp_path_factory) -> Path:
 def target_plan(tmp_path_factory) -> Path:
     """A head_only plan for the custom `conftest.TwoBranchNet` (width 4): a `_target_` model.
     Written once; do not modify it."""
-    from finetune_prep.runner import run
+    from finetune_prep.app.pipeline import run
 
     cfg = finetune_prep.compose(["model=custom", "model.target._target_=conftest.TwoBranchNet",
                                  "~model.target.num_classes", "+model.target.width=4",

@@ -7,8 +7,11 @@ import os
 import pytest
 import torch
 
-from finetune_prep import cache, checkpoint, models, runner
-from finetune_prep.runner import prepare
+from finetune_prep import checkpoint
+from finetune_prep.app import cache
+from finetune_prep.app import pipeline as runner
+from finetune_prep.app.pipeline import prepare
+from finetune_prep.model.build import build_architecture
 
 
 @pytest.fixture
@@ -16,7 +19,7 @@ def counted(monkeypatch):
     """Empty caches, and counts of meta builds and checkpoint reads."""
     cache.clear()
     calls = {"build": 0, "read": 0}
-    build, read = models.build_model, checkpoint.read_checkpoint
+    build, read = build_architecture, checkpoint.read_checkpoint
 
     def counting_build(*args, **kwargs):
         calls["build"] += kwargs.get("meta", args[2] if len(args) > 2 else False)
@@ -26,7 +29,7 @@ def counted(monkeypatch):
         calls["read"] += 1
         return read(*args, **kwargs)
 
-    monkeypatch.setattr(models, "build_model", counting_build)
+    monkeypatch.setattr(cache, "build_architecture", counting_build)
     monkeypatch.setattr(checkpoint, "read_checkpoint", counting_read)  # the cache's reads
     monkeypatch.setattr(runner, "read_checkpoint", counting_read)  # uncached reads
     yield calls

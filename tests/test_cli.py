@@ -224,7 +224,7 @@ FLAG_CASES = {
 
 @pytest.mark.parametrize("case", list(FLAG_CASES))
 def test_a_wrong_flag_is_a_message_naming_it(case):
-    from finetune_prep.__main__ import checked_argv
+    from finetune_prep.app.cli import checked_argv
     from finetune_prep.errors import FinetunePrepError
 
     argv, text = FLAG_CASES[case]
@@ -235,7 +235,7 @@ def test_a_wrong_flag_is_a_message_naming_it(case):
 
 
 def test_flags_may_follow_the_overrides():
-    from finetune_prep.__main__ import checked_argv
+    from finetune_prep.app.cli import checked_argv
 
     assert checked_argv(["freeze=full", "--cfg", "job", "model=vit_b_16", "-m"]) == [
         "--cfg=job", "--multirun", "freeze=full", "model=vit_b_16"]

@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 from hydra import compose as hydra_compose
-from hydra import initialize_config_module
+from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -32,7 +32,7 @@ def test_schemas_are_registered_under_a_namespaced_group_with_a_provider():
 def test_hydras_own_compose_api_works_after_import_alone():
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_module(config_module=finetune_prep.CONF_MODULE, version_base="1.3"):
+        with initialize_config_dir(config_dir=str(finetune_prep.CONF_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=["freeze=last_stage"])
     finally:
         GlobalHydra.instance().clear()

@@ -22,11 +22,12 @@ import torchvision
 from conftest import REPO, run_cli
 from safetensors.torch import save_file
 
-from finetune_prep import atomic, prepare
+from finetune_prep import prepare
+from finetune_prep.app import atomic
 from finetune_prep.checkpoint import read as ckpt_read  # the module that opens files
 from finetune_prep.config import CONF_DIR
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.paramfile import load_param_groups
+from finetune_prep.train.apply import load_param_groups
 
 FAST = "verify.backward=false"
 
@@ -268,7 +269,7 @@ def test_alias_typo_suggests_the_alias(make_cfg):
 
 
 def test_output_path_taken_by_a_folder_is_a_clear_message(make_cfg, tmp_path):
-    from finetune_prep.runner import run
+    from finetune_prep.app.pipeline import run
 
     run_dir = tmp_path / "run"
     (run_dir / "param_groups.json").mkdir(parents=True)
@@ -281,7 +282,7 @@ def test_output_path_taken_by_a_folder_is_a_clear_message(make_cfg, tmp_path):
 
 
 def test_unwritable_folder_at_function_level(make_cfg, monkeypatch, tmp_path):
-    from finetune_prep.runner import run
+    from finetune_prep.app.pipeline import run
 
     def refuse(*args, **kwargs):  # root writes anywhere: simulate the refusal
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
@@ -294,7 +295,7 @@ def test_unwritable_folder_at_function_level(make_cfg, monkeypatch, tmp_path):
 
 
 def test_disk_full_at_function_level_keeps_the_old_file(make_cfg, monkeypatch, tmp_path):
-    from finetune_prep.runner import run
+    from finetune_prep.app.pipeline import run
 
     good = run(make_cfg(FAST), tmp_path).read_bytes()
     summary = (tmp_path / "trainability.txt").read_bytes()
@@ -354,7 +355,7 @@ def test_rerun_after_a_failure_never_replaces_the_good_file(tmp_path):
 
 @pytest.fixture
 def plan(make_cfg, tmp_path) -> Path:
-    from finetune_prep.runner import run
+    from finetune_prep.app.pipeline import run
 
     return run(make_cfg(FAST, "freeze=last_stage"), tmp_path)
 

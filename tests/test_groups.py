@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from finetune_prep.config import OptimConfig
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.groups import build_groups
+from finetune_prep.plan.groups import build_groups
 
 
 def optim(**overrides):
@@ -109,7 +109,7 @@ def test_every_group_records_its_parameters_layer_ids(resnet18_table):
 def test_model_no_weight_decay_defaults(vit_table, make_cfg):
     """A torchvision ViT's class token and position embedding (2-d and 3-d) are not decayed
     under the presets; @no_weight_decay selects exactly them."""
-    from finetune_prep.rules import match
+    from finetune_prep.plan.rules import match
 
     assert match("@no_weight_decay", vit_table) == ["class_token", "encoder.pos_embedding"]
     v = vit_table
@@ -157,7 +157,7 @@ def timm_reference(arch: str) -> dict[str, tuple[float, float]]:
     timm = pytest.importorskip("timm")
     from timm.optim import create_optimizer_v2
 
-    from finetune_prep.models import init_on_meta
+    from finetune_prep.model.describe import init_on_meta
 
     if not timm.is_model(arch):
         pytest.skip(f"this timm has no {arch}")

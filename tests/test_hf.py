@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune_prep.app.pipeline import prepare
+from finetune_prep.app.sweep import stage_counts
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.runner import prepare
-from finetune_prep.sweep import stage_counts
 
 transformers = pytest.importorskip("transformers")
 
@@ -398,7 +398,7 @@ def test_an_edited_config_json_is_built_again(make_cfg, hf_folder, tmp_path):
 
 def test_build_model_rebuilds_an_hf_text_classifier_from_the_file(make_cfg, hf_folder, tmp_path):
     import finetune_prep
-    from finetune_prep.runner import run
+    from finetune_prep.app.pipeline import run
 
     cfg = make_cfg("model=hf_folder", f"model.arch={hf_folder('llama')}", "head.num_outputs=5",
                    "model.hf_class=AutoModelForSequenceClassification", "verify.backward=false")

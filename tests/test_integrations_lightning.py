@@ -9,7 +9,7 @@ import torch
 
 import finetune_prep
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.integrations.lightning import FinetunePrepCallback
+from finetune_prep.train.lightning import FinetunePrepCallback
 
 
 class Wrapper(L.LightningModule):

@@ -33,7 +33,7 @@ loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
 '''
 
 EPILOGUE = '''
-from finetune_prep.integrations import wrappers
+from finetune_prep.train import wrappers
 _tensors = {**wrappers.named_parameters(model), **wrappers.named_buffers(model)}
 _state = {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
           for n, t in _tensors.items()}

@@ -12,7 +12,7 @@ from torch.optim.swa_utils import AveragedModel
 
 import finetune_prep
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.integrations import wrappers
+from finetune_prep.train import wrappers
 
 
 def fresh(plan) -> torch.nn.Module:
@@ -32,7 +32,7 @@ WRAPS = {
 def test_names_map_to_the_bare_models_tensors_and_modules(wrap, resnet18_plan):
     model = fresh(resnet18_plan)
     wrapped = WRAPS[wrap](model)
-    inner = wrappers.unwrap(wrapped)
+    inner = wrappers.bare_model(wrapped)
     assert list(wrappers.named_parameters(wrapped)) == [n for n, _ in inner.named_parameters()]
     params = wrappers.named_parameters(wrapped)
     assert all(params[n] is p for n, p in inner.named_parameters())
@@ -61,7 +61,7 @@ def test_a_module_named_module_is_not_a_wrapper():
 def test_param_file_api_on_a_wrapped_model(wrap, resnet18_plan):
     wrapped = WRAPS[wrap](fresh(resnet18_plan))
     optimizer = finetune_prep.build_optimizer(wrapped, resnet18_plan)
-    inner = wrappers.unwrap(wrapped)
+    inner = wrappers.bare_model(wrapped)
     trainable = {n for n, p in inner.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in inner.named_parameters()
                          if n.startswith(("layer4.", "fc."))}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_prep import logs
+from finetune_prep.app import logs
 
 
 @pytest.fixture(autouse=True)

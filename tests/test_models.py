@@ -10,7 +10,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.models import BuiltModel, build_model, covers, find_heads, init_on_meta
+from finetune_prep.model.build import build_architecture
+from finetune_prep.model.describe import BuiltModel, init_on_meta
+from finetune_prep.model.heads import find_heads
+from finetune_prep.plan.table import covers
 
 ARCHS = torchvision.models.list_models(module=torchvision.models)
 
@@ -18,7 +21,7 @@ ARCHS = torchvision.models.list_models(module=torchvision.models)
 def build(model: dict, num_outputs: int = 3, meta: bool = True, **head) -> BuiltModel:
     model = {"source": "torchvision", **model}
     head_cfg = OmegaConf.create({"num_outputs": num_outputs, **head})
-    return build_model(OmegaConf.create(model), head_cfg, meta=meta)
+    return build_architecture(OmegaConf.create(model), head_cfg, meta=meta)
 
 
 def built(arch: str) -> BuiltModel:

@@ -11,12 +11,13 @@ from conftest import TwoBranchNet
 
 from finetune_prep import paramfile
 from finetune_prep.errors import FinetunePrepError
+from finetune_prep.train import apply
 
 
 @pytest.fixture
 def planned(make_cfg, tmp_path):
     """A last_stage plan with SGD for resnet18, written to tmp_path/param_groups.json."""
-    from finetune_prep.runner import run
+    from finetune_prep.app.pipeline import run
 
     cfg = make_cfg("freeze=last_stage", "verify.backward=false", "optim=sgd")
     return run(cfg, tmp_path)
@@ -45,7 +46,7 @@ def test_file_keeps_the_contract_invariants(planned):
 
 def test_load_param_groups_sets_requires_grad_and_gives_tensors(planned):
     model = fresh_resnet18()
-    groups = paramfile.load_param_groups(model, planned)
+    groups = apply.load_param_groups(model, planned)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in model.named_parameters()
                          if n.startswith(("layer4.", "fc."))}
@@ -57,13 +58,13 @@ def test_load_param_groups_sets_requires_grad_and_gives_tensors(planned):
 
 
 def test_build_optimizer_uses_the_recorded_target(planned):
-    optimizer = paramfile.build_optimizer(fresh_resnet18(), planned)
+    optimizer = apply.build_optimizer(fresh_resnet18(), planned)
     assert isinstance(optimizer, torch.optim.SGD)
     assert optimizer.defaults["momentum"] == 0.9 and optimizer.defaults["nesterov"] is True
 
 
 def test_train_mode_keeps_frozen_batchnorm_in_eval(planned):
-    model = paramfile.train_mode(fresh_resnet18(), planned)
+    model = apply.train_mode(fresh_resnet18(), planned)
     assert not model.layer3[1].bn2.training and not model.bn1.training
     assert model.layer4[1].bn2.training and model.training
 
@@ -71,7 +72,7 @@ def test_train_mode_keeps_frozen_batchnorm_in_eval(planned):
 def test_a_file_for_another_model_lists_the_differences(planned):
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(FinetunePrepError) as err:
-        paramfile.load_param_groups(model, planned)
+        apply.load_param_groups(model, planned)
     text = str(err.value)
     assert "made for another model (resnet18, 1 outputs)" in text
     assert "2 parameters of the model not in the file: 0.weight, 0.bias" in text
@@ -131,7 +132,7 @@ def test_every_malformed_file_is_one_clear_error(planned, tmp_path, case):
     path = _edited(planned, tmp_path, edit)
     model = fresh_resnet18()
     before = {n: p.requires_grad for n, p in model.named_parameters()}
-    for call in (paramfile.load_param_groups, paramfile.build_optimizer):
+    for call in (apply.load_param_groups, apply.build_optimizer):
         with pytest.raises(FinetunePrepError, match=re.escape(expected)):
             call(model, path)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before  # untouched
@@ -156,14 +157,14 @@ def test_unknown_eval_modules_and_a_rejected_optimizer_are_clear_errors(planned,
     model = fresh_resnet18()
     unknown = _edited(planned, tmp_path, lambda d: d.update(eval_modules=["bn9"]))
     with pytest.raises(FinetunePrepError, match="1 eval_modules not in the model: bn9"):
-        paramfile.train_mode(model, unknown)
+        apply.train_mode(model, unknown)
     bad = _edited(planned, tmp_path, lambda d: d["optimizer"].update(momentum="fast"))
     with pytest.raises(FinetunePrepError, match="rejects the file's arguments"):
-        paramfile.build_optimizer(model, bad)
+        apply.build_optimizer(model, bad)
     missing = _edited(planned, tmp_path, lambda d: d["optimizer"].update(_target_="torch.nope"))
     with pytest.raises(FinetunePrepError, match="optimizer._target_ 'torch.nope' is not in "
                                                 "torch.optim, and the caller did not allow it"):
-        paramfile.build_optimizer(model, missing)
+        apply.build_optimizer(model, missing)
 
 
 def test_name_checks_are_linear(planned, tmp_path):
@@ -172,11 +173,11 @@ def test_name_checks_are_linear(planned, tmp_path):
     path = tmp_path / "big.json"
     path.write_text(json.dumps(doc))
     with pytest.raises(FinetunePrepError, match="300000 names in the file not in the model"):
-        paramfile.load_param_groups(fresh_resnet18(), path)  # quadratic checks took minutes
+        apply.load_param_groups(fresh_resnet18(), path)  # quadratic checks took minutes
 
 
 def test_build_model_rebuilds_each_source_from_the_file(make_cfg, tmp_path):
-    from finetune_prep.runner import run
+    from finetune_prep.app.pipeline import run
 
     for i, overrides in enumerate([
         ("head.num_outputs=3",),
@@ -187,7 +188,7 @@ def test_build_model_rebuilds_each_source_from_the_file(make_cfg, tmp_path):
         plan = run(make_cfg(*overrides, "freeze=head_only", "verify.backward=false"),
                    tmp_path / str(i))
         doc = json.loads(plan.read_text())
-        model = paramfile.build_model(plan, target=TwoBranchNet if i == 2 else None)
+        model = apply.build_model(plan, target=TwoBranchNet if i == 2 else None)
         names = [n for n, _ in model.named_parameters()]
         assert sorted(names) == sorted(doc["frozen"] + [n for g in doc["groups"]
                                                         for n in g["params"]])
@@ -204,20 +205,20 @@ def test_build_model_says_what_an_older_target_file_lacks(planned, tmp_path):
     old.write_text(json.dumps(doc))
     with pytest.raises(FinetunePrepError, match="names a _target_ model .mypkg.Net. but not its "
                                                 "arguments"):
-        paramfile.build_model(old)
+        apply.build_model(old)
 
 
 def test_unknown_names_are_errors_not_key_errors(planned):
     model = fresh_resnet18()
     with pytest.raises(FinetunePrepError, match="1 names in the groups not in the model: fc.wieght"
                                                 ". Did you mean: fc.weight"):
-        paramfile.tensor_groups(model, [{"params": ["fc.wieght"], "lr": 0.1}])
+        apply.tensor_groups(model, [{"params": ["fc.wieght"], "lr": 0.1}])
     with pytest.raises(FinetunePrepError, match="1 eval_modules not in the model: layer1.0.bn9. "
                                                 "Did you mean: layer1.0.bn2, layer1.0.bn1"):
-        paramfile.set_train_mode(model, ["bn1", "layer1.0.bn9"])
+        apply.set_train_mode(model, ["bn1", "layer1.0.bn9"])
 
 
 def test_groups_for_torch_optim_never_carry_lr_scale(planned):
-    groups = paramfile.load_param_groups(fresh_resnet18(), planned)
+    groups = apply.load_param_groups(fresh_resnet18(), planned)
     assert {frozenset(g) for g in groups} == {frozenset({"params", "lr", "weight_decay"})}
     assert any(g["lr_scale"] != 1.0 for g in json.loads(planned.read_text())["groups"])

@@ -8,8 +8,8 @@ from conftest import REPO, meta_model
 from omegaconf import OmegaConf
 
 from finetune_prep.config import CONF_DIR
-from finetune_prep.phases import plan_phases
-from finetune_prep.rules import evaluate, match, parse_rules
+from finetune_prep.plan.phases import plan_phases
+from finetune_prep.plan.rules import evaluate, match, parse_rules
 
 ARCHS = torchvision.models.list_models(module=torchvision.models)
 PRESETS = sorted(p.stem for p in (CONF_DIR / "freeze").glob("*.yaml"))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli
 
-from finetune_prep import provenance
+from finetune_prep.app import provenance
 
 PRESET = """defaults:
   - /finetune_prep/schema/freeze@_here_

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from finetune_prep.report import plural, share, state, top_level_rows
+from finetune_prep.app.report import plural, share, state, top_level_rows
 
 
 def seed_grouped(model) -> dict[str, str]:

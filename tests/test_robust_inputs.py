@@ -16,7 +16,8 @@ import finetune_prep
 from finetune_prep.checkpoint import read_checkpoint
 from finetune_prep.checkpoint.unwrap import MAX_NESTING
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.models import build_model, physical_memory
+from finetune_prep.model.build import build_architecture
+from finetune_prep.plan.memory import physical_memory
 
 HUGE = 1_000_000_000_000  # head.num_outputs: 512 * 10**12 float32 weights, about 1.8 PiB
 
@@ -89,7 +90,7 @@ def test_dicts_shared_under_several_keys_are_searched_once(tmp_path):
 @pytest.mark.parametrize("source, arch", [("torchvision", "resnet18"), ("timm", "resnet18")])
 def test_a_huge_head_plans_on_meta_without_allocating(source, arch):
     cfg = OmegaConf.create({"source": source, "arch": arch})
-    built = build_model(cfg, OmegaConf.create({"num_outputs": HUGE}), meta=True)
+    built = build_architecture(cfg, OmegaConf.create({"num_outputs": HUGE}), meta=True)
     head = built.table.head[0]
     assert built.table.shapes[f"{head}.weight"] == (HUGE, 512)
     assert all(p.is_meta for p in built.model.parameters())
@@ -100,7 +101,7 @@ def test_a_huge_head_on_the_cpu_is_refused_with_its_size():
     assert ram is not None  # Linux and macOS say
     cfg = OmegaConf.create({"source": "torchvision", "arch": "resnet18"})
     with pytest.raises(FinetunePrepError) as err:
-        build_model(cfg, OmegaConf.create({"num_outputs": HUGE}), meta=False)
+        build_architecture(cfg, OmegaConf.create({"num_outputs": HUGE}), meta=False)
     text = str(err.value)
     assert text.startswith(f"the new head fc has {513 * HUGE:,} parameters: 1.8 PiB as float32")
     assert "more than this machine's" in text and "head.num_outputs" in text

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.rules import Rule, evaluate, match, parse_rules, select
+from finetune_prep.plan.rules import Rule, evaluate, match, parse_rules, select
 
 
 def rules(*pairs: tuple[str, str]) -> list[Rule]:
@@ -108,8 +108,8 @@ def test_regex_keeps_fullmatch_semantics_with_re2(resnet18_table):
 
 _CATASTROPHIC = textwrap.dedent("""
     import time
-    from finetune_prep.models import ParamTable
-    from finetune_prep.rules import match
+    from finetune_prep.plan.table import ParamTable
+    from finetune_prep.plan.rules import match
     names = tuple("a" * n + "b" for n in (30, 50, 200, 5000)) + ("a" * 60,)
     table = ParamTable(names, {n: (1,) for n in names}, {n: "" for n in names}, {"": "M"},
                        frozenset(), frozenset(), (), ())

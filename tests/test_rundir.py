@@ -12,7 +12,7 @@ import pytest
 from conftest import run_cli
 from omegaconf import OmegaConf
 
-from finetune_prep import rundir
+from finetune_prep.app import rundir
 from finetune_prep.errors import FinetunePrepError
 
 FAST = "verify.backward=false"

@@ -7,7 +7,11 @@ import torch
 from omegaconf import OmegaConf
 
 from finetune_prep import prepare
+from finetune_prep.app import proof
+from finetune_prep.app.proof import measure_activations
 from finetune_prep.errors import FinetunePrepError
+from finetune_prep.plan import memory
+from finetune_prep.plan.memory import check_memory, human_bytes
 
 
 def test_prepare_loads_the_checkpoint_and_sets_requires_grad(make_cfg, resnet18_ckpt):
@@ -124,7 +128,7 @@ def test_the_proof_never_touches_the_model_it_returns(make_cfg, resnet18_ckpt):
 
 def test_non_finite_weights_fail_the_proof_by_name_and_nothing_is_written(make_cfg, tmp_path,
                                                                           resnet18_ckpt):
-    from finetune_prep.runner import run
+    from finetune_prep.app.pipeline import run
 
     state = torch.load(resnet18_ckpt, weights_only=True)
     state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
@@ -175,8 +179,8 @@ def _real(arch_cfg: dict, rules: list, input_size: list[int]):
 ])
 def test_the_proof_fails_when_the_update_underflows_and_passes_at_a_normal_lr(arch_cfg, rules,
                                                                               size):
-    from finetune_prep.paramfile import optimizer_factory, tensor_groups
-    from finetune_prep.verify import FAILURES, prove
+    from finetune_prep.app.proof import FAILURES, optimizer_factory, prove
+    from finetune_prep.train.apply import tensor_groups
 
     for lr, ok in ((1e-320, False), (1e-3, True)):
         model, groups = _real(arch_cfg, rules, size)
@@ -192,7 +196,7 @@ def test_the_proof_fails_when_the_update_underflows_and_passes_at_a_normal_lr(ar
 
 def test_a_plan_whose_lr_is_too_small_for_float32_weights_fails_and_writes_nothing(make_cfg,
                                                                                     tmp_path):
-    from finetune_prep.runner import run
+    from finetune_prep.app.pipeline import run
 
     prepared = prepare(make_cfg("optim.lr=1e-30"), materialize=False)  # valid, yet too small
     verified = prepared.document["verified"]
@@ -220,34 +224,33 @@ def test_a_parameter_with_an_exactly_zero_gradient_is_listed_not_failed():
 def test_the_memory_guard_counts_everything_the_proof_holds(make_cfg, monkeypatch):
     """One fp32 copy of resnet18 fits a 'machine' of 1.5 copies; the proof (the model, the
     user's copy, the snapshot, gradients, AdamW state, activations) does not."""
-    from finetune_prep import models, verify
 
     cfg = make_cfg("freeze=full", "model.input_size=[3,64,64]")
     needed = prepare(cfg, materialize=False).document["verified"]["memory_bytes"]
     weights = 11_689_512 - 513_000 + 513  # resnet18 with a 1-output head
     assert needed > weights * 4 * (1 + 1 + 1 + 2)  # proof copy, snapshot, grads, AdamW x2
     small = int(weights * 4 * 1.5)
-    monkeypatch.setattr(models, "physical_memory", lambda: small)
-    monkeypatch.setattr(verify, "physical_memory", lambda: small)
-    models.check_memory(weights, "resnet18")  # the old guard: one copy fits
+    monkeypatch.setattr(memory, "physical_memory", lambda: small)
+    monkeypatch.setattr(proof, "physical_memory", lambda: small)
+    check_memory(weights, "resnet18")  # the old guard: one copy fits
     with pytest.raises(FinetunePrepError) as err:
         prepare(cfg)
     text = str(err.value)
     assert text.startswith("the one-step proof needs about ")
-    assert f"more than this machine's {models.human_bytes(small)} of memory" in text
+    assert f"more than this machine's {human_bytes(small)} of memory" in text
     assert "activations" in text and "optimizer state" in text and "snapshot" in text
     assert "verify.backward=false" in text and "verify.batch_size" in text
     assert prepare(cfg, verify=False, materialize=False).document["verified"]["backward"] is False
 
 
 def test_activations_are_measured_on_meta_and_grow_with_the_batch(make_cfg):
-    from finetune_prep import cache, verify
+    from finetune_prep.app import cache
     from finetune_prep.config import validate
 
     cfg = validate(make_cfg("freeze=full"))
     built = cache.build_meta_model(cfg.model, cfg.head)
-    two = verify.measure_activations(built, 2, [])
-    four = verify.measure_activations(built, 4, [])
+    two = measure_activations(built, 2, [])
+    four = measure_activations(built, 4, [])
     assert 2 * 3 * 224 * 224 * 4 * 10 < two  # far more than the input batch
     assert 1.9 * two < four <= 2 * two  # per-sample tensors double; per-channel ones do not
     assert all(p.is_meta for p in built.model.parameters())  # nothing real was made

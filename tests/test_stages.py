@@ -10,8 +10,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.models import BuiltModel, build_model
-from finetune_prep.stages import derive_layers, derive_stages, override_stages
+from finetune_prep.model.build import build_architecture
+from finetune_prep.model.describe import BuiltModel
+from finetune_prep.model.stages import derive_layers, derive_stages, override_stages
 
 ARCHS = torchvision.models.list_models(module=torchvision.models)
 NUM_OUTPUTS = 3
@@ -405,7 +406,7 @@ def test_override_through_the_model_config():
         {"source": "torchvision", "arch": "resnet18",
          "stages": [["conv1", "bn1"], "layer1", "layer2", "layer3", "layer4"]}
     )
-    b = build_model(cfg, OmegaConf.create({"num_outputs": 2}), meta=True)
+    b = build_architecture(cfg, OmegaConf.create({"num_outputs": 2}), meta=True)
     assert b.table.stages == (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli
 
-from finetune_prep import sweep
+from finetune_prep.app import sweep
+from finetune_prep.app.naming import MAX_LEN, PLAN_FILE, job_name
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.naming import MAX_LEN, PLAN_FILE, job_name
 
 FAST = ("model=resnet18", "verify.backward=false")
 
@@ -192,7 +192,7 @@ def test_stage_counts_by_dot_boundary():
 
 def test_schedule_jobs_get_their_phase_count_final_share_and_stage_starts(tmp_path):
     import finetune_prep
-    from finetune_prep.runner import run
+    from finetune_prep.app.pipeline import run
 
     job = tmp_path / "1_freeze=gradual"
     run(finetune_prep.compose(["freeze=gradual", "verify.backward=false"]), job)

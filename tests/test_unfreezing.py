@@ -9,8 +9,8 @@ import torch
 import torchvision
 
 import finetune_prep
+from finetune_prep.app.pipeline import prepare, run
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.runner import prepare, run
 
 
 def test_gradual_plans_one_stage_per_epoch_from_the_top(gradual_plan):
@@ -209,7 +209,7 @@ class _Snapshots:
 def test_lightning_applies_backbone_at_at_its_epoch(tmp_path):
     import lightning as L
 
-    from finetune_prep.integrations.lightning import FinetunePrepCallback
+    from finetune_prep.train.lightning import FinetunePrepCallback
 
     run(finetune_prep.compose(["freeze=backbone_at", "freeze.schedule.0.at.epoch=1",
                                "head.num_outputs=3", "verify.backward=false"]), tmp_path)
@@ -259,7 +259,7 @@ def test_check_knows_the_current_phase(gradual_plan):
 def test_lightning_refuses_a_schedule_under_ddp(tmp_path):
     import lightning as L
 
-    from finetune_prep.integrations.lightning import FinetunePrepCallback
+    from finetune_prep.train.lightning import FinetunePrepCallback
 
     run(finetune_prep.compose(["freeze=backbone_at", "verify.backward=false"]), tmp_path)
     plan = tmp_path / "param_groups.json"
@@ -307,7 +307,7 @@ def test_each_stage_after_a_rules_phase_skips_what_already_trains():
 def test_lightning_resumes_a_fit_after_a_phase_change(tmp_path):
     import lightning as L
 
-    from finetune_prep.integrations.lightning import FinetunePrepCallback
+    from finetune_prep.train.lightning import FinetunePrepCallback
 
     run(finetune_prep.compose(["freeze=backbone_at", "freeze.schedule.0.at.epoch=1",
                                "verify.backward=false"]), tmp_path)

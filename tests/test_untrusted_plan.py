@@ -24,6 +24,7 @@ from conftest import REPO, TwoBranchNet
 import finetune_prep
 from finetune_prep import paramfile
 from finetune_prep.errors import FinetunePrepError
+from finetune_prep.train import apply
 
 
 def crafted(plan: Path, tmp_path: Path, edit: Callable[[dict], object], name: str = "x") -> Path:
@@ -41,9 +42,9 @@ def resnet18(num_outputs: int = 10) -> torch.nn.Module:
 
 def every_reader(path: Path) -> None:
     """Each public way of reading a file; each must raise FinetunePrepError (checked by caller)."""
-    for call in (lambda: paramfile.load_param_groups(resnet18(), path),
-                 lambda: paramfile.build_optimizer(resnet18(), path),
-                 lambda: paramfile.build_model(path)):
+    for call in (lambda: apply.load_param_groups(resnet18(), path),
+                 lambda: apply.build_optimizer(resnet18(), path),
+                 lambda: apply.build_model(path)):
         with pytest.raises(FinetunePrepError):
             call()
 
@@ -108,11 +109,11 @@ def test_no_target_in_a_file_is_ever_called(resnet18_plan, tmp_path, marker, att
     block = _code_targets(marker, tmp_path)[attack]
     path = crafted(resnet18_plan, tmp_path, lambda d: WHERE[where](d, block))
     uses = {  # the calls that use the crafted block: each refuses it
-        "optimizer": (lambda: paramfile.build_optimizer(resnet18(), path),
-                      lambda: paramfile.build_optimizer(resnet18(), path,
+        "optimizer": (lambda: apply.build_optimizer(resnet18(), path),
+                      lambda: apply.build_optimizer(resnet18(), path,
                                                         optimizers=[torch.optim.SGD])),
-        "model": (lambda: paramfile.build_model(path),
-                  lambda: paramfile.build_model(path, target=TwoBranchNet)),
+        "model": (lambda: apply.build_model(path),
+                  lambda: apply.build_model(path, target=TwoBranchNet)),
     }
     for kind, calls in uses.items():
         for call in calls:
@@ -122,7 +123,7 @@ def test_no_target_in_a_file_is_ever_called(resnet18_plan, tmp_path, marker, att
             else:
                 with contextlib.suppress(FinetunePrepError):  # refused as data, or unused
                     call()
-    for call in (lambda: paramfile.load_param_groups(resnet18(), path),
+    for call in (lambda: apply.load_param_groups(resnet18(), path),
                  lambda: finetune_prep.train_mode(resnet18(), path)):
         with contextlib.suppress(FinetunePrepError):  # these never use the optimizer block
             call()
@@ -140,7 +141,7 @@ def test_nested_open_never_truncates_a_file(resnet18_plan, tmp_path, victim):
     model = resnet18()
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with pytest.raises(FinetunePrepError) as err:
-        paramfile.build_optimizer(model, path)
+        apply.build_optimizer(model, path)
     assert "optimizer.differentiable._target_ is a Hydra key" in str(err.value)
     assert victim.read_bytes() == before
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # untouched
@@ -162,9 +163,9 @@ def test_an_optimizer_in_a_module_never_imported_is_not_imported(resnet18_plan, 
         optimizer={"_target_": f"{module}.Optimizer"}))
     with pytest.raises(FinetunePrepError, match="'this.Optimizer' is not in torch.optim, and "
                                                 "the caller did not allow it"):
-        paramfile.build_optimizer(resnet18(), path)
+        apply.build_optimizer(resnet18(), path)
     with pytest.raises(FinetunePrepError):  # a caller's class does not widen it either
-        paramfile.build_optimizer(resnet18(), path, optimizers=[torch.optim.SGD])
+        apply.build_optimizer(resnet18(), path, optimizers=[torch.optim.SGD])
     assert module not in sys.modules
 
 
@@ -181,21 +182,21 @@ def test_only_torch_optim_optimizer_classes_are_allowed(resnet18_plan, tmp_path,
     path = crafted(resnet18_plan, tmp_path, lambda d: d.update(optimizer={"_target_": target}))
     model = resnet18()
     with pytest.raises(FinetunePrepError) as err:
-        paramfile.build_optimizer(model, path)
+        apply.build_optimizer(model, path)
     assert f"optimizer._target_ {target!r} {why}" in str(err.value)
     assert "optimizers=[MyOptimizer]" in str(err.value)  # how to allow one
     assert all(p.requires_grad for p in model.parameters())  # refused before applying
 
 
 def test_every_torch_optim_optimizer_builds_from_a_file(resnet18_plan, tmp_path):
-    from finetune_prep.trust import torch_optimizers
+    from finetune_prep.paramfile.allowlist import torch_optimizers
 
     known = torch_optimizers()
     assert {"torch.optim.AdamW", "torch.optim.SGD", "torch.optim.Adam"} <= set(known)
     for target in ("torch.optim.Adam", "torch.optim.RMSprop", "torch.optim.Adagrad"):
         path = crafted(resnet18_plan, tmp_path, lambda d, t=target: d.update(
             optimizer={"_target_": t}), name=target)
-        optimizer = paramfile.build_optimizer(resnet18(), path)
+        optimizer = apply.build_optimizer(resnet18(), path)
         assert type(optimizer) is known[target]
         assert len(optimizer.param_groups) == len(json.loads(path.read_text())["groups"])
 
@@ -214,8 +215,8 @@ def test_interpolations_are_never_resolved(resnet18_plan, tmp_path, monkeypatch,
             source="target", target={"_target_": "conftest.TwoBranchNet", "width": literal}),
     }[where]
     path = crafted(resnet18_plan, tmp_path, edit)
-    for call in (lambda: paramfile.build_optimizer(resnet18(), path),
-                 lambda: paramfile.build_model(path, target=TwoBranchNet)):
+    for call in (lambda: apply.build_optimizer(resnet18(), path),
+                 lambda: apply.build_model(path, target=TwoBranchNet)):
         with pytest.raises(FinetunePrepError) as err:
             call()
         text = str(err.value)
@@ -225,18 +226,18 @@ def test_interpolations_are_never_resolved(resnet18_plan, tmp_path, monkeypatch,
 
 def test_a_target_model_needs_the_callers_class(target_plan, tmp_path):
     with pytest.raises(FinetunePrepError) as err:
-        paramfile.build_model(target_plan)
+        apply.build_model(target_plan)
     assert "describes a _target_ model (conftest.TwoBranchNet); a plan file never imports " \
            "or calls a class it names" in str(err.value)
     assert "build_model(path, target=TwoBranchNet)" in str(err.value)
 
     with pytest.raises(FinetunePrepError, match=r"was made for conftest.TwoBranchNet, but "
                                                 r"target= is torch.nn.modules.linear.Linear"):
-        paramfile.build_model(target_plan, target=torch.nn.Linear)
+        apply.build_model(target_plan, target=torch.nn.Linear)
 
-    model = paramfile.build_model(target_plan, target=TwoBranchNet)
+    model = apply.build_model(target_plan, target=TwoBranchNet)
     assert isinstance(model, TwoBranchNet) and model.stem.out_channels == 4  # the file's width
-    optimizer = paramfile.build_optimizer(model, target_plan)
+    optimizer = apply.build_optimizer(model, target_plan)
     finetune_prep.train_mode(model, target_plan)
     finetune_prep.check(model, optimizer, target_plan)
 
@@ -247,13 +248,13 @@ def test_a_class_named_like_the_target_but_elsewhere_is_refused(target_plan, tmp
 
     with pytest.raises(FinetunePrepError, match="was made for conftest.TwoBranchNet, but "
                                                 "target= is test_untrusted_plan"):
-        paramfile.build_model(target_plan, target=TwoBranchNet)
+        apply.build_model(target_plan, target=TwoBranchNet)
 
 
 def test_target_given_for_a_registry_model_is_refused(resnet18_plan):
     with pytest.raises(FinetunePrepError, match="describes a torchvision model .resnet18., not "
                                                 "a _target_ one"):
-        paramfile.build_model(resnet18_plan, target=TwoBranchNet)
+        apply.build_model(resnet18_plan, target=TwoBranchNet)
 
 
 @pytest.mark.parametrize("source, kwarg", [("timm", "checkpoint_path"),
@@ -269,7 +270,7 @@ def test_kwargs_that_read_files_or_run_code_are_refused(resnet18_plan, tmp_path,
         kwargs={kwarg: str(evil) if kwarg == "checkpoint_path" else True}))
     with pytest.raises(FinetunePrepError, match=f"model.kwargs.{kwarg} is not accepted from a "
                                                 "plan file"):
-        paramfile.build_model(path)
+        apply.build_model(path)
     assert not marker.exists()
 
 
@@ -277,7 +278,7 @@ def test_an_arch_outside_the_registry_is_refused(resnet18_plan, tmp_path):
     path = crafted(resnet18_plan, tmp_path, lambda d: d["model"].update(arch="os.system"))
     with pytest.raises(FinetunePrepError, match="model.arch='os.system' is not a torchvision "
                                                 "classification model"):
-        paramfile.build_model(path)
+        apply.build_model(path)
 
 
 def test_a_timm_optimizer_builds_only_when_allowed(resnet18_plan, tmp_path):
@@ -287,17 +288,17 @@ def test_a_timm_optimizer_builds_only_when_allowed(resnet18_plan, tmp_path):
         path = crafted(resnet18_plan, tmp_path, lambda d, t=target: d.update(
             optimizer={"_target_": t, "weight_decay": 0.01}), name=target)
         with pytest.raises(FinetunePrepError, match="the caller did not allow it"):
-            paramfile.build_optimizer(resnet18(), path)
+            apply.build_optimizer(resnet18(), path)
         for allowed in ([timm.optim.Lamb], [target]):
-            optimizer = paramfile.build_optimizer(resnet18(), path, optimizers=allowed)
+            optimizer = apply.build_optimizer(resnet18(), path, optimizers=allowed)
             assert type(optimizer) is timm.optim.Lamb
             assert optimizer.defaults["weight_decay"] == 0.01
     other = crafted(resnet18_plan, tmp_path, lambda d: d.update(
         optimizer={"_target_": "timm.optim.Adan"}), name="adan")
     with pytest.raises(FinetunePrepError, match="'timm.optim.Adan' is not in torch.optim"):
-        paramfile.build_optimizer(resnet18(), other, optimizers=[timm.optim.Lamb])
+        apply.build_optimizer(resnet18(), other, optimizers=[timm.optim.Lamb])
     with pytest.raises(FinetunePrepError, match="takes torch.optim.Optimizer subclasses"):
-        paramfile.build_optimizer(resnet18(), other, optimizers=[torch.nn.Linear])
+        apply.build_optimizer(resnet18(), other, optimizers=[torch.nn.Linear])
 
 
 def test_import_finetune_prep_stays_light():
@@ -409,7 +410,7 @@ def test_every_malformed_phase_is_one_clear_error(gradual_plan, tmp_path, case):
 def test_schedule_and_check_refuse_a_malformed_phase_not_crash(gradual_plan, tmp_path):
     """Each reader (Schedule, check, the Lightning callback) gets the one clear error, where a
     missing `at` gave KeyError and an ill-typed one TypeError."""
-    from finetune_prep.integrations.lightning import FinetunePrepCallback
+    from finetune_prep.train.lightning import FinetunePrepCallback
 
     model = resnet18(1)
     optimizer = finetune_prep.build_optimizer(model, gradual_plan)

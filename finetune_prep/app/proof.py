@@ -1,4 +1,4 @@
-"""Prove the plan on a real backward pass, and estimate the memory it needs to train.
+"""Prove the plan on a real backward pass before anything is written.
 
 The proof runs one forward/backward pass on a small random batch and one optimizer step, then
 checks that frozen parameters got no gradient and did not move, and that every trainable
@@ -12,6 +12,7 @@ optimizer without weight decay; it is listed under `trainable_zero_grad`, not fa
 
 Before any real tensor exists, `check_fits` runs the forward pass on the meta device (shapes only,
 no memory) to count the activations, and refuses a proof that this machine's memory cannot hold.
+The user's own optimizer config is trusted here and built through Hydra (`optimizer_factory`).
 """
 
 from __future__ import annotations
@@ -28,40 +29,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.models import BuiltModel, ParamTable, human_bytes, physical_memory
-
-# Optimizer state per trainable parameter element, in parameter-sized copies.
-_STATE_COPIES = {"adamw": 2, "adam": 2, "nadam": 2, "radam": 2, "adamax": 2, "adagrad": 1,
-                 "rmsprop": 1, "adadelta": 2, "lion": 1}
-
-
-def state_copies(optimizer: Any) -> int:
-    """How many parameter-sized buffers the optimizer keeps (AdamW 2, SGD+momentum 1)."""
-    name = str(optimizer.get("_target_", "")).rpartition(".")[2].lower()
-    if name == "sgd":
-        return 1 if float(optimizer.get("momentum", 0) or 0) > 0 else 0
-    return _STATE_COPIES.get(name, 2)
-
-
-def memory_estimate(
-    table: ParamTable, trainable: Sequence[str], optimizer: Any, bytes_per: int = 4
-) -> dict[str, Any]:
-    """Training memory for parameters + gradients + optimizer state, plan vs. full (no
-    activations): fp32 at the top level, and under "bf16" the same with every tensor
-    (weights, gradients, the optimizer's state) in bfloat16."""
-    total, train = table.count(), table.count(trainable)
-    copies = state_copies(optimizer)
-    return {**_bytes(total, train, copies, bytes_per), "bf16": _bytes(total, train, copies, 2)}
-
-
-def _bytes(total: int, train: int, copies: int, bytes_per: int) -> dict[str, int]:
-    return {
-        "params_bytes": total * bytes_per,
-        "grads_bytes": train * bytes_per,
-        "optimizer_state_bytes": train * copies * bytes_per,
-        "plan_bytes": (total + train * (1 + copies)) * bytes_per,
-        "full_finetune_bytes": total * (2 + copies) * bytes_per,
-    }
+from finetune_prep.model.describe import BuiltModel
+from finetune_prep.plan.memory import human_bytes, physical_memory, state_copies
+from finetune_prep.plan.table import ParamTable
+from finetune_prep.train.apply import set_train_mode, tensor_groups
 
 
 def prove(
@@ -154,12 +125,6 @@ def _loss(output: Any) -> torch.Tensor:
     return sum(t.float().pow(2).mean() for t in tensors)
 
 
-# ------------------------------------------------------------------------------------------
-# memory: what the proof holds at once, measured before any real tensor exists. Checked against
-# whole-process peaks (ru_maxrss growth during prepare): resnet18 full, batch 2: estimate 335 MiB,
-# measured 296 MiB; batch 32: 1354 vs 1186 MiB; vit_b_16 full, batch 8: 3569 vs 1904 MiB.
-
-
 class _Allocations(TorchDispatchMode):
     """Watches every tensor an op creates (views and in-place results share memory and are
     skipped): on meta tensors, the forward's activations at no cost."""
@@ -207,8 +172,6 @@ def measure_activations(
     saves, plus gradients in flight. None when the model cannot run on meta. A batch the
     architecture cannot take at all is a FinetunePrepError naming model.input_size or
     verify.batch_size (found by trying the architecture's own input size, and a batch of 2)."""
-    from finetune_prep.paramfile import set_train_mode
-
     model = set_train_mode(copy.deepcopy(built.model), eval_modules)
     if trainable is not None:
         keep = set(trainable)
@@ -319,8 +282,6 @@ def run_proof(
 
     `make_model` returns a model with real weights that the proof may change (a copy, never
     the model handed to the user)."""
-    from finetune_prep.paramfile import optimizer_factory, set_train_mode, tensor_groups
-
     reason = skip_reason(verify_cfg, built, do_verify, groups)
     if reason is not None:
         return {"backward": False, "reason": reason}
@@ -335,3 +296,16 @@ def notes(verified: dict[str, Any]) -> list[str]:
         return []
     return ["the verification step found problems (see Verified above): fix the rules or the "
             "model before training"]
+
+
+def optimizer_factory(spec: Any) -> Any:
+    """`groups -> optimizer` from the user's own `optim.optimizer` config (`_target_` and
+    arguments), through Hydra's instantiate. TRUSTED input only: the plan-time check, the proof
+    and `Prepared.build_optimizer` share it; a file's block goes to
+    `allowlist.file_optimizer_factory` instead."""
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(spec, _partial_=True)
+    except Exception as err:
+        raise FinetunePrepError(f"optim.optimizer cannot be built: {err}") from err

@@ -41,8 +41,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from finetune_prep.atomic import open_for_writing, pid_alive, write_atomic
-from finetune_prep.naming import PLAN_FILE, register_resolvers
+from finetune_prep.app.atomic import open_for_writing, pid_alive, write_atomic
+from finetune_prep.app.naming import PLAN_FILE, register_resolvers
+from finetune_prep.errors import FinetunePrepError
+from finetune_prep.plan.table import covers
 
 log = logging.getLogger("finetune_prep")
 register_resolvers()  # Hydra imports this callback in every joblib worker before naming a job
@@ -264,8 +266,6 @@ def _error_text(job_return: JobReturn) -> str:
     err = job_return._return_value
     if err is None:
         return "unknown error"
-    from finetune_prep.errors import FinetunePrepError
-
     if isinstance(err, FinetunePrepError):
         return str(err)
     return f"internal error: {type(err).__name__}: {err}"
@@ -417,8 +417,6 @@ def stage_counts(doc: dict[str, Any], numel: dict[str, int] | None = None) -> di
 
 def _stage_labels(doc: dict[str, Any]) -> dict[str, str]:
     """Each parameter's stage label ('head' for the head, 'other' outside every stage)."""
-    from finetune_prep.models import covers
-
     model = doc["model"]
     heads = model.get("heads") or [model["head"]]
     stages = [s.split("+") if isinstance(s, str) else list(s) for s in model["stages"]]
@@ -442,9 +440,9 @@ def stage_phases(doc: dict[str, Any]) -> dict[str, int]:
 def _param_sizes(config: DictConfig) -> dict[str, int] | None:
     """Element count of each parameter: the job's model built again on the meta device."""
     try:
-        from finetune_prep.models import build_model
+        from finetune_prep.model.build import build_architecture  # torch: only for the plot
 
-        table = build_model(config.model, config.head, meta=True).table
+        table = build_architecture(config.model, config.head, meta=True).table
         return {n: table.numel(n) for n in table.names}
     except Exception as err:  # the plot falls back to counting tensors
         log.info("sweep summary: counting tensors, not elements (%s)", err)

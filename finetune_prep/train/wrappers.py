@@ -90,7 +90,7 @@ def named_modules(model: nn.Module) -> dict[str, nn.Module]:
     return _plain(model.named_modules(), _hops(model))  # type: ignore[return-value]
 
 
-def unwrap(model: nn.Module) -> nn.Module:
+def bare_model(model: nn.Module) -> nn.Module:
     """The bare model inside the outer wrappers (DDP(compile(model)) -> model)."""
     while attr := wrapper_attr(model):
         model = getattr(model, attr)

@@ -14,8 +14,8 @@ from typing import Any
 
 from finetune_prep.config import F32_MAX, F32_TINY, LR_FIX, check_optim
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.models import GRANULARITIES, ParamTable
-from finetune_prep.rules import match, select
+from finetune_prep.plan.rules import match, select
+from finetune_prep.plan.table import GRANULARITIES, ParamTable
 
 
 @dataclass(frozen=True)

@@ -29,20 +29,23 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune_prep import checkpoint, models
+from finetune_prep import checkpoint
+from finetune_prep.errors import FinetunePrepError
+from finetune_prep.model.build import build_architecture
+from finetune_prep.model.describe import BuiltModel
 
 MAX_ENTRIES = 4
 T = TypeVar("T")
-_models: OrderedDict[Hashable, models.BuiltModel] = OrderedDict()
+_models: OrderedDict[Hashable, BuiltModel] = OrderedDict()
 _checkpoints: OrderedDict[Hashable, checkpoint.Checkpoint] = OrderedDict()
 
 
-def build_meta_model(model_cfg: Any, head_cfg: Any) -> models.BuiltModel:
+def build_meta_model(model_cfg: Any, head_cfg: Any) -> BuiltModel:
     """`build_model(model_cfg, head_cfg, meta=True)`, built once per config: a fresh copy."""
     key = _model_key(model_cfg, head_cfg)
     if key is None:
-        return models.build_model(model_cfg, head_cfg, meta=True)
-    master = _get(_models, key, lambda: models.build_model(model_cfg, head_cfg, meta=True))
+        return build_architecture(model_cfg, head_cfg, meta=True)
+    master = _get(_models, key, lambda: build_architecture(model_cfg, head_cfg, meta=True))
     return dataclasses.replace(master, model=copy.deepcopy(master.model))
 
 
@@ -65,8 +68,6 @@ def read_checkpoint(
 
 def _unchanged(ckpt: checkpoint.Checkpoint) -> bool:
     """Every file the checkpoint was read from is still the same (size, mtime, inode)."""
-    from finetune_prep.errors import FinetunePrepError
-
     try:
         checkpoint.integrity.check_unchanged(ckpt._files, ckpt.path)
     except FinetunePrepError:

@@ -14,23 +14,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from finetune_prep import cache, paramfile, provenance
-from finetune_prep import verify as proof
-from finetune_prep.atomic import write_files
+from finetune_prep import paramfile
+from finetune_prep.app import assemble, cache, proof, provenance
+from finetune_prep.app.atomic import write_files
+from finetune_prep.app.report import render
 from finetune_prep.checkpoint import Checkpoint, Fit, check_fit, load_into, read_checkpoint
 from finetune_prep.config import BnStats, validate
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.groups import build_groups
-from finetune_prep.models import (
-    BuiltModel,
-    ParamTable,
-    build_model,
-    check_memory,
-    torchvision_weights_file,
-)
-from finetune_prep.phases import plan_phases
-from finetune_prep.report import render
-from finetune_prep.rules import FreezePlan, evaluate, frozen_stat_layers, parse_rules
+from finetune_prep.model import hf
+from finetune_prep.model.build import build_architecture, torchvision_weights_file
+from finetune_prep.model.describe import BuiltModel
+from finetune_prep.plan.groups import build_groups
+from finetune_prep.plan.memory import check_memory
+from finetune_prep.plan.phases import plan_phases
+from finetune_prep.plan.rules import FreezePlan, evaluate, frozen_stat_layers, parse_rules
+from finetune_prep.plan.table import ParamTable
+from finetune_prep.train import apply
 
 log = logging.getLogger("finetune_prep")
 
@@ -71,15 +70,15 @@ class Prepared:
 
     def optimizer_groups(self) -> list[dict[str, Any]]:
         """The groups with tensors, ready for torch.optim."""
-        return paramfile.tensor_groups(self.model, self.param_groups)
+        return apply.tensor_groups(self.model, self.param_groups)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The configured optimizer on the groups."""
-        return paramfile.optimizer_factory(self.document["optimizer"])(self.optimizer_groups())
+        return proof.optimizer_factory(self.document["optimizer"])(self.optimizer_groups())
 
     def train_mode(self) -> nn.Module:
         """model.train() with the frozen norm layers kept in eval mode."""
-        return paramfile.set_train_mode(self.model, self.eval_modules)
+        return apply.set_train_mode(self.model, self.eval_modules)
 
 
 def prepare(
@@ -130,7 +129,7 @@ def prepare(
         verified["phase"] = phases[-1].index
     if proof_bytes is not None:
         verified["memory_bytes"] = proof_bytes  # what the proof was estimated to hold at once
-    document = paramfile.document(
+    document = assemble.document(
         built, sources, freeze, groups, eval_modules, cfg.optim.optimizer, verified,
         provenance.record(OmegaConf.to_yaml(cfg), overrides, config_dirs), model_cfg=cfg.model,
         phases=list(zip(phases, phase_eval, strict=True)),
@@ -184,16 +183,12 @@ def _read_sources(cfg: DictConfig, built: BuiltModel, reuse: bool = False) -> li
                         source=f"model.weights={cfg.model.weights}")
         sources.append(Source("model.weights", ckpt, fit))
     if built.source == "hf" and not cfg.checkpoint.path:  # the model folder's own weights
-        from finetune_prep import hf
-
         found = hf.read_folder(built, cfg.checkpoint, read, shapes)
         sources += [Source("model.arch", *found)] if found else []
     if cfg.checkpoint.path:
         c = cfg.checkpoint
         ckpt = read(c.path, key=c.key, prefix=c.prefix)
         if built.source == "hf":
-            from finetune_prep import hf
-
             ckpt = hf.rename_keys(ckpt, built.model)
         exclude = built.table.head if c.exclude_head else ()
         fit = check_fit(_shapes(ckpt), shapes, strict=c.strict, exclude=exclude,
@@ -219,9 +214,9 @@ def _check_optimizer(model: nn.Module, groups: list[dict], spec: Any) -> None:
     """Construct the optimizer now, so a wrong argument fails here and not on the cluster."""
     if not groups:
         return
-    factory = paramfile.optimizer_factory(spec)
+    factory = proof.optimizer_factory(spec)
     try:
-        factory(paramfile.tensor_groups(model, groups))
+        factory(apply.tensor_groups(model, groups))
     except Exception as err:  # the class is allowlisted: whatever it raises is about its args
         why = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise FinetunePrepError(
@@ -248,7 +243,7 @@ def _materialize_model(
     initialised. Works on a copy of the meta model, so `built.model` stays on meta."""
 
     def rebuild() -> nn.Module:
-        return build_model(cfg.model, cfg.head, meta=False).model
+        return build_architecture(cfg.model, cfg.head, meta=False).model
 
     check_memory(built.table.count(), f"{built.arch} with head.num_outputs={built.num_outputs:,}")
     if not sources:

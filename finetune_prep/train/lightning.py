@@ -20,17 +20,18 @@ from typing import Any
 
 from torch import nn
 
-from finetune_prep import paramfile, trust
+from finetune_prep import paramfile
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.integrations import wrappers
-from finetune_prep.integrations.check import check
-from finetune_prep.integrations.unfreezing import Schedule
+from finetune_prep.paramfile import allowlist
+from finetune_prep.train import apply, wrappers
+from finetune_prep.train.check import check
+from finetune_prep.train.unfreezing import Schedule
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "finetune_prep.integrations.lightning needs Lightning: "
+        "finetune_prep.train.lightning needs Lightning: "
         "pip install 'finetune_prep[lightning]'"
     ) from err
 
@@ -43,14 +44,14 @@ class FinetunePrepCallback(Callback):
     `finetune_prep.build_optimizer` (a file names nothing else that is called)."""
 
     def __init__(self, path: str | os.PathLike, module: str | None = None,
-                 optimizers: Sequence[trust.OptimizerSpec] = ()) -> None:
+                 optimizers: Sequence[allowlist.OptimizerSpec] = ()) -> None:
         document = paramfile.read(path)
         self.path = path
         self.module = module
         self.optimizers = tuple(optimizers)
         # refuse a file whose optimizer is not allowed now, not when fitting starts
-        trust.optimizer_class((document.get("optimizer") or trust.DEFAULT_OPTIMIZER)["_target_"],
-                              self.optimizers, path)
+        spec = document.get("optimizer") or allowlist.DEFAULT_OPTIMIZER
+        allowlist.optimizer_class(spec["_target_"], self.optimizers, path)
         self.names = [n for g in document["groups"] for n in g["params"]] + document["frozen"]
         self.eval_modules = list(document.get("eval_modules", []))
         self._original: Any = None
@@ -81,7 +82,7 @@ class FinetunePrepCallback(Callback):
         if stage != "fit":
             return
         model = self._model = self.model(pl_module)
-        paramfile.load_param_groups(model, self.path)
+        apply.load_param_groups(model, self.path)
         self._provide_optimizer(pl_module, model)
 
     def _provide_optimizer(self, pl_module: LightningModule, model: nn.Module) -> None:
@@ -93,7 +94,7 @@ class FinetunePrepCallback(Callback):
             result = original()
             if result is not None:
                 return result
-            return paramfile.build_optimizer(model, self.path, optimizers=self.optimizers)
+            return apply.build_optimizer(model, self.path, optimizers=self.optimizers)
 
         pl_module.configure_optimizers = configure_optimizers  # type: ignore[method-assign]
 
@@ -105,7 +106,7 @@ class FinetunePrepCallback(Callback):
 
     def hold(self, pl_module: LightningModule) -> None:
         """The file's eval_modules back in eval mode (nothing else changes mode)."""
-        paramfile.hold_eval(self._model or self.model(pl_module), self.eval_modules)
+        apply.hold_eval(self._model or self.model(pl_module), self.eval_modules)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.hold(pl_module)

@@ -54,8 +54,8 @@ from typing import Any
 from torch import nn
 
 from finetune_prep.errors import FinetunePrepError, did_you_mean
-from finetune_prep.models import covers
-from finetune_prep.rules import check_glob
+from finetune_prep.plan.rules import check_glob
+from finetune_prep.plan.table import covers
 
 MIN_STAGES = 3  # fewer than this means "stem + trunk": open the trunk
 

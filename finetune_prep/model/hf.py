@@ -21,9 +21,12 @@ from typing import Any
 
 from torch import nn
 
-from finetune_prep.checkpoint import Checkpoint, shards
+from finetune_prep.checkpoint import Checkpoint, check_fit, shards
 from finetune_prep.errors import FinetunePrepError, did_you_mean
-from finetune_prep.models import BuiltModel, ParamTable, covers, describe, init_on_meta
+from finetune_prep.model.describe import BuiltModel, describe, init_on_meta
+from finetune_prep.model.heads import fresh_head, set_module
+from finetune_prep.model.stages import derive_layers, derive_stages, override_stages
+from finetune_prep.plan.table import ParamTable, covers
 
 DEFAULT_CLASS = "AutoModelForImageClassification"
 TEXT_LENGTH = 16  # tokens per sequence of the proof's batch for a text model
@@ -97,8 +100,6 @@ def build(model_cfg: Any, head_cfg: Any, num_outputs: int, meta: bool) -> BuiltM
 def _table(model: nn.Module, model_cfg: Any, head_cfg: Any, num_outputs: int,
            meta: bool) -> ParamTable:
     """Head, stages, layer ids and no-decay names of a built model."""
-    from finetune_prep.stages import derive_layers
-
     head = _head(model, head_cfg, num_outputs, meta)
     stages = _stages(model, model_cfg, head)
     layers = derive_layers(model, head, _layer_stages(model, stages))
@@ -234,8 +235,6 @@ def image_size(config: Any) -> tuple[int, ...] | None:
 def _head(model: nn.Module, head_cfg: Any, num_outputs: int, meta: bool) -> tuple[str, ...]:
     """The classifier: the Linear with `num_outputs` outputs outside the base model (built with
     num_labels already), or `head.module` (replaced by a fresh Linear if its size differs)."""
-    from finetune_prep.models import _fresh, _set_module
-
     modules = dict(model.named_modules())
     linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
     if head_cfg.get("module"):
@@ -246,7 +245,7 @@ def _head(model: nn.Module, head_cfg: Any, num_outputs: int, meta: bool) -> tupl
                 f"{did_you_mean(name, linears)} Its last Linear layers: {', '.join(linears[-5:])}.")
         if modules[name].out_features != num_outputs:
             with init_on_meta() if meta else nullcontext():
-                _set_module(model, name, _fresh(modules[name], num_outputs))
+                set_module(model, name, fresh_head(modules[name], num_outputs))
         return (name,)
     base = getattr(model, "base_model_prefix", "") or "\0"
     outside = [n for n in linears if not covers(base, n)]
@@ -258,8 +257,6 @@ def _head(model: nn.Module, head_cfg: Any, num_outputs: int, meta: bool) -> tupl
 
 
 def _stages(model: nn.Module, model_cfg: Any, head: Sequence[str]) -> tuple[tuple[str, ...], ...]:
-    from finetune_prep.stages import derive_stages, override_stages
-
     if model_cfg.get("stages"):
         return override_stages(model, model_cfg.stages, head)
     found = derive_hf_stages(model, head)
@@ -400,8 +397,6 @@ def read_folder(
 ) -> tuple[Checkpoint, Any] | None:
     """The model folder's own weights (single or sharded), renamed and fitted to the model;
     None when the folder holds none. `read` opens a checkpoint (the runner's cached reader)."""
-    from finetune_prep.checkpoint import check_fit
-
     file = folder_weights(built.folder)
     if file is None:
         return None

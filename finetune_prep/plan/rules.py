@@ -22,7 +22,7 @@ from typing import Any
 import re2
 
 from finetune_prep.errors import FinetunePrepError, did_you_mean
-from finetune_prep.models import ParamTable
+from finetune_prep.plan.table import ParamTable
 
 ALIASES = ("@head", "@stage[i]", "@stages[a:b]", "@norm", "@bias", "@ndim<=1",
            "@no_weight_decay", "@all")

@@ -16,7 +16,7 @@ process ever looks up and calls are:
 Every other value the library uses (optimizer arguments, model kwargs, a target's arguments) must
 be plain data: numbers, strings, bools, null, lists and objects with no Hydra key (`_target_`,
 `_args_`, `_partial_`, ...) at any depth and no `${...}` interpolation. The user's own Hydra
-config is trusted and is instantiated by `paramfile.optimizer_factory` (plan time); nothing read
+config is trusted and is instantiated by `app.proof.optimizer_factory` (plan time); nothing read
 from a file ever reaches that factory or `models._target`.
 """
 
@@ -101,20 +101,20 @@ def model_problems(info: Any) -> list[str]:
 
     def check(key: str, ok: Callable[[Any], bool], what: str) -> None:
         if key in info and not ok(info[key]):
-            problems.append(f"model.{key} is {_short(info[key])}; it must be {what}")
+            problems.append(f"model.{key} is {short(info[key])}; it must be {what}")
 
     check("source", lambda v: v in SOURCES, f"one of {', '.join(SOURCES)}")
     check("arch", lambda v: isinstance(v, str) and v != "", "a non-empty string")
-    check("num_outputs", lambda v: _whole(v) and v >= 1, "a whole number >= 1")
+    check("num_outputs", lambda v: whole(v) and v >= 1, "a whole number >= 1")
     check("head", lambda v: v is None or isinstance(v, str), "a module name or null")
-    check("heads", lambda v: _strings(v), "a list of module names")
+    check("heads", lambda v: strings(v), "a list of module names")
     check("stages", lambda v: v is None or isinstance(v, list) and all(
-        isinstance(s, str) or _strings(s) for s in v), "a list of lists of names, or null")
+        isinstance(s, str) or strings(s) for s in v), "a list of lists of names, or null")
     check("kwargs", lambda v: v is None or isinstance(v, dict), "an object or null")
     check("target", lambda v: v is None or isinstance(v, dict) and isinstance(
         v.get("_target_"), str), "null or an object with a '_target_' string")
     check("input_size", lambda v: v is None or isinstance(v, list) and all(
-        _whole(x) and x >= 1 for x in v), "a list of whole numbers >= 1, or null")
+        whole(x) and x >= 1 for x in v), "a list of whole numbers >= 1, or null")
     check("hf_class", lambda v: v is None or isinstance(v, str) and v.isidentifier(),
           "a transformers class name or null")
     if problems:
@@ -133,15 +133,15 @@ def model_problems(info: Any) -> list[str]:
     return problems
 
 
-def _whole(value: Any) -> bool:
+def whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _strings(items: Any) -> bool:
+def strings(items: Any) -> bool:
     return isinstance(items, list) and all(isinstance(x, str) for x in items)
 
 
-def _short(value: Any, limit: int = 80) -> str:
+def short(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -187,7 +187,7 @@ def optimizer_class(
         else:
             raise FinetunePrepError(
                 f"optimizers=[...] takes torch.optim.Optimizer subclasses or their dotted names; "
-                f"got {_short(entry)}.")
+                f"got {short(entry)}.")
     known = torch_optimizers()
     if target in known:
         return known[target]
@@ -218,7 +218,7 @@ def file_optimizer_factory(
     spec: dict[str, Any], allowed: Sequence[OptimizerSpec], path: Any
 ) -> Callable[[list[dict[str, Any]]], torch.optim.Optimizer]:
     """`groups -> optimizer` from a file's checked `optimizer` block: the allowed class called
-    with the block's plain arguments. The untrusted counterpart of paramfile.optimizer_factory."""
+    with the block's plain arguments. The untrusted counterpart of app.proof.optimizer_factory."""
     cls = optimizer_class(spec["_target_"], allowed, path)
     kwargs = {k: v for k, v in spec.items() if k != "_target_"}
 
@@ -291,7 +291,7 @@ def _target_call(info: dict[str, Any], target: Callable[..., Any] | None,
             return target(*args, **kwargs)
         except Exception as err:  # the caller's own constructor, with the file's plain data
             raise FinetunePrepError(
-                f"{path}: {recorded}(**{_short(kwargs)}) failed: {type(err).__name__}: {err}"
+                f"{path}: {recorded}(**{short(kwargs)}) failed: {type(err).__name__}: {err}"
             ) from err
 
     return make

@@ -23,7 +23,7 @@ from torch import nn
 
 from finetune_prep import paramfile
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.integrations import wrappers
+from finetune_prep.train import apply, wrappers
 
 log = logging.getLogger("finetune_prep")
 
@@ -71,7 +71,7 @@ class Schedule:
 
     def train_mode(self) -> nn.Module:
         """model.train(), with the current phase's frozen norm layers kept in eval mode."""
-        return paramfile.set_train_mode(self.model, self.eval_modules)
+        return apply.set_train_mode(self.model, self.eval_modules)
 
     def plan(self) -> dict[str, Any]:
         """The plan as it stands in the current phase (for `finetune_prep.check`)."""
@@ -82,7 +82,7 @@ class Schedule:
         frozen = set(view["frozen"])
         for name, param in wrappers.named_parameters(self.model).items():
             param.requires_grad_(name not in frozen)
-        for group in paramfile.tensor_groups(self.model, phase["groups"]):
+        for group in apply.tensor_groups(self.model, phase["groups"]):
             self.optimizer.add_param_group(group)
         self.eval_modules = list(view["eval_modules"])
         if self.model.training:

@@ -18,9 +18,9 @@ from typing import Any
 
 from finetune_prep.config import MAX_COUNT
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.groups import assign, check_groups, merge
-from finetune_prep.models import ParamTable
-from finetune_prep.rules import FreezePlan, Rule, evaluate, parse_rules
+from finetune_prep.plan.groups import assign, check_groups, merge
+from finetune_prep.plan.rules import FreezePlan, Rule, evaluate, parse_rules
+from finetune_prep.plan.table import ParamTable
 
 UNITS = ("epoch", "step")
 

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from finetune_prep import paramfile
-from finetune_prep.errors import FinetunePrepError
-from finetune_prep.integrations import wrappers
+from finetune_prep.errors import FinetunePrepError, listing
+from finetune_prep.train import apply, wrappers
 
 RTOL = 1e-6
 FLATTENED_HINT = (
@@ -41,7 +41,7 @@ def check(
     document = paramfile.at_phase(paramfile.read(path), phase)  # gradual unfreezing: phase N
     params = wrappers.named_parameters(model)
     _not_on_meta(model, params)
-    paramfile.check_names(params, document, path)
+    apply.check_names(params, document, path)
     optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
     groups = [g for opt in optimizers for g in opt.param_groups]
     order = {n: i for i, n in enumerate(params)}
@@ -67,7 +67,7 @@ def _not_on_meta(model: nn.Module, params: dict[str, nn.Parameter]) -> None:
              if isinstance(b, torch.Tensor) and b.is_meta]
     if meta:
         raise FinetunePrepError(
-            f"{paramfile._listing('tensors of the model are on the meta device', meta)} "
+            f"{listing('tensors of the model are on the meta device', meta)} "
             "(built without data: nothing would train). Materialize it first: "
             "`model.to_empty(device='cpu')` and load your weights, or "
             "`finetune_prep.build_model(path)`; then build the optimizer and check again."
@@ -104,7 +104,7 @@ def _membership(
         ("frozen in the plan but in an optimizer group", in_optimizer - planned),
     ):
         if names:
-            problems.append(paramfile._listing(what, sorted(names, key=order.get)))
+            problems.append(listing(what, sorted(names, key=order.get)))
     return problems
 
 
@@ -150,7 +150,7 @@ def _eval_modules(model: nn.Module, eval_modules: Sequence[str]) -> list[str]:
     training = [n for n in eval_modules if n in modules and modules[n].training]
     missing = [n for n in eval_modules if n not in modules]
     return [
-        paramfile._listing(what, names) for what, names in (
+        listing(what, names) for what, names in (
             ("frozen norm layers in train mode (their running statistics would move; "
              "call finetune_prep.train_mode(model, path) instead of model.train())", training),
             ("eval_modules not in the model", missing),

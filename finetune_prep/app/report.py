@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from finetune_prep.models import ParamTable, covers
-from finetune_prep.verify import FAILURES
+from finetune_prep.app.proof import FAILURES
+from finetune_prep.plan.table import ParamTable, covers
 
 MAX_LABEL = 60  # longer stage labels are clipped so the columns stay aligned
 COMPACT_AFTER = 6  # more layer-decay groups than this are summarized by their first and last

@@ -1,0 +1,1 @@
+"""The application: CLI, pipeline, proof, report, sweeps and the run folder."""

@@ -1,0 +1,212 @@
+"""Entry point: Hydra composes the config, the runner does the work, the exit code says how it went.
+
+Exit codes: 0 success; 1 a user error, reported as one clear message; 2 an internal error;
+130 interrupted (Ctrl-C). Hydra's flags may come before or after the overrides; a wrong flag
+is one `[ERROR]` line, not argparse's usage text and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from finetune_prep.app import naming, presets, rundir
+from finetune_prep.app.logs import FileHandler, log_file_failure, silence
+from finetune_prep.config import CONF_DIR, register_configs
+from finetune_prep.errors import FinetunePrepError, did_you_mean
+
+log = logging.getLogger("finetune_prep")
+_internal_error = False
+_interrupt_reported = False
+INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def task(cfg: DictConfig) -> None:
+    """One job: plan and write the files; failures are logged into the job's own log."""
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    output_dir = Path(hc.runtime.output_dir)
+    staged = rundir.staged_hydra(output_dir, hc.output_subdir)  # Hydra's pending .hydra
+    try:
+        _check_job_folder(output_dir, multirun)
+        from finetune_prep.app.pipeline import run
+
+        run(cfg, output_dir, overrides=list(hc.overrides.task), config_dirs=_config_dirs(hc),
+            dirs=staged)
+    except FinetunePrepError as err:
+        log.error("%s", err)
+        if multirun or _full_error():
+            raise
+        sys.exit(1)
+    except KeyboardInterrupt:
+        global _interrupt_reported
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the tidy-up
+        log.error("interrupted: %s keeps its earlier files", output_dir)
+        _interrupt_reported = True
+        raise
+    except Exception:
+        global _internal_error
+        _internal_error = True
+        log.exception("internal error (please report it with this log)")
+        if multirun or _full_error():
+            raise
+        sys.exit(2)
+    finally:
+        rundir.discard(staged)  # moved into .hydra by a run that wrote its plan; else removed
+
+
+def _check_job_folder(output_dir: Path, multirun: bool) -> None:
+    """Before any work: the log file was not refused (a planted link), and a multirun job's
+    folder (checked by no callback before Hydra wrote into it) has no planted links either.
+    Pending folders of killed runs are swept."""
+    if FileHandler.refused:
+        raise FinetunePrepError(FileHandler.refused)
+    if multirun:
+        rundir.check_entries(output_dir)
+    rundir.sweep_pending(output_dir)
+
+
+def _config_dirs(hc) -> list[str]:
+    return [s.path for s in hc.runtime.config_sources
+            if s.provider in ("main", "command-line") and s.schema == "file"]
+
+
+def _full_error() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def _user_config_dirs(argv: list[str]) -> list[Path]:
+    """The --config-dir/-cd folders on the command line (for --help's preset listing)."""
+    found = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            found.append(Path(argv[i + 1]))
+        elif arg.startswith("--config-dir="):
+            found.append(Path(arg.split("=", 1)[1]))
+    return found
+
+
+def checked_argv(argv: list[str]) -> list[str]:
+    """`argv` with Hydra's flags first and the overrides after them, as Hydra's own parser
+    needs (`freeze=full --cfg job model=vit_b_16` then works too). A flag that is unknown,
+    misspelt or missing its value is a FinetunePrepError naming it."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def error(message: str) -> None:
+        raise FinetunePrepError(_flag_error(parser, message))
+
+    parser.error = error  # type: ignore[method-assign] - argparse's hook for every usage error
+    args = parser.parse_intermixed_args(argv)
+    flags = []
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.option_strings and value not in (None, False, action.default):
+            name = max(action.option_strings, key=len)
+            flags.append(name if value is True else f"{name}={value}")
+    return flags + list(args.overrides)
+
+
+def _flag_error(parser: argparse.ArgumentParser, message: str) -> str:
+    """argparse's complaint as one line that names the flag and says what to do."""
+    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    fix = "Run `python -m finetune_prep --help` for the options."
+    if message.startswith("unrecognized arguments: "):
+        flag = message.split(": ", 1)[1].split()[0]
+        return (f"unknown option {flag}.{did_you_mean(flag, options, n=3)} Config values are "
+                f"set as key=value (e.g. freeze=head_only), without dashes. {fix}")
+    if message.endswith("expected one argument"):
+        flag = message.split()[1].split("/")[0]
+        return f"option {flag} needs a value: {flag} VALUE (or {flag}=VALUE). {fix}"
+    return f"command line: {message}. {fix}"
+
+
+def version_text() -> str:
+    """finetune_prep's version and those of the libraries that shape a plan (no torch import)."""
+    from finetune_prep.app.provenance import versions
+
+    found = versions()
+    others = ", ".join(f"{k} {v}" for k, v in found.items() if k != "finetune_prep")
+    return f"finetune_prep {found.get('finetune_prep', '?')} ({others})"
+
+
+def _finish_sweep(error: BaseException | None) -> None:
+    """A launcher that raised (a job's process died) skips on_multirun_end: the sweep module
+    still lists every job in the summary. Only if this process started a sweep."""
+    sweep = sys.modules.get("finetune_prep.app.sweep")
+    if sweep is not None:
+        sweep.finish_interrupted(error)
+
+
+def main() -> None:
+    """Run the app and exit without the slow interpreter teardown of torch."""
+    if "--version" in sys.argv[1:]:
+        print(version_text())
+        return
+    try:
+        sys.argv[1:] = checked_argv(sys.argv[1:])
+    except FinetunePrepError as err:
+        print(f"[ERROR] {err}", file=sys.stderr)
+        sys.exit(1)
+    if any(a.startswith("--info") for a in sys.argv[1:]):
+        logging.raiseExceptions = False  # --info logs through a plain handler of Hydra's own:
+        # into `| head`, a traceback per line otherwise (our own handlers go quiet by themselves)
+    register_configs()
+    naming.register_resolvers()
+    rundir.register_resolvers()
+    OmegaConf.register_new_resolver(
+        "finetune_prep_presets",
+        lambda: presets.listing([CONF_DIR, *_user_config_dirs(sys.argv[1:])]), replace=True,
+    )
+    code = 0
+    try:
+        task()
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        _finish_sweep(done.__context__)  # Hydra exits inside its `except` for the error
+    except KeyboardInterrupt as err:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _finish_sweep(err)
+        if not _interrupt_reported:  # stopped before the job's logging was set up
+            print("[ERROR] interrupted", file=sys.stderr)
+        code = INTERRUPTED
+    except BrokenPipeError:  # --help or --cfg into `| head`: the reader has what it wanted
+        silence(sys.stdout)
+    except Exception as err:  # HYDRA_FULL_ERROR=1: Hydra re-raises instead
+        _finish_sweep(err)
+        raise
+    if code == 1 and _internal_error:
+        code = 2
+    failed_log = log_file_failure()
+    if failed_log and code == 0:  # otherwise the error already said what went wrong
+        print(f"[ERROR] {failed_log}", file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    _flush(sys.stdout)
+    _flush(sys.stderr)
+    if "joblib" in sys.modules:  # a normal exit shuts joblib's loky workers down; skipping it
+        sys.exit(code)  # leaves them holding our stdout (a pipe stays open for minutes)
+    os._exit(code)
+
+
+def _flush(stream) -> None:
+    """Flush; a reader that has gone (`| head`) is not an error worth a traceback."""
+    try:
+        stream.flush()
+    except BrokenPipeError:
+        silence(stream)
+    except (OSError, ValueError):
+        pass
+
+

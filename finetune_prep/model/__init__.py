@@ -1,0 +1,1 @@
+"""Build a model (torchvision, timm, Hugging Face or a `_target_` class), its heads and stages."""

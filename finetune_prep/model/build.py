@@ -1,0 +1,207 @@
+"""Build the architecture from a model config: torchvision, timm, Hugging Face or a `_target_` class.
+
+The model is built on the meta device for planning (no memory, no init time) or on the CPU when
+real tensors are needed; its head is replaced (model.heads) and it is described (model.describe).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune_prep.config import MAX_OUTPUTS
+from finetune_prep.errors import FinetunePrepError, did_you_mean
+from finetune_prep.model import hf
+from finetune_prep.model.describe import BuiltModel, describe, init_on_meta, no_weight_decay_names
+from finetune_prep.model.heads import replace_heads
+from finetune_prep.model.stages import derive_layers, derive_stages, override_stages
+
+SOURCES = ("torchvision", "timm", "target", "hf")
+
+
+def build_architecture(
+    model_cfg: Any, head_cfg: Any, meta: bool, make_target: Callable[[], Any] | None = None,
+) -> BuiltModel:
+    """Build the configured architecture with a fresh head of `head_cfg.num_outputs` outputs.
+
+    `make_target` builds a `_target_` model instead of Hydra's instantiate: a model rebuilt
+    from a plan file (untrusted) is built only by the class its caller passed."""
+    num_outputs = int(head_cfg.num_outputs)
+    if not 1 <= num_outputs <= MAX_OUTPUTS:
+        raise FinetunePrepError(
+            f"head.num_outputs={num_outputs}: a head needs at least one output and at most "
+            f"{MAX_OUTPUTS:,}. Set head.num_outputs to the number of classes (1 for a binary "
+            "logit)."
+        )
+    source = str(getattr(model_cfg.source, "value", model_cfg.source))  # the enum's name
+    if source not in SOURCES:
+        raise FinetunePrepError(
+            f"model.source={source!r} is not one of {', '.join(SOURCES)}."
+        )
+    if source == "hf":  # Hugging Face transformers: its own module
+        return hf.build(model_cfg, head_cfg, num_outputs, meta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # googlenet/inception init notices
+        if meta:
+            with init_on_meta():
+                model, input_size = _construct(model_cfg, num_outputs, meta, make_target)
+        else:
+            model, input_size = _construct(model_cfg, num_outputs, meta, make_target)
+    head = replace_heads(model, model_cfg, head_cfg, num_outputs, meta)
+    stages = _stages(model, model_cfg, head)
+    own = input_size
+    if model_cfg.get("input_size"):
+        input_size = tuple(model_cfg.input_size)
+    table = describe(model, head, stages, _layers(model, head, stages),
+                     no_weight_decay_names(model, source))
+    arch = model_cfg.arch if source != "target" else _target_name(model_cfg)
+    return BuiltModel(model, table, source, arch, num_outputs, input_size, own_input_size=own)
+
+
+# Above this many outputs a timm head is built as num_classes=1, then reset_classifier on meta:
+# create_model would allocate it at full size on the CPU (reset_classifier may drop a
+# distillation head, so ordinary sizes take the exact path).
+TIMM_HEAD_ON_META = 100_000
+
+
+RESERVED_KWARGS = {  # keyword arguments the builder sets itself, and the key that sets them
+    "torchvision": {"weights": "model.weights", "num_classes": "head.num_outputs"},
+    "timm": {"pretrained": "checkpoint.path", "num_classes": "head.num_outputs",
+             "pretrained_cfg_overlay": "checkpoint.path"},
+}
+
+
+def _construct(
+    model_cfg: Any, num_outputs: int, meta: bool = False,
+    make_target: Callable[[], Any] | None = None,
+) -> tuple[nn.Module, tuple[int, ...] | None]:
+    kwargs = dict(model_cfg.get("kwargs") or {})
+    source = str(getattr(model_cfg.source, "value", model_cfg.source))
+    for key, instead in RESERVED_KWARGS.get(source, {}).items():
+        if key in kwargs:
+            raise FinetunePrepError(
+                f"model.kwargs.{key}: finetune_prep sets {key} itself; use {instead} instead "
+                "(and remove it from model.kwargs)."
+            )
+    try:
+        if source == "torchvision":
+            return _torchvision(model_cfg.arch, kwargs)
+        if source == "timm":
+            return _timm(model_cfg.arch, num_outputs, kwargs, meta)
+    except FinetunePrepError:
+        raise
+    except Exception as err:  # with kwargs given, a constructor that fails rejects them
+        if not kwargs:
+            raise
+        why = (str(err).strip().splitlines() or [""])[0]
+        raise FinetunePrepError(
+            f"model.kwargs ({', '.join(kwargs)}) rejected by {model_cfg.arch}: "
+            f"{type(err).__name__}: {why}. Check the names and values against the model's "
+            "constructor, or remove them."
+        ) from err
+    return _target(model_cfg), None
+
+
+def _torchvision(arch: str, kwargs: dict) -> tuple[nn.Module, tuple[int, ...]]:
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if arch not in names:
+        raise FinetunePrepError(
+            f"model.arch={arch!r} is not a torchvision classification model."
+            f"{did_you_mean(arch, names)} "
+            f"See torchvision.models.list_models() for all {len(names)}."
+        )
+    model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    return model, (3, 299, 299) if arch == "inception_v3" else (3, 224, 224)
+
+
+def _timm(
+    arch: str, num_outputs: int, kwargs: dict, meta: bool = False
+) -> tuple[nn.Module, tuple[int, ...] | None]:
+    try:
+        import timm
+    except ImportError as err:
+        raise FinetunePrepError(
+            "model.source=timm needs timm: pip install 'finetune_prep[timm]'."
+        ) from err
+    if not timm.is_model(arch):
+        names = timm.list_models()
+        raise FinetunePrepError(
+            f"model.arch={arch!r} is not a timm model.{did_you_mean(arch, names)}"
+            " See timm.list_models('*pattern*')."
+        )
+    if meta and num_outputs > TIMM_HEAD_ON_META:  # timm allocates its head on the CPU first
+        model = timm.create_model(arch, pretrained=False, num_classes=1, **kwargs)
+        with torch.device("meta"):
+            model.reset_classifier(num_outputs)
+    else:
+        model = timm.create_model(arch, pretrained=False, num_classes=num_outputs, **kwargs)
+    input_size = getattr(model, "pretrained_cfg", {}).get("input_size")
+    return model, tuple(input_size) if input_size else None
+
+
+def _target(model_cfg: Any) -> nn.Module:
+    from hydra.utils import instantiate
+
+    if not model_cfg.get("target") or "_target_" not in model_cfg.target:
+        raise FinetunePrepError(
+            "model.source=target needs model.target with a _target_, e.g. "
+            "model.target._target_=mypkg.nets.MyNet (plus its arguments)."
+        )
+    try:
+        model = instantiate(model_cfg.target)
+    except Exception as err:  # Hydra wraps import and constructor errors alike
+        raise FinetunePrepError(f"could not build model.target: {err}") from err
+    if not isinstance(model, nn.Module):
+        raise FinetunePrepError(
+            f"model.target built a {type(model).__name__}, not a torch.nn.Module."
+        )
+    return model
+
+
+def _target_name(model_cfg: Any) -> str:
+    return str(model_cfg.target["_target_"])
+
+
+def _stages(model: nn.Module, model_cfg: Any, head: Sequence[str]) -> tuple[tuple[str, ...], ...]:
+    if model_cfg.get("stages"):
+        return override_stages(model, model_cfg.stages, head)
+    return tuple(tuple(s) for s in derive_stages(model, head))
+
+
+def _layers(
+    model: nn.Module, head: Sequence[str], stages: Sequence[Sequence[str]]
+) -> dict[str, int]:
+    return derive_layers(model, head, stages)
+
+
+def torchvision_weights_file(arch: str, weights: str) -> Path:
+    """The hub-cache file of a torchvision weights enum member; never downloads."""
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+        member = enum[weights]
+    except (KeyError, ValueError) as err:
+        options = ["DEFAULT", *enum.__members__] if "enum" in locals() else []
+        raise FinetunePrepError(
+            f"model.weights={weights!r} is not a weights name of {arch}. "
+            f"Options: {', '.join(dict.fromkeys(options)) or 'none'}; or null for random init."
+        ) from err
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(member.url).name
+    if not path.is_file():
+        raise FinetunePrepError(
+            f"model.weights={weights} needs {path.name} in torch's hub cache ({path.parent}), "
+            "and finetune_prep never downloads. On a machine with network run "
+            f"`python -c \"import torchvision; torchvision.models.get_model('{arch}', "
+            f"weights='{weights}')\"` and copy {path.name} to {path.parent} here "
+            "(or set TORCH_HOME); or give the file as checkpoint.path=...; "
+            "or set model.weights=null."
+        )
+    return path

@@ -1,0 +1,126 @@
+"""Describe a built model as a `ParamTable`, and build on the meta device without computing."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from finetune_prep.plan.table import ParamTable
+
+# torchvision's transformers have no no_weight_decay(): these parameter names are excluded as
+# the DeiT/MAE recipes and torchvision's own reference scripts (transformer_embedding_decay) do
+TORCHVISION_NO_WEIGHT_DECAY = ("class_token", "pos_embedding", "relative_position_bias_table")
+
+
+@dataclass
+class BuiltModel:
+    """A built model with its head replaced, and its table."""
+
+    model: nn.Module
+    table: ParamTable
+    source: str
+    arch: str
+    num_outputs: int
+    input_size: tuple[int, ...] | None  # (C, H, W) for the verification pass, if known
+    folder: str | None = None  # source=hf: the model's folder (config.json, its own weights)
+    # the proof's batch (batch size, generator) -> input, when not a float image batch (tokens)
+    make_batch: Callable[[int, torch.Generator], torch.Tensor] | None = None
+    own_input_size: tuple[int, ...] | None = None  # the architecture's own, before model.input_size
+
+
+@contextmanager
+def init_on_meta() -> Iterator[None]:
+    """Move every parameter and buffer to the meta device as it is registered.
+
+    Unlike `with torch.device("meta")`, constructor arithmetic on plain tensors still runs on
+    the CPU, so models that compute their layout with torch ops (regnets) build too.
+    """
+    register_parameter = nn.Module.register_parameter
+    register_buffer = nn.Module.register_buffer
+
+    def to_meta_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register_parameter(module, name, param)
+        if param is not None and param.device.type != "meta":
+            cls = type(param)
+            extra = dict(param.__dict__)
+            extra["requires_grad"] = param.requires_grad
+            module._parameters[name] = cls(param.to("meta"), **extra)
+
+    def to_meta_buffer(
+        module: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True
+    ) -> None:
+        register_buffer(module, name, tensor, persistent)
+        if tensor is not None:
+            module._buffers[name] = module._buffers[name].to("meta")
+
+    nn.Module.register_parameter = to_meta_parameter  # type: ignore[method-assign]
+    nn.Module.register_buffer = to_meta_buffer  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+        nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
+
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Normalization layers, including library classes named like one (LayerNorm2d, RmsNorm)."""
+    return isinstance(module, NORM_TYPES) or "norm" in type(module).__name__.lower()
+
+
+def has_running_stats(module: nn.Module) -> bool:
+    """BatchNorm-like layers whose running statistics move in train mode."""
+    return getattr(module, "track_running_stats", False) and getattr(
+        module, "running_mean", None
+    ) is not None
+
+
+def no_weight_decay_names(model: nn.Module, source: str) -> frozenset[str]:
+    """The parameters the model itself says not to decay: timm's `no_weight_decay()` (names or
+    fnmatch patterns, matched as timm does); a torchvision transformer's tokens, position
+    embeddings and relative position bias tables."""
+    names = [n for n, _ in model.named_parameters()]
+    if callable(getattr(model, "no_weight_decay", None)):
+        patterns = set(model.no_weight_decay())
+        return frozenset(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+    if source == "torchvision":
+        return frozenset(n for n in names
+                         if n.rpartition(".")[2] in TORCHVISION_NO_WEIGHT_DECAY)
+    return frozenset()
+
+
+def describe(
+    model: nn.Module,
+    head: Sequence[str],
+    stages: Sequence[Sequence[str]],
+    layers: Mapping[str, int] | None = None,
+    no_weight_decay: frozenset[str] = frozenset(),
+) -> ParamTable:
+    """Read names, shapes and structure off a model (meta or real; no tensor data read)."""
+    params = list(model.named_parameters())
+    modules = list(model.named_modules())
+    return ParamTable(
+        names=tuple(n for n, _ in params),
+        shapes={n: tuple(p.shape) for n, p in params},
+        owner={n: n.rpartition(".")[0] for n, _ in params},
+        module_types={n: type(m).__name__ for n, m in modules},
+        norm_modules=frozenset(n for n, m in modules if is_norm(m)),
+        stat_modules=frozenset(n for n, m in modules if has_running_stats(m)),
+        head=tuple(head),
+        stages=tuple(tuple(s) for s in stages),
+        layers=dict(layers or {}),
+        no_weight_decay=no_weight_decay,
+    )

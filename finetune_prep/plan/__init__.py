@@ -1,0 +1,1 @@
+"""Torch-free planning on names and shapes: parameter table, rules, groups, phases, memory."""

@@ -1,0 +1,170 @@
+"""Apply a plan to a live model: param groups, the optimizer, train/eval modes, the rebuilt model.
+
+A training script turns the file into an optimizer in one call:
+`torch.optim.AdamW(load_param_groups(model, path))`, or `build_optimizer(model, path)`; the
+model may be wrapped (DDP, torch.compile, FSDP, AveragedModel: names map through
+`train.wrappers`), and `build_model(path)` rebuilds the model the file was made for.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune_prep.errors import FinetunePrepError, did_you_mean, listing
+from finetune_prep.model.build import build_architecture
+from finetune_prep.paramfile import allowlist
+from finetune_prep.paramfile.format import read
+from finetune_prep.paramfile.validate import GROUP_KEYS
+from finetune_prep.train import wrappers
+
+
+def load_param_groups(model: nn.Module, path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Set requires_grad on `model` as the file says; return groups of tensors for torch.optim.
+
+    `model` may be wrapped (DataParallel/DDP, torch.compile, AveragedModel, FSDP1 with
+    use_orig_params=True, FSDP2): names map through the wrapper. DDP and FSDP1 fix the trainable
+    set when they are built, so on those the file must already hold (apply it to the bare model
+    before wrapping); a difference is an error that says so, not a reducer error a step later.
+    """
+    return _apply(model, read(path), path)
+
+
+def _apply(model: nn.Module, document: dict[str, Any], path: Any) -> list[dict[str, Any]]:
+    """`load_param_groups` on a document already read."""
+    params = wrappers.named_parameters(model)
+    check_names(params, document, path)
+    trainable = {n for g in document["groups"] for n in g["params"]}
+    _check_order(model, params, trainable, path)
+    for name, param in params.items():
+        param.requires_grad_(name in trainable)
+    return tensor_groups(model, document["groups"])
+
+
+def _check_order(model: nn.Module, params: dict[str, Any], trainable: set[str], path: Any) -> None:
+    """On a wrapper built on requires_grad (DDP, FSDP1), the file must already be applied."""
+    wrapper = wrappers.built_on_requires_grad(model)
+    if wrapper is None:
+        return
+    differ = [n for n, p in params.items() if p.requires_grad != (n in trainable)]
+    if differ:
+        raise FinetunePrepError(
+            f"the model is wrapped in {wrapper}, which fixed the trainable parameters when it "
+            f"was built, and requires_grad differs from {path} on {listing('parameters', differ)}"
+            " (training would fail a step later). Apply the file to the bare "
+            f"model first: `finetune_prep.load_param_groups(model, path)`, then `{wrapper}(model)`,"
+            " then `finetune_prep.build_optimizer(wrapped, path)`."
+        )
+
+
+def tensor_groups(model: nn.Module, groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Groups of parameter names -> the groups of tensors that torch.optim takes.
+
+    Only `params`, `lr` and `weight_decay` go into a group: the file's `lr` is absolute (layer
+    decay and multipliers are in it already), so its `lr_scale` stays out, and a scheduler that
+    reads `lr_scale` (timm's) cannot apply it a second time. The tensors are the model's current
+    ones, looked up by name through any wrapper (after FSDP2 `fully_shard`: the sharded ones).
+    """
+    params = wrappers.named_parameters(model)
+    missing = [n for g in groups for n in g["params"] if n not in params]
+    if missing:
+        raise FinetunePrepError(
+            f"{listing('names in the groups not in the model', missing)}."
+            f"{did_you_mean(missing[0], params)} Build the model the groups were made for."
+        )
+    return [
+        {"params": [params[n] for n in g["params"]], **{k: g[k] for k in GROUP_KEYS if k in g}}
+        for g in groups
+    ]
+
+
+def build_optimizer(
+    model: nn.Module, path: str | os.PathLike, optimizers: Sequence[allowlist.OptimizerSpec] = (),
+) -> torch.optim.Optimizer:
+    """The optimizer the file records (its `_target_` and arguments), on the file's groups.
+
+    The file may name a `torch.optim` optimizer; another class only if it is in `optimizers`
+    (classes, or dotted names you write: `optimizers=[timm.optim.Lamb]`). Build it after
+    wrapping and sharding (`fully_shard` replaces the parameters), from the model as it will
+    train: the groups hold its current tensors.
+    """
+    document = read(path)
+    spec = document.get("optimizer") or allowlist.DEFAULT_OPTIMIZER
+    factory = allowlist.file_optimizer_factory(spec, optimizers, path)  # refuses before any change
+    return factory(_apply(model, document, path))
+
+
+def train_mode(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """model.train(), but the file's `eval_modules` (frozen norm layers) stay in eval mode."""
+    return set_train_mode(model, read(path).get("eval_modules", []))
+
+
+def set_train_mode(model: nn.Module, eval_modules: Sequence[str]) -> nn.Module:
+    """model.train(), then the named modules (names of the bare model) back to eval mode."""
+    model.train()
+    return hold_eval(model, eval_modules)
+
+
+def hold_eval(model: nn.Module, eval_modules: Sequence[str]) -> nn.Module:
+    """Put only the named modules in eval mode, leaving the rest as it is (for trainers such as
+    Lightning that switch the model's mode themselves). Names map through wrappers."""
+    modules = wrappers.named_modules(model)
+    missing = [n for n in eval_modules if n not in modules]
+    if missing:
+        raise FinetunePrepError(
+            f"{listing('eval_modules not in the model', missing)}."
+            f"{did_you_mean(missing[0], modules)} Build the model the file was made for."
+        )
+    for name in eval_modules:
+        modules[name].eval()
+    return model
+
+
+def check_names(params: dict[str, Any], document: dict[str, Any], path: Any) -> None:
+    """The model's parameter names (bare names) are exactly the file's, or an error listing
+    the differences."""
+    listed = [n for g in document["groups"] for n in g["params"]] + list(document["frozen"])
+    known = set(listed)
+    missing = [n for n in params if n not in known]
+    extra = [n for n in listed if n not in params]
+    if missing or extra:
+        model = document.get("model", {})
+        raise FinetunePrepError(
+            f"{path} was made for another model ({model.get('arch', '?')}, "
+            f"{model.get('num_outputs', '?')} outputs): "
+            + "; ".join(
+                part for part in (
+                    listing("parameters of the model not in the file", missing),
+                    listing("names in the file not in the model", extra),
+                ) if part
+            )
+            + ". Prepare the file for this model, or build the model the file describes."
+        )
+
+
+def build_model(path: str | os.PathLike, target: Any = None) -> nn.Module:
+    """The model the file was made for, rebuilt from its `model` block: the architecture with
+    the fresh head, real tensors, random init. Load your weights into it, then train.
+
+    torchvision and timm models are rebuilt by registry name, a Hugging Face model from its
+    folder on this machine (never remote code). A `_target_` model is rebuilt only from the
+    class you pass (`build_model(path, target=MyNet)`), which must be the class the file names:
+    a file never imports or calls anything itself (see finetune_prep/allowlist.py).
+    """
+
+    document = read(path)
+    model_cfg, head_cfg, make_target = allowlist.model_config(document.get("model") or {}, target,
+                                                          path)
+    try:
+        model = build_architecture(model_cfg, head_cfg, meta=False, make_target=make_target).model
+    except FinetunePrepError as err:
+        raise FinetunePrepError(f"build_model({path}): {err}") from err
+    except (TypeError, ValueError) as err:  # registry builders rejecting the file's kwargs
+        raise FinetunePrepError(f"build_model({path}): {model_cfg.arch} cannot be built from "
+                                f"the file's model block: {err}") from err
+    check_names(wrappers.named_parameters(model), document, path)
+    return model
