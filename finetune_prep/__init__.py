@@ -14,14 +14,17 @@ from finetune_prep.errors import FinetunePrepError
 
 if TYPE_CHECKING:
     from finetune_prep.app.pipeline import Prepared, prepare
+    from finetune_prep.paramfile.format import Plan, load_plan
 
-__all__ = ["CONF_DIR", "FinetunePrepError", "Prepared", "Schedule", "build_model",
-           "build_optimizer", "check", "compose", "load_param_groups", "peak_lrs", "prepare",
-           "register_configs", "train_mode"]
+__all__ = ["CONF_DIR", "FinetunePrepError", "Plan", "Prepared", "Schedule", "build_model",
+           "build_optimizer", "check", "compose", "load_param_groups", "load_plan", "peak_lrs",
+           "prepare", "register_configs", "train_mode"]
 
 LAZY = {  # public name -> the module that defines it (imported on first use: it needs torch)
     "prepare": "finetune_prep.app.pipeline",
     "Prepared": "finetune_prep.app.pipeline",
+    "load_plan": "finetune_prep.paramfile.format",
+    "Plan": "finetune_prep.paramfile.format",
     "load_param_groups": "finetune_prep.train.apply",
     "build_optimizer": "finetune_prep.train.apply",
     "train_mode": "finetune_prep.train.apply",

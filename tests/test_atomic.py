@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from finetune_prep.app import atomic
+from finetune_prep import atomic
 from finetune_prep.errors import FinetunePrepError
 
 
@@ -28,7 +28,7 @@ def test_write_atomic_leaves_the_old_file_when_writing_fails(tmp_path, monkeypat
 
 
 def test_the_writer_does_not_import_torch():
-    code = "import finetune_prep.app.atomic, sys; print('torch' in sys.modules)"
+    code = "import finetune_prep.atomic, sys; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
 

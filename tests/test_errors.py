@@ -22,8 +22,7 @@ import torchvision
 from conftest import REPO, run_cli
 from safetensors.torch import save_file
 
-from finetune_prep import prepare
-from finetune_prep.app import atomic
+from finetune_prep import atomic, prepare
 from finetune_prep.checkpoint import read as ckpt_read  # the module that opens files
 from finetune_prep.config import CONF_DIR
 from finetune_prep.errors import FinetunePrepError

@@ -11,6 +11,7 @@ from conftest import TwoBranchNet
 
 from finetune_prep import paramfile
 from finetune_prep.errors import FinetunePrepError
+from finetune_prep.paramfile.format import Group
 from finetune_prep.train import apply
 
 
@@ -212,7 +213,7 @@ def test_unknown_names_are_errors_not_key_errors(planned):
     model = fresh_resnet18()
     with pytest.raises(FinetunePrepError, match="1 names in the groups not in the model: fc.wieght"
                                                 ". Did you mean: fc.weight"):
-        apply.tensor_groups(model, [{"params": ["fc.wieght"], "lr": 0.1}])
+        apply.tensor_groups(model, [Group("g", 0.1, 0.0, ("fc.wieght",))])
     with pytest.raises(FinetunePrepError, match="1 eval_modules not in the model: layer1.0.bn9. "
                                                 "Did you mean: layer1.0.bn2, layer1.0.bn1"):
         apply.set_train_mode(model, ["bn1", "layer1.0.bn9"])

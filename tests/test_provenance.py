@@ -96,8 +96,8 @@ def wheel(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_wheel_ships_the_configs(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    shipped = {p.relative_to(REPO).as_posix()
-               for p in (REPO / "finetune_prep" / "conf").rglob("*.yaml")}
+    shipped = {"finetune_prep/" + p.relative_to(REPO).as_posix()
+               for p in (REPO / "conf").rglob("*.yaml")}  # conf/ at the top -> in the package
     assert "finetune_prep/conf/config.yaml" in shipped
     assert "finetune_prep/conf/sweep/freeze_presets.yaml" in shipped
     assert shipped <= names
@@ -148,8 +148,9 @@ def test_installed_wheel_runs_from_another_folder(wheel, tmp_path):
     compose = ("import finetune_prep, hydra; "
                "cfg = finetune_prep.compose(['freeze=last_stage', 'model=vit_b_16']); "
                "print(cfg.model.arch, len(cfg.freeze.rules)); "
-               "ctx = hydra.initialize_config_module('finetune_prep.conf', version_base='1.3'); "
+               "ctx = hydra.initialize_config_dir(str(finetune_prep.CONF_DIR), version_base='1.3'); "
                "ctx.__enter__(); print(hydra.compose('config', ['optim=sgd']).optim.lr)")
-    done = subprocess.run([str(python), "-c", compose], cwd=elsewhere, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert done.stdout.split() == ["vit_b_16", "3", "0.01"], done.stderr
+    done = subprocess.run([str(python), "-c", compose + "; print(finetune_prep.CONF_DIR)"],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split()[:3] == ["vit_b_16", "3", "0.01"], done.stderr
+    assert done.stdout.split()[3].endswith("site-packages/finetune_prep/conf")  # the wheel's

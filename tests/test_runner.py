@@ -180,12 +180,13 @@ def _real(arch_cfg: dict, rules: list, input_size: list[int]):
 def test_the_proof_fails_when_the_update_underflows_and_passes_at_a_normal_lr(arch_cfg, rules,
                                                                               size):
     from finetune_prep.app.proof import FAILURES, optimizer_factory, prove
+    from finetune_prep.paramfile.format import Group
     from finetune_prep.train.apply import tensor_groups
 
     for lr, ok in ((1e-320, False), (1e-3, True)):
         model, groups = _real(arch_cfg, rules, size)
         groups = [{**g, "lr": lr} for g in groups]  # past validation, as a hand-edited plan
-        result = prove(model, tensor_groups(model, groups),
+        result = prove(model, tensor_groups(model, [Group.of(g) for g in groups]),
                        optimizer_factory({"_target_": "torch.optim.AdamW"}), size, 2, 0)
         trainable = [n for g in groups for n in g["params"]]
         assert result["ok"] is ok

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import IO
 
-from finetune_prep.app.atomic import open_for_writing
+from finetune_prep.atomic import open_for_writing
 from finetune_prep.errors import FinetunePrepError
 
 

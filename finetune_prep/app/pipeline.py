@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +17,15 @@ from torch import nn
 
 from finetune_prep import paramfile
 from finetune_prep.app import assemble, cache, proof, provenance
-from finetune_prep.app.atomic import write_files
 from finetune_prep.app.report import render
+from finetune_prep.atomic import write_files
 from finetune_prep.checkpoint import Checkpoint, Fit, check_fit, load_into, read_checkpoint
 from finetune_prep.config import BnStats, validate
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.model import hf
 from finetune_prep.model.build import build_architecture, torchvision_weights_file
 from finetune_prep.model.describe import BuiltModel
+from finetune_prep.paramfile.format import Group, Plan
 from finetune_prep.plan.groups import build_groups
 from finetune_prep.plan.memory import check_memory
 from finetune_prep.plan.phases import plan_phases
@@ -32,6 +34,9 @@ from finetune_prep.plan.table import ParamTable
 from finetune_prep.train import apply
 
 log = logging.getLogger("finetune_prep")
+
+PARAM_FILE = "param_groups.json"  # the plan a run writes
+SUMMARY_FILE = "trainability.txt"  # its summary, as the console showed it
 
 
 @dataclass
@@ -60,6 +65,21 @@ class Prepared:
             "\n" if self.notes else "")
 
     @property
+    def plan(self) -> Plan:
+        """The typed plan (what `finetune_prep.load_plan` reads back from the saved file)."""
+        return Plan.from_document(self.document, "the prepared plan")
+
+    def save(self, folder: str | os.PathLike, dirs: Mapping[Path, Path] | None = None) -> Path:
+        """Write param_groups.json and trainability.txt into `folder`, all or nothing, as the
+        CLI does (`dirs`: staged folders moved in with them); the plan file's path."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / PARAM_FILE
+        write_files({target: paramfile.dumps(self.document),
+                     folder / SUMMARY_FILE: self.summary}, dirs=dirs)
+        return target
+
+    @property
     def param_groups(self) -> list[dict[str, Any]]:
         """The groups as in the file (parameter names, lr, weight_decay)."""
         return self.document["groups"]
@@ -70,7 +90,7 @@ class Prepared:
 
     def optimizer_groups(self) -> list[dict[str, Any]]:
         """The groups with tensors, ready for torch.optim."""
-        return apply.tensor_groups(self.model, self.param_groups)
+        return apply.tensor_groups(self.model, [Group.of(g) for g in self.param_groups])
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The configured optimizer on the groups."""
@@ -156,10 +176,7 @@ def run(
         log.info("%s", line)
     for note in prepared.notes:
         log.warning("%s", note)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    target = output_dir / "param_groups.json"
-    write_files({target: paramfile.dumps(prepared.document),
-                 output_dir / "trainability.txt": prepared.summary}, dirs=dirs)  # all or none
+    target = prepared.save(output_dir, dirs=dirs)
     log.info("Wrote %s", target)
     return target
 
@@ -216,7 +233,7 @@ def _check_optimizer(model: nn.Module, groups: list[dict], spec: Any) -> None:
         return
     factory = proof.optimizer_factory(spec)
     try:
-        factory(apply.tensor_groups(model, groups))
+        factory(apply.tensor_groups(model, [Group.of(g) for g in groups]))
     except Exception as err:  # the class is allowlisted: whatever it raises is about its args
         why = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise FinetunePrepError(

@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_flatten
 
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.model.describe import BuiltModel
+from finetune_prep.paramfile.format import Group
 from finetune_prep.plan.memory import human_bytes, physical_memory, state_copies
 from finetune_prep.plan.table import ParamTable
 from finetune_prep.train.apply import set_train_mode, tensor_groups
@@ -286,7 +287,8 @@ def run_proof(
     if reason is not None:
         return {"backward": False, "reason": reason}
     model = set_train_mode(make_model(), eval_modules)
-    return prove(model, tensor_groups(model, groups), optimizer_factory(optimizer),
+    tensors = tensor_groups(model, [Group.of(g) for g in groups])
+    return prove(model, tensors, optimizer_factory(optimizer),
                  built.input_size, verify_cfg.batch_size, verify_cfg.seed, built.make_batch)
 
 

@@ -29,8 +29,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from finetune_prep.app.atomic import open_for_writing, refuse_link, remove, sweep_stale, temp_name
 from finetune_prep.app.sweep import LOCK_FILE as SWEEP_LOCK
+from finetune_prep.atomic import open_for_writing, refuse_link, remove, sweep_stale, temp_name
 from finetune_prep.errors import FinetunePrepError
 
 LOCK_FILE = ".finetune_prep.lock"

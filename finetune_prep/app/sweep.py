@@ -41,8 +41,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from finetune_prep.app.atomic import open_for_writing, pid_alive, write_atomic
 from finetune_prep.app.naming import PLAN_FILE, register_resolvers
+from finetune_prep.atomic import open_for_writing, pid_alive, write_atomic
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.plan.table import covers
 

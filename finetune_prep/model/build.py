@@ -1,4 +1,4 @@
-"""Build the architecture from a model config: torchvision, timm, Hugging Face or a `_target_` class.
+"""Build the architecture a model config names: torchvision, timm, Hugging Face or `_target_`.
 
 The model is built on the meta device for planning (no memory, no init time) or on the CPU when
 real tensors are needed; its head is replaced (model.heads) and it is described (model.describe).

@@ -18,31 +18,31 @@ from torch import nn
 from finetune_prep.errors import FinetunePrepError, did_you_mean, listing
 from finetune_prep.model.build import build_architecture
 from finetune_prep.paramfile import allowlist
-from finetune_prep.paramfile.format import read
-from finetune_prep.paramfile.validate import GROUP_KEYS
+from finetune_prep.paramfile.format import Group, Plan, as_plan
 from finetune_prep.train import wrappers
 
 
-def load_param_groups(model: nn.Module, path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Set requires_grad on `model` as the file says; return groups of tensors for torch.optim.
+def load_param_groups(model: nn.Module, plan: Plan | str | os.PathLike) -> list[dict[str, Any]]:
+    """Set requires_grad on `model` as the plan (a `Plan` or a file's path) says; return groups
+    of tensors for torch.optim.
 
     `model` may be wrapped (DataParallel/DDP, torch.compile, AveragedModel, FSDP1 with
     use_orig_params=True, FSDP2): names map through the wrapper. DDP and FSDP1 fix the trainable
     set when they are built, so on those the file must already hold (apply it to the bare model
     before wrapping); a difference is an error that says so, not a reducer error a step later.
     """
-    return _apply(model, read(path), path)
+    return _apply(model, as_plan(plan))
 
 
-def _apply(model: nn.Module, document: dict[str, Any], path: Any) -> list[dict[str, Any]]:
-    """`load_param_groups` on a document already read."""
+def _apply(model: nn.Module, plan: Plan) -> list[dict[str, Any]]:
+    """`load_param_groups` on a plan already read."""
     params = wrappers.named_parameters(model)
-    check_names(params, document, path)
-    trainable = {n for g in document["groups"] for n in g["params"]}
-    _check_order(model, params, trainable, path)
+    check_names(params, plan)
+    trainable = set(plan.trainable)
+    _check_order(model, params, trainable, plan.origin)
     for name, param in params.items():
         param.requires_grad_(name in trainable)
-    return tensor_groups(model, document["groups"])
+    return tensor_groups(model, plan.groups)
 
 
 def _check_order(model: nn.Module, params: dict[str, Any], trainable: set[str], path: Any) -> None:
@@ -61,7 +61,7 @@ def _check_order(model: nn.Module, params: dict[str, Any], trainable: set[str], 
         )
 
 
-def tensor_groups(model: nn.Module, groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def tensor_groups(model: nn.Module, groups: Sequence[Group]) -> list[dict[str, Any]]:
     """Groups of parameter names -> the groups of tensors that torch.optim takes.
 
     Only `params`, `lr` and `weight_decay` go into a group: the file's `lr` is absolute (layer
@@ -70,37 +70,38 @@ def tensor_groups(model: nn.Module, groups: Sequence[dict[str, Any]]) -> list[di
     ones, looked up by name through any wrapper (after FSDP2 `fully_shard`: the sharded ones).
     """
     params = wrappers.named_parameters(model)
-    missing = [n for g in groups for n in g["params"] if n not in params]
+    missing = [n for g in groups for n in g.params if n not in params]
     if missing:
         raise FinetunePrepError(
             f"{listing('names in the groups not in the model', missing)}."
             f"{did_you_mean(missing[0], params)} Build the model the groups were made for."
         )
     return [
-        {"params": [params[n] for n in g["params"]], **{k: g[k] for k in GROUP_KEYS if k in g}}
-        for g in groups
+        {"params": [params[n] for n in g.params], **g.optimizer_args()} for g in groups
     ]
 
 
 def build_optimizer(
-    model: nn.Module, path: str | os.PathLike, optimizers: Sequence[allowlist.OptimizerSpec] = (),
+    model: nn.Module, plan: Plan | str | os.PathLike,
+    optimizers: Sequence[allowlist.OptimizerSpec] = (),
 ) -> torch.optim.Optimizer:
-    """The optimizer the file records (its `_target_` and arguments), on the file's groups.
+    """The optimizer the plan records (its `_target_` and arguments), on the plan's groups.
 
     The file may name a `torch.optim` optimizer; another class only if it is in `optimizers`
     (classes, or dotted names you write: `optimizers=[timm.optim.Lamb]`). Build it after
     wrapping and sharding (`fully_shard` replaces the parameters), from the model as it will
     train: the groups hold its current tensors.
     """
-    document = read(path)
-    spec = document.get("optimizer") or allowlist.DEFAULT_OPTIMIZER
-    factory = allowlist.file_optimizer_factory(spec, optimizers, path)  # refuses before any change
-    return factory(_apply(model, document, path))
+    plan = as_plan(plan)
+    factory = allowlist.file_optimizer_factory(  # refuses before anything changes
+        dict(plan.optimizer), optimizers, plan.origin)
+    return factory(_apply(model, plan))
 
 
-def train_mode(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """model.train(), but the file's `eval_modules` (frozen norm layers) stay in eval mode."""
-    return set_train_mode(model, read(path).get("eval_modules", []))
+def train_mode(model: nn.Module, plan: Plan | str | os.PathLike) -> nn.Module:
+    """model.train(), but the plan's `eval_modules` (frozen norm layers) stay in eval mode.
+    Pass a `Plan` (finetune_prep.load_plan) when calling it every batch: a path is read again."""
+    return set_train_mode(model, as_plan(plan).eval_modules)
 
 
 def set_train_mode(model: nn.Module, eval_modules: Sequence[str]) -> nn.Module:
@@ -124,18 +125,17 @@ def hold_eval(model: nn.Module, eval_modules: Sequence[str]) -> nn.Module:
     return model
 
 
-def check_names(params: dict[str, Any], document: dict[str, Any], path: Any) -> None:
-    """The model's parameter names (bare names) are exactly the file's, or an error listing
+def check_names(params: dict[str, Any], plan: Plan) -> None:
+    """The model's parameter names (bare names) are exactly the plan's, or an error listing
     the differences."""
-    listed = [n for g in document["groups"] for n in g["params"]] + list(document["frozen"])
+    listed = plan.names
     known = set(listed)
     missing = [n for n in params if n not in known]
     extra = [n for n in listed if n not in params]
     if missing or extra:
-        model = document.get("model", {})
         raise FinetunePrepError(
-            f"{path} was made for another model ({model.get('arch', '?')}, "
-            f"{model.get('num_outputs', '?')} outputs): "
+            f"{plan.origin} was made for another model ({plan.model.arch}, "
+            f"{plan.model.num_outputs or '?'} outputs): "
             + "; ".join(
                 part for part in (
                     listing("parameters of the model not in the file", missing),
@@ -146,7 +146,7 @@ def check_names(params: dict[str, Any], document: dict[str, Any], path: Any) -> 
         )
 
 
-def build_model(path: str | os.PathLike, target: Any = None) -> nn.Module:
+def build_model(plan: Plan | str | os.PathLike, target: Any = None) -> nn.Module:
     """The model the file was made for, rebuilt from its `model` block: the architecture with
     the fresh head, real tensors, random init. Load your weights into it, then train.
 
@@ -156,9 +156,9 @@ def build_model(path: str | os.PathLike, target: Any = None) -> nn.Module:
     a file never imports or calls anything itself (see finetune_prep/allowlist.py).
     """
 
-    document = read(path)
-    model_cfg, head_cfg, make_target = allowlist.model_config(document.get("model") or {}, target,
-                                                          path)
+    plan = as_plan(plan)
+    path = plan.origin
+    model_cfg, head_cfg, make_target = allowlist.model_config(dict(plan.model.fields), target, path)
     try:
         model = build_architecture(model_cfg, head_cfg, meta=False, make_target=make_target).model
     except FinetunePrepError as err:
@@ -166,5 +166,5 @@ def build_model(path: str | os.PathLike, target: Any = None) -> nn.Module:
     except (TypeError, ValueError) as err:  # registry builders rejecting the file's kwargs
         raise FinetunePrepError(f"build_model({path}): {model_cfg.arch} cannot be built from "
                                 f"the file's model block: {err}") from err
-    check_names(wrappers.named_parameters(model), document, path)
+    check_names(wrappers.named_parameters(model), plan)
     return model

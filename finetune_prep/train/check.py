@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune_prep import paramfile
 from finetune_prep.errors import FinetunePrepError, listing
+from finetune_prep.paramfile.format import Group, Plan, as_plan
 from finetune_prep.train import apply, wrappers
 
 RTOL = 1e-6
@@ -29,7 +29,7 @@ FLATTENED_HINT = (
 
 def check(
     model: nn.Module, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
-    path: str | os.PathLike, phase: int = 0,
+    plan: Plan | str | os.PathLike, phase: int = 0,
 ) -> None:
     """Raise a FinetunePrepError listing every way `model` + `optimizer` differ from the plan.
 
@@ -38,24 +38,25 @@ def check(
     not give them one value. `model` may be wrapped (DDP, compile, FSDP, AveragedModel).
     With a schedule, `phase` is the phase training is in (`Schedule.phase`).
     """
-    document = paramfile.at_phase(paramfile.read(path), phase)  # gradual unfreezing: phase N
+    plan = as_plan(plan).at_phase(phase)  # gradual unfreezing: the plan in phase N
     params = wrappers.named_parameters(model)
     _not_on_meta(model, params)
-    apply.check_names(params, document, path)
+    apply.check_names(params, plan)
     optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
     groups = [g for opt in optimizers for g in opt.param_groups]
     order = {n: i for i, n in enumerate(params)}
-    problems = _membership(params, groups, document, order)
-    plan = {n: g for g in document["groups"] for n in g["params"]}
+    problems = _membership(params, groups, plan.trainable, order)
+    planned = {n: g for g in plan.groups for n in g.params}
     placed = _placed(params, groups)
-    flattened = _ratios("lr", plan, placed, _base_lr)
+    flattened = _ratios("lr", planned, placed, _base_lr)
     problems += flattened
-    problems += _ratios("weight_decay", plan, placed, lambda g: float(g.get("weight_decay", 0)))
+    problems += _ratios("weight_decay", planned, placed,
+                        lambda g: float(g.get("weight_decay", 0)))
     problems += _lr_scales(groups)
-    problems += _eval_modules(model, document.get("eval_modules", []))
+    problems += _eval_modules(model, plan.eval_modules)
     if problems:
         raise FinetunePrepError(
-            f"the training setup differs from {path} in {len(problems)} way(s):\n- "
+            f"the training setup differs from {plan.origin} in {len(problems)} way(s):\n- "
             + "\n- ".join(problems) + (FLATTENED_HINT if flattened else "")
         )
 
@@ -81,7 +82,8 @@ def _placed(params: dict[str, nn.Parameter], groups: list[dict]) -> dict[str, di
 
 
 def _membership(
-    params: dict[str, nn.Parameter], groups: list[dict], document: dict, order: dict[str, int],
+    params: dict[str, nn.Parameter], groups: list[dict], trainable: Sequence[str],
+    order: dict[str, int],
 ) -> list[str]:
     current = {id(p) for p in params.values()}
     stale = sum(1 for g in groups for p in g["params"] if id(p) not in current)
@@ -93,7 +95,7 @@ def _membership(
             "`.to()` that replaced them), so they train nothing. Build the optimizer after "
             "sharding/wrapping: `finetune_prep.build_optimizer(model, path)`."
         )
-    planned = {n for g in document["groups"] for n in g["params"]}
+    planned = set(trainable)
     grad = {n for n, p in params.items() if p.requires_grad}
     held = {id(q) for g in groups for q in g["params"]}
     in_optimizer = {n for n, p in params.items() if id(p) in held}
@@ -112,23 +114,23 @@ def _base_lr(group: dict) -> float:
     return float(group.get("initial_lr", group["lr"]))
 
 
-def _ratios(key: str, plan: dict[str, dict], placed: dict[str, dict], value: Any) -> list[str]:
+def _ratios(key: str, plan: dict[str, Group], placed: dict[str, dict], value: Any) -> list[str]:
     """Every file group's optimizer value is one common factor times its planned value."""
-    pairs = [(g, float(g[key]), value(placed[n])) for n, g in plan.items() if n in placed]
+    pairs = [(g, float(getattr(g, key)), value(placed[n])) for n, g in plan.items() if n in placed]
     if not pairs:
         return []
     ref_group, ref_plan, ref_actual = max(pairs, key=lambda t: t[1])
     scale = ref_actual / ref_plan if ref_plan else 1.0
     if ref_plan and not scale > 0:
         return [f"every group's {key} is {ref_actual} in the optimizer; the plan has "
-                f"{ref_plan} for {ref_group['name']!r}"]
+                f"{ref_plan} for {ref_group.name!r}"]
     problems: dict[str, str] = {}
     for g, planned, actual in pairs:
         expected = scale * planned
         if abs(actual - expected) > RTOL * max(abs(expected), abs(actual)) + 1e-12:
-            problems.setdefault(g["name"], (
-                f"group {g['name']!r}: {key} {actual:.6g} in the optimizer, but the plan's ratios "
-                f"give {expected:.6g} (plan {planned:.6g}, scaled like {ref_group['name']!r}: "
+            problems.setdefault(g.name, (
+                f"group {g.name!r}: {key} {actual:.6g} in the optimizer, but the plan's ratios "
+                f"give {expected:.6g} (plan {planned:.6g}, scaled like {ref_group.name!r}: "
                 f"x{scale:.6g})"
             ))
     return list(problems.values())

@@ -20,9 +20,9 @@ from typing import Any
 
 from torch import nn
 
-from finetune_prep import paramfile
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.paramfile import allowlist
+from finetune_prep.paramfile.format import Plan, as_plan
 from finetune_prep.train import apply, wrappers
 from finetune_prep.train.check import check
 from finetune_prep.train.unfreezing import Schedule
@@ -43,17 +43,16 @@ class FinetunePrepCallback(Callback):
     allows optimizer classes beyond torch.optim for the file's `_target_`, as in
     `finetune_prep.build_optimizer` (a file names nothing else that is called)."""
 
-    def __init__(self, path: str | os.PathLike, module: str | None = None,
+    def __init__(self, plan: Plan | str | os.PathLike, module: str | None = None,
                  optimizers: Sequence[allowlist.OptimizerSpec] = ()) -> None:
-        document = paramfile.read(path)
-        self.path = path
+        self.plan = as_plan(plan)  # read once: every hook below uses it
         self.module = module
         self.optimizers = tuple(optimizers)
         # refuse a file whose optimizer is not allowed now, not when fitting starts
-        spec = document.get("optimizer") or allowlist.DEFAULT_OPTIMIZER
-        allowlist.optimizer_class(spec["_target_"], self.optimizers, path)
-        self.names = [n for g in document["groups"] for n in g["params"]] + document["frozen"]
-        self.eval_modules = list(document.get("eval_modules", []))
+        allowlist.optimizer_class(self.plan.optimizer["_target_"], self.optimizers,
+                                  self.plan.origin)
+        self.names = list(self.plan.names)
+        self.eval_modules = list(self.plan.eval_modules)
         self._original: Any = None
         self._model: nn.Module | None = None
         self.schedule: Schedule | None = None  # the plan's phases (freeze.schedule), if any
@@ -73,7 +72,7 @@ class FinetunePrepCallback(Callback):
                     return candidate
         raise FinetunePrepError(
             f"no submodule of {type(pl_module).__name__} has exactly the {len(wanted)} parameters "
-            f"of {self.path}: build the model the file was made for, or name the attribute "
+            f"of {self.plan.origin}: build the model the file was made for, or name the attribute "
             "that holds it: FinetunePrepCallback(path, module='net')."
         )
 
@@ -82,7 +81,7 @@ class FinetunePrepCallback(Callback):
         if stage != "fit":
             return
         model = self._model = self.model(pl_module)
-        apply.load_param_groups(model, self.path)
+        apply.load_param_groups(model, self.plan)
         self._provide_optimizer(pl_module, model)
 
     def _provide_optimizer(self, pl_module: LightningModule, model: nn.Module) -> None:
@@ -94,7 +93,7 @@ class FinetunePrepCallback(Callback):
             result = original()
             if result is not None:
                 return result
-            return apply.build_optimizer(model, self.path, optimizers=self.optimizers)
+            return apply.build_optimizer(model, self.plan, optimizers=self.optimizers)
 
         pl_module.configure_optimizers = configure_optimizers  # type: ignore[method-assign]
 
@@ -111,17 +110,18 @@ class FinetunePrepCallback(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.hold(pl_module)
         model = self._model or self.model(pl_module)
-        check(model, trainer.optimizers, self.path)
-        if paramfile.read(self.path).get("schedule"):
+        check(model, trainer.optimizers, self.plan)
+        if self.plan.schedule:
             strategy = type(trainer.strategy).__name__
             if "DDP" in strategy or "FSDP" in strategy:
                 raise FinetunePrepError(
-                    f"{self.path} has phases (freeze.schedule), and Lightning's {strategy} builds "
+                    f"{self.plan.origin} has phases (freeze.schedule), and Lightning's {strategy} "
+                    "builds "
                     "its wrapper once: parameters unfrozen later would never be all-reduced. "
                     "Run each phase as its own fit, or train in a plain loop that wraps again "
                     "after each transition (README: Gradual unfreezing)."
                 )
-            self.schedule = Schedule(model, trainer.optimizers[0], self.path)
+            self.schedule = Schedule(model, trainer.optimizers[0], self.plan)
             if self._resumed is not None:  # the saved optimizer state holds those phases' groups
                 self.schedule.step(epoch=self._resumed[0], step=self._resumed[1])
 
@@ -155,5 +155,5 @@ class FinetunePrepCallback(Callback):
         before = self.schedule.phase
         if self.schedule.step(epoch=trainer.current_epoch, step=trainer.global_step) != before:
             self.eval_modules = self.schedule.eval_modules
-            check(self.schedule.model, self.schedule.optimizer, self.path,
+            check(self.schedule.model, self.schedule.optimizer, self.plan,
                   phase=self.schedule.phase)

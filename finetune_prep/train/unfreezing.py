@@ -16,13 +16,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
-from finetune_prep import paramfile
 from finetune_prep.errors import FinetunePrepError
+from finetune_prep.paramfile.format import Phase, Plan, as_plan
 from finetune_prep.train import apply, wrappers
 
 log = logging.getLogger("finetune_prep")
@@ -32,24 +31,24 @@ class Schedule:
     """The phases of one plan, applied to `model` and `optimizer` as training reaches them."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 path: str | os.PathLike) -> None:
-        self.model, self.optimizer, self.path = model, optimizer, path
-        document = self.document = paramfile.read(path)
-        self.phases: list[dict[str, Any]] = document.get("schedule", [])
-        self.eval_modules: list[str] = list(document.get("eval_modules", []))
+                 plan: Plan | str | os.PathLike) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.full = as_plan(plan)  # the whole plan, phase 0 and its schedule
+        self.phases: tuple[Phase, ...] = self.full.schedule
+        self.eval_modules: list[str] = list(self.full.eval_modules)
         self.phase = 0
-        self._groups0 = len(document["groups"])
+        self._groups0 = len(self.full.groups)
         if len(optimizer.param_groups) != self._groups0:
             raise FinetunePrepError(
-                f"{path}: the optimizer has {len(optimizer.param_groups)} param groups, phase 0 "
-                f"of the plan has {self._groups0}; build it with "
+                f"{self.full.origin}: the optimizer has {len(optimizer.param_groups)} param "
+                f"groups, phase 0 of the plan has {self._groups0}; build it with "
                 "finetune_prep.build_optimizer(model, path) (or load_param_groups) first."
             )
 
     @property
     def unit(self) -> str | None:
         """'epoch' or 'step': what the phase boundaries count (None without phases)."""
-        return next(iter(self.phases[0]["at"])) if self.phases else None
+        return self.phases[0].unit.value if self.phases else None
 
     def due(self, epoch: int | None = None, step: int | None = None) -> int:
         """The phase that training at this epoch (or step) is in."""
@@ -58,10 +57,10 @@ class Schedule:
         now = {"epoch": epoch, "step": step}[self.unit]
         if now is None:
             raise FinetunePrepError(
-                f"{self.path}: this schedule's phases start at {self.unit} boundaries; call "
+                f"{self.full.origin}: this schedule's phases start at {self.unit} boundaries; call "
                 f"step({self.unit}=...) (both epoch= and step= may be given)."
             )
-        return max([0, *(p["phase"] for p in self.phases if now >= p["at"][self.unit])])
+        return max([0, *(p.index for p in self.phases if now >= p.at)])
 
     def step(self, epoch: int | None = None, step: int | None = None) -> int:
         """Apply every phase whose boundary this epoch (or step) has reached; the phase now."""
@@ -73,29 +72,24 @@ class Schedule:
         """model.train(), with the current phase's frozen norm layers kept in eval mode."""
         return apply.set_train_mode(self.model, self.eval_modules)
 
-    def plan(self) -> dict[str, Any]:
+    def plan(self) -> Plan:
         """The plan as it stands in the current phase (for `finetune_prep.check`)."""
-        return paramfile.at_phase(self.document, self.phase)
+        return self.full.at_phase(self.phase)
 
-    def _apply(self, phase: dict[str, Any]) -> None:
-        view = paramfile.at_phase(self.document, phase["phase"])
-        frozen = set(view["frozen"])
+    def _apply(self, phase: Phase) -> None:
+        view = self.full.at_phase(phase.index)
+        frozen = set(view.frozen)
         for name, param in wrappers.named_parameters(self.model).items():
             param.requires_grad_(name not in frozen)
-        for group in apply.tensor_groups(self.model, phase["groups"]):
+        for group in apply.tensor_groups(self.model, phase.groups):
             self.optimizer.add_param_group(group)
-        self.eval_modules = list(view["eval_modules"])
+        self.eval_modules = list(view.eval_modules)
         if self.model.training:
             self.train_mode()
-        self.phase = phase["phase"]
-        counts = phase["counts"]
-        log.info("finetune_prep: phase %d (%s): %s of %s parameters train, %d new param groups",
-                 self.phase, _at(phase["at"]), f"{counts['trainable']:,}",
-                 f"{counts['total']:,}", len(phase["groups"]))
-
-
-def _at(at: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in at.items())
+        self.phase = phase.index
+        log.info("finetune_prep: phase %d (%s %d): %s of %s parameters train, %d new param groups",
+                 self.phase, phase.unit.value, phase.at, f"{phase.counts['trainable']:,}",
+                 f"{phase.counts['total']:,}", len(phase.groups))
 
 
 __all__: Sequence[str] = ["Schedule"]
