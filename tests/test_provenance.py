@@ -148,7 +148,8 @@ def test_installed_wheel_runs_from_another_folder(wheel, tmp_path):
     compose = ("import finetune_prep, hydra; "
                "cfg = finetune_prep.compose(['freeze=last_stage', 'model=vit_b_16']); "
                "print(cfg.model.arch, len(cfg.freeze.rules)); "
-               "ctx = hydra.initialize_config_dir(str(finetune_prep.CONF_DIR), version_base='1.3'); "
+               "ctx = hydra.initialize_config_dir(str(finetune_prep.CONF_DIR), "
+               "version_base='1.3'); "
                "ctx.__enter__(); print(hydra.compose('config', ['optim=sgd']).optim.lr)")
     done = subprocess.run([str(python), "-c", compose + "; print(finetune_prep.CONF_DIR)"],
                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
