@@ -202,3 +202,17 @@ def test_weight_decay_that_wipes_weights_is_refused_only_where_it_multiplies_the
     assert build_groups(resnet18_table, ["fc.weight"], wide)[0]["weight_decay"] == 2000.0
     with pytest.raises(FinetunePrepError, match="torch.optim.AdamW every step multiplies"):
         build_groups(resnet18_table, ["fc.weight"], optim(weight_decay=2000.0))
+
+
+def test_layer_decay_and_no_decay_are_data_in_each_group(vit_table):
+    settings = optim(layer_decay=0.5, no_decay=["*.bias"])
+    groups = build_groups(vit_table, vit_table.names, settings)
+    top = max(vit_table.layer_ids().values())
+    for g in groups:
+        depths = {top - vit_table.layer_ids()[n] for n in g["params"]}
+        assert {g["layer_decay"]["depth"]} == depths and g["layer_decay"]["factor"] == 0.5
+        assert g["lr"] == pytest.approx(settings.lr * 0.5 ** g["layer_decay"]["depth"])
+        biases = all(n.endswith(".bias") for n in g["params"])
+        assert g["no_decay"] == (["*.bias"] if biases else [])
+    plain = build_groups(vit_table, vit_table.names, optim(no_decay=[]))
+    assert all("layer_decay" not in g and g["no_decay"] == [] for g in plain)

@@ -223,3 +223,17 @@ def test_groups_for_torch_optim_never_carry_lr_scale(planned):
     groups = apply.load_param_groups(fresh_resnet18(), planned)
     assert {frozenset(g) for g in groups} == {frozenset({"params", "lr", "weight_decay"})}
     assert any(g["lr_scale"] != 1.0 for g in json.loads(planned.read_text())["groups"])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("layer_decay", {"factor": "0.75", "depth": 1}, "groups[0].layer_decay is"),
+    ("layer_decay", {"factor": 0.75, "depth": -1}, "groups[0].layer_decay is"),
+    ("no_decay", "bias", "groups[0].no_decay must be a list of patterns"),
+])
+def test_the_structured_group_fields_are_checked(tmp_path, resnet18_plan, field, value, message):
+    document = json.loads(resnet18_plan.read_text())
+    document["groups"][0][field] = value
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(FinetunePrepError, match=message):
+        paramfile.read(path)

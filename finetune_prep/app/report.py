@@ -190,12 +190,10 @@ def _groups(document: Mapping[str, Any]) -> str:
 
 
 def _decay_step(group: Mapping[str, Any]) -> tuple[str, int] | None:
-    """(factor, exponent) from a group's 'layer_decay F^K' reason, if it has one."""
-    for reason in group.get("reasons", []):
-        if reason.startswith("layer_decay "):
-            factor, _, exponent = reason.split()[1].partition("^")
-            return factor, int(exponent)
-    return None
+    """(factor, depth) of a group's layer decay, if it has one (files before @2's
+    `layer_decay` field had it only in a reason: their summary lists every group)."""
+    decay = group.get("layer_decay")
+    return (f"{decay['factor']:g}", decay["depth"]) if decay else None
 
 
 def _layer_groups(optimizer: str, groups: Sequence[Mapping[str, Any]]) -> str:
@@ -219,8 +217,8 @@ def _layer_groups(optimizer: str, groups: Sequence[Mapping[str, Any]]) -> str:
     decays: dict[float, list[int]] = {}
     for g in groups:
         decays.setdefault(g["weight_decay"], []).append(len(g["params"]))
-    no_decay = list(dict.fromkeys(r for g in groups for r in g.get("reasons", [])
-                                  if r.startswith("optim.no_decay")))
+    no_decay = list(dict.fromkeys(f"optim.no_decay ({p})" for g in groups
+                                  for p in g.get("no_decay", [])))
     tensors = sum(len(g["params"]) for g in groups)
     return "\n".join([
         f"Param groups for {optimizer}: {plural(len(groups), 'group')}, "

@@ -58,6 +58,21 @@ def _group_problems(i: int, group: Any, where: str = "") -> list[str]:
                                                       else value < 0):
             bound = "> 0" if low is not None else ">= 0"
             problems.append(f"{at}.{key} is {value!r}; it must be a finite number {bound}")
+    return problems + _info_problems(at, group)
+
+
+def _info_problems(at: str, group: dict[str, Any]) -> list[str]:
+    """The optional fields the summary and the diff read: layer decay and no-decay patterns."""
+    problems = []
+    decay = group.get("layer_decay")
+    if decay is not None and not (
+            isinstance(decay, dict) and isinstance(decay.get("factor"), (int, float))
+            and not isinstance(decay.get("factor"), bool) and math.isfinite(decay["factor"])
+            and whole(decay.get("depth")) and decay["depth"] >= 0):
+        problems.append(f"{at}.layer_decay is {short(decay)}; it must be "
+                        '{"factor": a number, "depth": a whole number >= 0}')
+    if "no_decay" in group and not strings(group["no_decay"]):
+        problems.append(f"{at}.no_decay must be a list of patterns")
     return problems
 
 

@@ -29,6 +29,8 @@ class Setting:
     reasons: tuple[str, ...]
     layer: int  # layer id (optim.layer_decay_granularity); groups record it per parameter
     by_layer: bool = False  # layer decay is on: one group per layer
+    depth: int = 0  # layer decay: layers below the head (lr = lr * decay ** depth)
+    no_decay_by: str = ""  # the optim.no_decay pattern that switched weight decay off
 
 
 def build_groups(
@@ -37,7 +39,7 @@ def build_groups(
     """Optimizer groups for the trainable parameters: [{name, lr, weight_decay, params, ...}]."""
     _check_numbers(optim)
     settings = assign(table, trainable, optim)
-    groups = merge(settings, float(optim.lr))
+    groups = merge(settings, float(optim.lr), optim.layer_decay)
     check_groups(groups, optim)
     return groups
 
@@ -73,25 +75,28 @@ def assign(table: ParamTable, trainable: Sequence[str], optim: Any) -> dict[str,
             wd = 0.0
             reasons.append(f"optim.no_decay ({no_decay[name]})")
         settings[name] = Setting(lr, wd, label, off, tuple(reasons), layers[name],
-                                 decay is not None)
+                                 decay is not None, top - layers[name],
+                                 no_decay[name] if off else "")
     return settings
 
 
-def merge(settings: Mapping[str, Setting], base_lr: float) -> list[dict[str, Any]]:
+def merge(settings: Mapping[str, Setting], base_lr: float,
+          decay: float | None = None) -> list[dict[str, Any]]:
     """One group per distinct (lr, weight_decay) (and layer, under layer decay), named by its
-    labels, params in model order, each parameter's layer id beside it."""
+    labels, params in model order, each parameter's layer id beside it; under layer decay
+    (`decay`) each group records its factor and depth as data."""
     groups: dict[tuple, dict[str, Any]] = {}
     for name, s in settings.items():
         key = (s.lr, s.weight_decay, s.layer if s.by_layer else None)
         group = groups.setdefault(
             key,
             {"labels": [], "lr": s.lr, "weight_decay": s.weight_decay, "reasons": [],
-             "no_decay": False, "params": [], "layer_ids": []},
+             "no_decay": [], "params": [], "layer_ids": [], "depth": s.depth},
         )
         group["params"].append(name)
         group["layer_ids"].append(s.layer)
         _add_unique(group["labels"], [s.label])
-        group["no_decay"] |= s.no_decay
+        _add_unique(group["no_decay"], [s.no_decay_by] if s.no_decay else [])
         _add_unique(group["reasons"], s.reasons)
     return [
         {
@@ -99,6 +104,9 @@ def merge(settings: Mapping[str, Setting], base_lr: float) -> list[dict[str, Any
             "lr": g["lr"],
             "weight_decay": g["weight_decay"],
             "lr_scale": g["lr"] / base_lr if base_lr else 1.0,
+            **({"layer_decay": {"factor": decay, "depth": g["depth"]}} if decay is not None
+               else {}),
+            "no_decay": g["no_decay"],  # the optim.no_decay patterns that switched wd off
             "reasons": g["reasons"],
             "params": g["params"],
             "layer_ids": g["layer_ids"],
