@@ -235,5 +235,5 @@ def test_the_structured_group_fields_are_checked(tmp_path, resnet18_plan, field,
     document["groups"][0][field] = value
     path = tmp_path / "p.json"
     path.write_text(json.dumps(document))
-    with pytest.raises(FinetunePrepError, match=message):
+    with pytest.raises(FinetunePrepError, match=re.escape(message)):
         paramfile.read(path)

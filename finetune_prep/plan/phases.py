@@ -153,6 +153,7 @@ def _groups(
         wd = spec.weight_decay if spec.weight_decay is not None and s.weight_decay else \
             s.weight_decay
         settings[name] = dataclasses.replace(s, lr=float(lr), weight_decay=float(wd))
-    groups = [{**g, "name": prefix + g["name"]} for g in merge(settings, float(optim.lr), optim.layer_decay)]
+    merged = merge(settings, float(optim.lr), optim.layer_decay)
+    groups = [{**g, "name": prefix + g["name"]} for g in merged]
     check_groups(groups, optim, where=f"freeze.schedule ({prefix.rstrip('/')})")
     return groups
