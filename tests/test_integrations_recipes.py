@@ -1,4 +1,4 @@
-"""The README's "In your trainer" recipes, run exactly as written (read from README.md) on a
+"""The recipes of docs/recipes.md, run exactly as written (read from that file) on a
 real plan: after training, frozen parameters and frozen BatchNorm statistics are unchanged and
 every trainable parameter moved. Multi-process recipes run under torchrun with 2 gloo ranks."""
 
@@ -43,10 +43,10 @@ if _rank == 0:
 
 
 def recipe(name: str) -> str:
-    """The python block after `<!-- recipe: NAME -->` in README.md."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    """The python block after `<!-- recipe: NAME -->` in docs/recipes.md."""
+    text = (REPO / "docs" / "recipes.md").read_text(encoding="utf-8")
     found = re.search(rf"<!-- recipe: {name} -->\n```python\n(.*?)```", text, re.DOTALL)
-    assert found, f"README.md has no recipe {name!r}"
+    assert found, f"docs/recipes.md has no recipe {name!r}"
     return found.group(1)
 
 
