@@ -13,9 +13,9 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 import finetune_prep
-from conftest import run_cli
 from finetune_prep.app import diff
 from finetune_prep.app.diff import diff_plans, render
 from finetune_prep.app.pipeline import prepare

@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 1 a user error, reported as one clear message; 2 an internal error;
 130 interrupted (Ctrl-C). `diff OLD.json NEW.json` (app.diff) runs before Hydra parses argv:
-0 same plans, 1 they differ or a file is not a plan, 2 an internal error. Hydra's flags may come before or after the overrides; a wrong flag
-is one `[ERROR]` line, not argparse's usage text and exit 2.
+0 same plans, 1 they differ or a file is not a plan, 2 an internal error. Hydra's flags may
+come before or after the overrides; a wrong flag is one `[ERROR]` line, not argparse's usage
+text and exit 2.
 """
 
 from __future__ import annotations
