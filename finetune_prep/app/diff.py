@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from finetune_prep.app.report import plural, state
+from finetune_prep.app.report import MAX_LABEL, plural, state
 from finetune_prep.errors import FinetunePrepError, listing
 from finetune_prep.paramfile.allowlist import short
 from finetune_prep.paramfile.format import ModelBlock, Plan, load_plan
@@ -147,9 +147,11 @@ class Diff:
 def diff_plans(old: Plan, new: Plan) -> Diff:
     """What changed from `old` to `new` (both checked Plans)."""
     old_training, new_training = trainings(old), trainings(new)
-    common = [n for n in new.names if n in set(old.names)]
-    labels = stage_labels(new.model, new.names)
     old_names, new_names = set(old.names), set(new.names)
+    common = [n for n in new.names if n in old_names]
+    labels = stage_labels(new.model, new.names)
+    old_groups, new_groups = dict.fromkeys(group_names(old)), dict.fromkeys(group_names(new))
+    old_eval, new_eval = set(old.eval_modules), set(new.eval_modules)
     return Diff(
         old=old.origin, new=new.origin,
         model=model_changes(old.model, new.model),
@@ -161,12 +163,12 @@ def diff_plans(old: Plan, new: Plan) -> Diff:
         only_new=tuple(n for n in new.names if n not in old_names),
         stages=stage_rows(common, labels, old_training, new_training),
         rates=rate_changes(common, old_training, new_training),
-        groups_added=tuple(g for g in group_names(new) if g not in set(group_names(old))),
-        groups_removed=tuple(g for g in group_names(old) if g not in set(group_names(new))),
+        groups_added=tuple(g for g in new_groups if g not in old_groups),
+        groups_removed=tuple(g for g in old_groups if g not in new_groups),
         phases=phase_changes(old, new),
         moves=phase_moves(common, labels, old_training, new_training),
-        eval_added=tuple(m for m in new.eval_modules if m not in set(old.eval_modules)),
-        eval_removed=tuple(m for m in old.eval_modules if m not in set(new.eval_modules)),
+        eval_added=tuple(m for m in new.eval_modules if m not in old_eval),
+        eval_removed=tuple(m for m in old.eval_modules if m not in new_eval),
         phase_starts=(_starts(old), _starts(new)),
     )
 
@@ -389,9 +391,8 @@ def _rates_line(rates: Sequence[RateChange]) -> str:
 def _groups_line(diff: Diff) -> str:
     if not diff.groups_added and not diff.groups_removed:
         return ""
-    parts = [f"{label} {listing('', list(names), 4).replace(' : ', ': ')}"
-             for label, names in (("added", diff.groups_added), ("removed", diff.groups_removed))
-             if names]
+    parts = [listing(label, list(names), 4) for label, names in (
+        ("added", diff.groups_added), ("removed", diff.groups_removed)) if names]
     return "groups: " + "; ".join(parts)
 
 
@@ -475,11 +476,12 @@ def _stages_text(diff: Diff) -> str:
     if not any(r.changed for r in diff.stages):
         return ""
     title = f"Training from the start, per stage ({plural(len(diff.stages), 'row')}; tensors)"
-    width = max(24, *(len(r.label) for r in diff.stages))
+    width = min(max(24, *(len(r.label) for r in diff.stages)), MAX_LABEL)
     lines = [title, f"{'Stage':<{width}}  {'Before':<10} {'After':<10} {'Tensors':>8} "
                     f"{'Started':>8} {'Stopped':>8}"]
     for r in diff.stages:
-        lines.append(f"{r.label:<{width}}  {state(r.old_trainable, r.tensors):<10} "
+        label = r.label if len(r.label) <= width else r.label[: width - 3] + "..."
+        lines.append(f"{label:<{width}}  {state(r.old_trainable, r.tensors):<10} "
                      f"{state(r.new_trainable, r.tensors):<10} {r.tensors:>8,} "
                      f"{len(r.started):>8,} {len(r.stopped):>8,}")
     started = [n for r in diff.stages for n in r.started]
