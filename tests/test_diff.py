@@ -275,3 +275,27 @@ def test_an_internal_error_exits_2(files, capsys, monkeypatch):
     monkeypatch.setattr(diff, "diff_plans", broken)
     assert diff.main([str(files["head"]), str(files["last"])]) == 2
     assert capsys.readouterr().err.startswith("[ERROR] internal error in diff (RuntimeError")
+
+
+PAIRS = [("freeze=head_only",), ("freeze=last_stage",), ("freeze=gradual",), ("freeze=full",),
+         ("freeze=full", "optim=layer_decay")]
+
+
+@pytest.mark.parametrize("a", PAIRS, ids=" ".join)
+@pytest.mark.parametrize("b", PAIRS, ids=" ".join)
+def test_every_pair_of_presets_differs_and_the_diff_reads_both_ways(a, b):
+    forward, backward = diff_plans(plan(*a), plan(*b)), diff_plans(plan(*b), plan(*a))
+    assert forward.same == backward.same == (a == b)
+    for there, back in zip(forward.stages, backward.stages, strict=True):
+        assert there.label == back.label  # the names come in each new plan's order
+        assert (set(there.started), set(there.stopped)) == (set(back.stopped), set(back.started))
+    assert (forward.groups_added, forward.eval_added) == (backward.groups_removed,
+                                                          backward.eval_removed)
+    assert {(m.old_phase, m.new_phase, frozenset(m.params)) for m in forward.moves} == {
+        (m.new_phase, m.old_phase, frozenset(m.params)) for m in backward.moves}
+
+
+@pytest.mark.slow
+def test_help_lists_the_diff_command():
+    done = run_cli("--help")
+    assert done.returncode == 0 and "python -m finetune_prep diff " in done.stdout

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -585,7 +586,8 @@ def main(argv: Sequence[str]) -> int:
         return 1
     except Exception as err:  # noqa: BLE001 - reported as an internal error, exit 2
         print(f"[ERROR] internal error in diff ({type(err).__name__}: {err}); please report "
-              "it", file=sys.stderr)
+              "it with the traceback below", file=sys.stderr)
+        traceback.print_exc(file=sys.stderr)
         return 2
     if args.json:
         sys.stdout.write(json.dumps(result.to_json(), indent=2, default=str) + "\n")
