@@ -101,6 +101,7 @@ def test_wheel_ships_the_configs(wheel):
     assert "finetune_prep/conf/config.yaml" in shipped
     assert "finetune_prep/conf/sweep/freeze_presets.yaml" in shipped
     assert shipped <= names
+    assert "finetune_prep/paramfile/param_groups.schema.json" in names  # the format's schema
 
 
 def _site_dirs() -> list[str]:

@@ -1,8 +1,10 @@
 """Entry point: Hydra composes the config, the runner does the work, the exit code says how it went.
 
 Exit codes: 0 success; 1 a user error, reported as one clear message; 2 an internal error;
-130 interrupted (Ctrl-C). Hydra's flags may come before or after the overrides; a wrong flag
-is one `[ERROR]` line, not argparse's usage text and exit 2.
+130 interrupted (Ctrl-C). `diff OLD.json NEW.json` (app.diff) runs before Hydra parses argv:
+0 same plans, 1 they differ or a file is not a plan, 2 an internal error. Hydra's flags may
+come before or after the overrides; a wrong flag is one `[ERROR]` line, not argparse's usage
+text and exit 2.
 """
 
 from __future__ import annotations
@@ -149,8 +151,25 @@ def _finish_sweep(error: BaseException | None) -> None:
         sweep.finish_interrupted(error)
 
 
+def run_diff(argv: list[str]) -> int:
+    """`finetune-prep diff OLD.json NEW.json`: a subcommand Hydra never sees (imported here,
+    not at the top, so `--help` stays fast: reading a plan imports torch)."""
+    from finetune_prep.app.diff import main as diff_main
+
+    try:
+        return diff_main(argv)
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        silence(sys.stdout)
+        return 0
+
+
 def main() -> None:
     """Run the app and exit without the slow interpreter teardown of torch."""
+    if sys.argv[1:2] == ["diff"]:
+        code = run_diff(sys.argv[2:])
+        _flush(sys.stdout)
+        _flush(sys.stderr)
+        os._exit(code)
     if "--version" in sys.argv[1:]:
         print(version_text())
         return
