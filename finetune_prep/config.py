@@ -250,19 +250,9 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    extra: list[str] = []
-    dirs = [str(CONF_DIR)]
-    rerun = None
     register_configs()
-    if config_dir is not None:
-        folder = Path(config_dir).expanduser().resolve()
-        if not folder.is_dir():
-            raise FinetunePrepError(f"config_dir={config_dir} is not a folder.")
-        check_user_dirs([folder])
-        extra = rerun_overrides(folder, PRIMARY, overrides)
-        rerun = str(folder / f"{PRIMARY}.yaml") if extra else None
-        extra.append(f"hydra.searchpath=[file://{folder}]")
-        dirs.append(str(folder))
+    given = [o for o in overrides if not o.startswith("hydra.searchpath=")]
+    folders, extra, rerun = _user_folders(config_dir, overrides)
     previous = GlobalHydra.instance().is_initialized()
     if previous:
         raise FinetunePrepError(
@@ -271,15 +261,56 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
         )
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=[*overrides, *extra])
+            cfg = hydra_compose(config_name="config", overrides=[*given, *extra])
     except FinetunePrepError:
         raise
     except Exception as err:  # Hydra's own config errors: a bad override, an unknown preset
         cause = str(err.__cause__ or "").strip().splitlines()
         detail = f": {cause[0]}" if cause else ""
         raise FinetunePrepError(f"invalid config: {err}{detail}") from err
-    remember_origin(cfg, Origin(tuple(overrides), tuple(dirs), rerun))
+    recorded = tuple(o for o in overrides if not o.startswith("hydra."))  # as the CLI's
+    remember_origin(cfg, Origin(recorded, (str(CONF_DIR), *map(str, folders)), rerun))
     return cfg
+
+
+def _user_folders(config_dir: str | Path | None, overrides: Sequence[str]
+                  ) -> tuple[list[Path], list[str], str | None]:
+    """compose()'s user folders (config_dir first, then hydra.searchpath ones, the order
+    the CLI searches them), checked; the overrides that add them (one hydra.searchpath); the
+    rerun config file."""
+    folders, extra, rerun = [], [], None
+    if config_dir is not None:
+        folder = Path(config_dir).expanduser().resolve()
+        if not folder.is_dir():
+            raise FinetunePrepError(f"config_dir={config_dir} is not a folder.")
+        folders.append(folder)
+        extra = rerun_overrides(
+            folder, PRIMARY, [o for o in overrides if not o.startswith("hydra.searchpath=")])
+        rerun = str(folder / f"{PRIMARY}.yaml") if extra else None
+    folders += [p.expanduser().resolve() for p in searchpath_dirs(overrides)]
+    check_user_dirs(folders)
+    packages = [e for e in searchpath_entries(overrides) if e.startswith("pkg://")]
+    entries = [*(f"file://{f}" for f in folders), *packages]
+    if entries:
+        extra.append(f"hydra.searchpath=[{','.join(entries)}]")
+    return folders, extra, rerun
+
+
+def searchpath_entries(overrides: Sequence[str]) -> list[str]:
+    """The entries of a `hydra.searchpath=[...]` override, as given."""
+    found = []
+    for arg in overrides:
+        if arg.startswith("hydra.searchpath="):
+            items = (i.strip().strip("'\"") for i in arg.split("=", 1)[1].strip("[]").split(","))
+            found += [i for i in items if i]
+    return found
+
+
+def searchpath_dirs(overrides: Sequence[str]) -> list[Path]:
+    """The folders of a `hydra.searchpath=[...]` override (file:// or plain paths; pkg://
+    entries are packages, not folders, and are left out)."""
+    return [Path(i.replace("file://", "", 1)) for i in searchpath_entries(overrides)
+            if "://" not in i.replace("file://", "", 1)]
 
 
 def validate(cfg: Any) -> DictConfig:

@@ -244,4 +244,16 @@ def test_compose_remembers_where_the_config_came_from(tmp_path):
     assert origin.config_dirs == (str(CONF_DIR), str(tmp_path.resolve()))
     assert origin.rerun is None
     assert origin_of(cfg.copy()) is None  # a copy is another config: nothing is assumed
+    other = tmp_path / "more"
+    (other / "optim").mkdir(parents=True)
+    (other / "optim" / "mine.yaml").write_text("lr: 0.5\n")
+    cfg = finetune_prep.compose(["freeze=mine", "optim=mine", f"hydra.searchpath=[{other}]"],
+                                config_dir=tmp_path)  # both folders searched, in CLI order
+    assert cfg.optim.lr == 0.5 and cfg.freeze.rules[-1] == {"unfreeze": "layer4"}
+    assert origin_of(cfg).config_dirs == (str(CONF_DIR), str(tmp_path.resolve()),
+                                          str(other.resolve()))
+    assert origin_of(cfg).overrides == ("freeze=mine", "optim=mine")  # hydra.* as the CLI's
+    (other / "optim" / "sgd.yaml").write_text("lr: 0.5\n")
+    with pytest.raises(FinetunePrepError, match="packaged preset optim=sgd"):
+        finetune_prep.compose([f"hydra.searchpath=[file://{other}]"])
     assert origin_of(OmegaConf.create({"head": {"num_outputs": 2}})) is None

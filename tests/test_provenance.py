@@ -166,21 +166,28 @@ def test_prepare_records_what_compose_was_given(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_and_compose_prepare_save_record_the_same_provenance(tmp_path):
+@pytest.mark.parametrize("given", ["config_dir", "searchpath"])
+def test_cli_and_compose_prepare_save_record_the_same_provenance(tmp_path, given):
     import finetune_prep
 
     conf = _repo(tmp_path / "project")
     overrides = ["freeze=mine", "head.num_outputs=3", "verify.backward=false"]
-    done = run_cli("--config-dir", str(conf), *overrides, f"hydra.run.dir={tmp_path / 'cli'}")
+    if given == "config_dir":
+        cli_args, api_args = ["--config-dir", str(conf)], {"config_dir": conf}
+    else:
+        cli_args, api_args = [f"hydra.searchpath=[file://{conf}]"], {}
+    done = run_cli(*cli_args, *overrides, f"hydra.run.dir={tmp_path / 'cli'}")
     assert done.returncode == 0, done.stderr
-    prepared = finetune_prep.prepare(finetune_prep.compose(overrides, config_dir=conf),
+    api_overrides = overrides + ([] if api_args else cli_args)
+    prepared = finetune_prep.prepare(finetune_prep.compose(api_overrides, **api_args),
                                      materialize=False)
     prepared.save(tmp_path / "api")
     cli, api = (json.loads((tmp_path / d / "param_groups.json").read_text())
                 for d in ("cli", "api"))
     assert api["provenance"] == cli["provenance"]  # hash, overrides, versions, git: no time
     assert cli["provenance"]["overrides"] == overrides
-    assert len(cli["provenance"]["git"]) == 2
+    assert [g["config_dir"] for g in cli["provenance"]["git"]][1:] == [str(conf.resolve())]
+    assert cli["provenance"]["git"][1]["commit"] == _git(conf, "rev-parse", "HEAD")
     assert (tmp_path / "api" / "trainability.txt").read_text() == \
         (tmp_path / "cli" / "trainability.txt").read_text()
 

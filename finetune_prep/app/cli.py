@@ -28,6 +28,7 @@ from finetune_prep.config import (
     is_rerun_override,
     register_configs,
     rerun_overrides,
+    searchpath_dirs,
 )
 from finetune_prep.errors import FinetunePrepError, did_you_mean
 
@@ -93,24 +94,12 @@ def _config_dirs(hc) -> list[str]:
                                        or s.provider.startswith("hydra.searchpath"))]
 
 
-def _searchpath_dirs(argv: list[str]) -> list[Path]:
-    """The folders of a `hydra.searchpath=[...]` override (file:// or plain paths)."""
-    found = []
-    for arg in argv:
-        if arg.startswith("hydra.searchpath="):
-            for item in arg.split("=", 1)[1].strip("[]").split(","):
-                item = item.strip().strip("'\"")
-                if item and "://" not in item.replace("file://", ""):
-                    found.append(Path(item.replace("file://", "", 1)))
-    return found
-
-
 def with_user_configs(argv: list[str]) -> list[str]:
     """Check the user's config folders (a preset named like a packaged one is refused: Hydra
     would silently take the packaged one) and turn `--config-dir RUN/.hydra --config-name
     config` into a rerun of that config on top of the packaged one (see rerun_overrides)."""
     global _rerun
-    check_user_dirs([*_user_config_dirs(argv), *_searchpath_dirs(argv)])
+    check_user_dirs([*_user_config_dirs(argv), *searchpath_dirs(argv)])
     dirs = _user_config_dirs(argv)
     if not dirs:
         return argv
