@@ -330,3 +330,27 @@ def test_a_bad_override_is_hydras_message_exit_1(override, text, tmp_path):
     assert text in done.stderr
     assert "Traceback" not in done.stderr and "usage:" not in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_config_dir_holding_a_runs_config_becomes_a_rerun_on_the_packaged_config(
+        tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    import finetune_prep
+    from finetune_prep.app import cli
+
+    monkeypatch.setattr(cli, "_rerun", None)
+    hydra_dir = tmp_path / ".hydra"
+    hydra_dir.mkdir()
+    (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(finetune_prep.compose([])))
+    argv = cli.with_user_configs(cli.checked_argv(
+        ["-cd", str(hydra_dir), "head.num_outputs=3", "--config-name", "config"]))
+    assert argv == [f"--config-dir={hydra_dir}", "head.num_outputs=3", "~model", "~freeze",
+                    "~optim", "+finetune_prep/rerun@_global_=config"]  # no --config-name
+    assert cli._rerun == str((hydra_dir / "config.yaml").resolve())
+    plain = ["--config-dir=" + str(tmp_path / "elsewhere"), "head.num_outputs=3"]
+    assert cli.with_user_configs(plain) == plain  # no run config there: Hydra's own way
+    (tmp_path / "mine" / "optim").mkdir(parents=True)
+    (tmp_path / "mine" / "optim" / "adamw.yaml").write_text("lr: 0.1\n")
+    with pytest.raises(cli.FinetunePrepError, match="packaged preset optim=adamw"):
+        cli.with_user_configs([f"hydra.searchpath=[file://{tmp_path / 'mine'}]"])
