@@ -47,6 +47,8 @@ def git_state(folder: str | Path) -> dict[str, Any]:
         return {**base, **_tracked_state(folder, top)}
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
         return {**base, "git": f"git failed ({' '.join(err.cmd[3:5])})"}
+    except (OSError, ValueError) as err:  # a folder git places elsewhere than we resolve it
+        return {**base, "git": f"git state unknown ({err})"}
 
 
 def _tracked_state(folder: Path, top: Path) -> dict[str, Any]:
