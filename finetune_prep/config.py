@@ -234,8 +234,10 @@ def rerun_overrides(folder: str | Path, name: str, overrides: Sequence[str]) -> 
 
 
 def is_rerun_override(override: str) -> bool:
-    """An override `rerun_overrides` added (kept out of the recorded provenance)."""
-    return override in {f"~{g}" for g in PRESET_GROUPS[:3]} or override.startswith(
+    """An override `rerun_overrides` added (kept out of the recorded provenance); a sweep
+    job's overrides spell `~model` as `~model=null`."""
+    deleted = override.removesuffix("=null")
+    return deleted in {f"~{g}" for g in PRESET_GROUPS[:3]} or override.startswith(
         f"+{RERUN_GROUP}@_global_=")
 
 

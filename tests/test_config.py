@@ -225,6 +225,13 @@ def test_a_config_dir_holding_a_runs_config_composes_that_config_again(tmp_path)
     assert changed.head.num_outputs == 3 and changed.optim.lr == first.optim.lr
     with pytest.raises(FinetunePrepError, match="keeps the run's own values"):
         finetune_prep.compose(["freeze=full"], config_dir=hydra_dir)
+    from finetune_prep.config import is_rerun_override, origin_of
+
+    assert origin_of(changed).overrides == ("head.num_outputs=3",)
+    assert origin_of(changed).rerun == str(hydra_dir.resolve() / "config.yaml")
+    kept = ["~model", "~freeze=null", "+finetune_prep/rerun@_global_=config"]  # a sweep's too
+    assert all(map(is_rerun_override, kept))
+    assert not any(map(is_rerun_override, ["~model.weights", "freeze=null", "model=x"]))
 
 
 def test_a_primary_config_of_ones_own_named_config_is_refused(tmp_path):
