@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -30,6 +31,9 @@ CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else _PACKAGED_CONF.parent.
 SCHEMA_GROUP = "finetune_prep/schema"
 PROVIDER = "finetune_prep"
 OPEN_KEYS = ("model.kwargs", "model.target", "optim.optimizer")  # free-form by design
+PRESET_GROUPS = ("model", "freeze", "optim", "sweep")  # the packaged config groups
+PRIMARY = "config"  # the packaged primary config's name
+RERUN_GROUP = "finetune_prep/rerun"  # where a run's own config.yaml is stored to compose it again
 
 
 class ModelSource(str, Enum):
@@ -149,8 +153,98 @@ def register_configs() -> None:
         store.store(group=SCHEMA_GROUP, name=name, node=node, provider=PROVIDER)
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where a composed config came from: what `prepare` records as its provenance."""
+
+    overrides: tuple[str, ...]  # the user's overrides, as given
+    config_dirs: tuple[str, ...]  # the config folders searched, the packaged one first
+    rerun: str | None = None  # a run's own config file composed again (see rerun_overrides)
+
+
+_ORIGINS: dict[int, tuple[weakref.ref, Origin]] = {}
+
+
+def remember_origin(cfg: DictConfig, origin: Origin) -> None:
+    """Attach `origin` to the config object (for as long as it lives; copies do not keep it)."""
+    key = id(cfg)
+    _ORIGINS[key] = (weakref.ref(cfg, lambda _: _ORIGINS.pop(key, None)), origin)
+
+
+def origin_of(cfg: Any) -> Origin | None:
+    """The Origin `compose()` recorded for this very config object, else None."""
+    found = _ORIGINS.get(id(cfg))
+    return found[1] if found and found[0]() is cfg else None
+
+
+def shadowed_presets(user_dirs: Sequence[str | Path]) -> list[str]:
+    """User preset files with the name of a packaged preset. Hydra searches the packaged
+    conf/ first, so such a file would be silently ignored: one message per file."""
+    found = []
+    for folder in user_dirs:
+        for group in PRESET_GROUPS:
+            for path in sorted(Path(folder, group).glob("*.yaml")):
+                if (CONF_DIR / group / path.name).is_file():
+                    found.append(
+                        f"{path} has the name of the packaged preset {group}={path.stem}, which "
+                        f"Hydra reads instead of yours (the packaged conf/ is searched first). "
+                        f"Rename it (e.g. {group}/my_{path.name}) and select it with "
+                        f"{group}=my_{path.stem}.")
+    return found
+
+
+def check_user_dirs(user_dirs: Sequence[str | Path]) -> None:
+    """Refuse user config folders whose presets would be silently shadowed by packaged ones."""
+    found = shadowed_presets(user_dirs)
+    if found:
+        raise FinetunePrepError("\n".join(found))
+
+
+def rerun_overrides(folder: str | Path, name: str, overrides: Sequence[str]) -> list[str]:
+    """Overrides that compose a run's own config file FOLDER/NAME.yaml (e.g. a run's
+    `.hydra/config.yaml`) on top of the packaged primary config, so Hydra's and finetune_prep's
+    packaged settings (log name, lock, console, run folder) stay; [] when there is no such file.
+
+    Hydra alone would take the packaged config.yaml (searched first) and silently drop the
+    run's values; a file named otherwise would replace the packaged primary config, settings
+    and all. The packaged presets are dropped (the run's file holds their values); a preset
+    choice on the command line is refused, as the run's values would override it."""
+    path = Path(folder, f"{name}.yaml")
+    if not path.is_file():
+        return []
+    try:
+        node = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax errors and the like
+        raise FinetunePrepError(f"{path}: not a readable config ({err}).") from err
+    if not isinstance(node, DictConfig) or "defaults" in node or "hydra" in node:
+        if name != PRIMARY:
+            return []  # the user's own primary config: Hydra's behaviour
+        raise FinetunePrepError(
+            f"{path} has the name of the packaged primary config, which Hydra reads instead "
+            "of yours. A run's .hydra/config.yaml is composed again as it is; a primary "
+            "config of your own needs another name: --config-name NAME.")
+    chosen = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in PRESET_GROUPS[:3]]
+    if chosen:
+        raise FinetunePrepError(
+            f"{chosen[0]}: a rerun of {path} keeps the run's own values, which would override "
+            "the preset. Change single values instead (e.g. head.num_outputs=5), or choose "
+            "the preset in a run of the packaged config (without --config-dir).")
+    ConfigStore.instance().store(group=RERUN_GROUP, name=name, node=node, provider=PROVIDER)
+    return [*(f"~{g}" for g in PRESET_GROUPS[:3]), f"+{RERUN_GROUP}@_global_={name}"]
+
+
+def is_rerun_override(override: str) -> bool:
+    """An override `rerun_overrides` added (kept out of the recorded provenance); a sweep
+    job's overrides spell `~model` as `~model=null`."""
+    deleted = override.removesuffix("=null")
+    return deleted in {f"~{g}" for g in PRESET_GROUPS[:3]} or override.startswith(
+        f"+{RERUN_GROUP}@_global_=")
+
+
 def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> DictConfig:
-    """The config the CLI gets for the same overrides (`--config-dir` = `config_dir`).
+    """The config the CLI gets for the same overrides (`--config-dir` = `config_dir`), with
+    its origin (overrides, config folders) remembered for `prepare`'s provenance. A
+    `config_dir` holding config.yaml (a run's `.hydra`) composes that run's config again.
 
     For notebooks and tests: `finetune_prep.prepare(finetune_prep.compose(["freeze=full"]))`.
     """
@@ -158,13 +252,9 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    extra = []
-    if config_dir is not None:
-        folder = Path(config_dir).expanduser().resolve()
-        if not folder.is_dir():
-            raise FinetunePrepError(f"config_dir={config_dir} is not a folder.")
-        extra = [f"hydra.searchpath=[file://{folder}]"]
     register_configs()
+    given = [o for o in overrides if not o.startswith("hydra.searchpath=")]
+    folders, extra, rerun = _user_folders(config_dir, overrides)
     previous = GlobalHydra.instance().is_initialized()
     if previous:
         raise FinetunePrepError(
@@ -173,14 +263,56 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
         )
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=[*overrides, *extra])
+            cfg = hydra_compose(config_name="config", overrides=[*given, *extra])
     except FinetunePrepError:
         raise
     except Exception as err:  # Hydra's own config errors: a bad override, an unknown preset
         cause = str(err.__cause__ or "").strip().splitlines()
         detail = f": {cause[0]}" if cause else ""
         raise FinetunePrepError(f"invalid config: {err}{detail}") from err
+    recorded = tuple(o for o in overrides if not o.startswith("hydra."))  # as the CLI's
+    remember_origin(cfg, Origin(recorded, (str(CONF_DIR), *map(str, folders)), rerun))
     return cfg
+
+
+def _user_folders(config_dir: str | Path | None, overrides: Sequence[str]
+                  ) -> tuple[list[Path], list[str], str | None]:
+    """compose()'s user folders (config_dir first, then hydra.searchpath ones, the order
+    the CLI searches them), checked; the overrides that add them (one hydra.searchpath); the
+    rerun config file."""
+    folders, extra, rerun = [], [], None
+    if config_dir is not None:
+        folder = Path(config_dir).expanduser().resolve()
+        if not folder.is_dir():
+            raise FinetunePrepError(f"config_dir={config_dir} is not a folder.")
+        folders.append(folder)
+        extra = rerun_overrides(
+            folder, PRIMARY, [o for o in overrides if not o.startswith("hydra.searchpath=")])
+        rerun = str(folder / f"{PRIMARY}.yaml") if extra else None
+    folders += [p.expanduser().resolve() for p in searchpath_dirs(overrides)]
+    check_user_dirs(folders)
+    packages = [e for e in searchpath_entries(overrides) if e.startswith("pkg://")]
+    entries = [*(f"file://{f}" for f in folders), *packages]
+    if entries:
+        extra.append(f"hydra.searchpath=[{','.join(entries)}]")
+    return folders, extra, rerun
+
+
+def searchpath_entries(overrides: Sequence[str]) -> list[str]:
+    """The entries of a `hydra.searchpath=[...]` override, as given."""
+    found = []
+    for arg in overrides:
+        if arg.startswith("hydra.searchpath="):
+            items = (i.strip().strip("'\"") for i in arg.split("=", 1)[1].strip("[]").split(","))
+            found += [i for i in items if i]
+    return found
+
+
+def searchpath_dirs(overrides: Sequence[str]) -> list[Path]:
+    """The folders of a `hydra.searchpath=[...]` override (file:// or plain paths; pkg://
+    entries are packages, not folders, and are left out)."""
+    return [Path(i.replace("file://", "", 1)) for i in searchpath_entries(overrides)
+            if "://" not in i.replace("file://", "", 1)]
 
 
 def validate(cfg: Any) -> DictConfig:

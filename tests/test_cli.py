@@ -158,15 +158,70 @@ def test_a_killed_rerun_leaves_the_earlier_pair_and_the_next_run_tidies_up(tmp_p
     assert json.loads((run_dir / "param_groups.json").read_text())["counts"]["frozen"] == 0
 
 
+def _git(repo, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def _plan_only(doc: dict) -> dict:
+    """A plan without its provenance (which says where it came from, so differs on a rerun)."""
+    return {k: v for k, v in doc.items() if k != "provenance"}
+
+
 @pytest.mark.slow
-def test_a_run_can_be_repeated_from_its_hydra_folder(tmp_path):
-    run_dir = tmp_path / "run"
-    assert run_cli(FAST, "freeze=last_stage", f"hydra.run.dir={run_dir}").returncode == 0
-    again = run_cli("--config-dir", str(run_dir / ".hydra"), "--config-name", "config",
-                    f"hydra.run.dir={tmp_path / 'again'}")
+def test_a_run_repeated_from_its_hydra_folder_gives_the_same_plan_with_packaged_settings(
+        tmp_path):
+    """`--config-dir outputs/X/.hydra --config-name config` in a project that ignores outputs/:
+    the run's own values (not the packaged defaults), the packaged log name, lock, plain console
+    and run folder pattern, and a summary that says the folder is not under version control."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / ".gitignore").write_text("outputs/\n")
+    _git(project, "init", "-q")
+    _git(project, "add", ".")
+    _git(project, "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-q",
+         "-m", "ignore outputs")
+    first = run_cli(FAST, "freeze=last_stage", "optim=sgd", "head.num_outputs=7", cwd=project)
+    assert first.returncode == 0, first.stderr
+    (run_dir,) = [p.parent for p in (project / "outputs").glob("*/*/param_groups.json")]
+    again = run_cli("--config-dir", str(run_dir.relative_to(project) / ".hydra"),
+                    "--config-name", "config", cwd=project)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert (tmp_path / "again" / ".hydra" / "config.yaml").exists()
-    assert json.loads((tmp_path / "again" / "param_groups.json").read_text())["groups"]
+    runs = sorted(p.parent for p in (project / "outputs").glob("*/*/param_groups.json"))
+    assert len(runs) == 2 and runs[0] == run_dir  # the packaged pattern: outputs/DATE/TIME
+    rerun = runs[1]
+    assert sorted(p.name for p in rerun.iterdir()) == [
+        ".finetune_prep.lock", ".hydra", "finetune_prep.log", "param_groups.json",
+        "trainability.txt"]  # the packaged job name and lock
+    old, new = (json.loads((d / "param_groups.json").read_text()) for d in (run_dir, rerun))
+    assert _plan_only(new) == _plan_only(old)  # the same plan: not the packaged defaults
+    assert new["model"]["num_outputs"] == 7 and new["optimizer"]["_target_"] == "torch.optim.SGD"
+    assert new["provenance"]["config_sha256"] == old["provenance"]["config_sha256"]
+    assert new["provenance"]["overrides"] == []
+    assert new["provenance"]["rerun"] == str((run_dir / ".hydra" / "config.yaml").resolve())
+    hydra_entry = new["provenance"]["git"][1]
+    assert hydra_entry["config_dir"] == str((run_dir / ".hydra").resolve())
+    assert "commit" not in hydra_entry and hydra_entry["git"].startswith("ignored by git")
+    summary = (rerun / "trainability.txt").read_text()
+    assert f"{(run_dir / '.hydra').resolve()}: ignored by git" in summary
+    assert "not under version control" in summary
+    lines = again.stdout.splitlines()
+    assert "Config folders (searched first to last):" in lines  # plain console lines,
+    assert not any(line.startswith("[20") for line in lines)  # no Hydra timestamps
+    assert "[INFO]" not in again.stdout and f"Wrote {rerun / 'param_groups.json'}" in lines[-1]
+
+
+@pytest.mark.slow
+def test_a_user_preset_named_like_a_packaged_one_is_one_error(tmp_path):
+    (tmp_path / "conf" / "freeze").mkdir(parents=True)
+    (tmp_path / "conf" / "freeze" / "head_only.yaml").write_text(
+        "defaults:\n  - /finetune_prep/schema/freeze@_here_\n  - _self_\nrules: []\n")
+    done = run_cli("--config-dir", str(tmp_path / "conf"), f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 1
+    assert done.stderr.startswith("[ERROR] ") and len(done.stderr.strip().splitlines()) == 1
+    assert "freeze/head_only.yaml has the name of the packaged preset freeze=head_only" in \
+        done.stderr
+    assert not (tmp_path / "run").exists()
 
 
 # --------------------------------------------------------------------------- pipes and Ctrl-C
@@ -275,3 +330,27 @@ def test_a_bad_override_is_hydras_message_exit_1(override, text, tmp_path):
     assert text in done.stderr
     assert "Traceback" not in done.stderr and "usage:" not in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_config_dir_holding_a_runs_config_becomes_a_rerun_on_the_packaged_config(
+        tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    import finetune_prep
+    from finetune_prep.app import cli
+
+    monkeypatch.setattr(cli, "_rerun", None)
+    hydra_dir = tmp_path / ".hydra"
+    hydra_dir.mkdir()
+    (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(finetune_prep.compose([])))
+    argv = cli.with_user_configs(cli.checked_argv(
+        ["-cd", str(hydra_dir), "head.num_outputs=3", "--config-name", "config"]))
+    assert argv == [f"--config-dir={hydra_dir}", "head.num_outputs=3", "~model", "~freeze",
+                    "~optim", "+finetune_prep/rerun@_global_=config"]  # no --config-name
+    assert cli._rerun == str((hydra_dir / "config.yaml").resolve())
+    plain = ["--config-dir=" + str(tmp_path / "elsewhere"), "head.num_outputs=3"]
+    assert cli.with_user_configs(plain) == plain  # no run config there: Hydra's own way
+    (tmp_path / "mine" / "optim").mkdir(parents=True)
+    (tmp_path / "mine" / "optim" / "adamw.yaml").write_text("lr: 0.1\n")
+    with pytest.raises(cli.FinetunePrepError, match="packaged preset optim=adamw"):
+        cli.with_user_configs([f"hydra.searchpath=[file://{tmp_path / 'mine'}]"])

@@ -186,3 +186,81 @@ def test_every_number_of_the_schema_is_bounded_at_validation():
     OmegaConf.update(cfg, "freeze.schedule.0.at.epoch", 2**70)
     with pytest.raises(FinetunePrepError, match=r"at\.epoch=1180591620717411303424"):
         validate(cfg)
+
+
+SHADOW = ("defaults:\n  - /finetune_prep/schema/freeze@_here_\n  - _self_\n"
+          "rules:\n  - freeze: '*'\n  - unfreeze: layer4\n")
+
+
+def test_a_user_preset_named_like_a_packaged_one_is_refused(tmp_path):
+    """Hydra reads the packaged conf/ first: the user's freeze/head_only.yaml would be ignored."""
+    (tmp_path / "freeze").mkdir()
+    (tmp_path / "freeze" / "head_only.yaml").write_text(SHADOW)
+    with pytest.raises(FinetunePrepError, match=re.escape(
+            "has the name of the packaged preset freeze=head_only")) as err:
+        finetune_prep.compose(["freeze=last_stage"], config_dir=tmp_path)  # even unselected
+    assert "freeze=my_head_only" in str(err.value)  # says how to fix it
+    (tmp_path / "freeze" / "head_only.yaml").rename(tmp_path / "freeze" / "my_head_only.yaml")
+    cfg = finetune_prep.compose(["freeze=my_head_only"], config_dir=tmp_path)
+    assert [dict(r) for r in cfg.freeze.rules] == [{"freeze": "*"}, {"unfreeze": "layer4"}]
+
+
+def _run_config(folder, *overrides: str):
+    """A run's .hydra/config.yaml: the composed config as YAML, as Hydra saves it."""
+    cfg = finetune_prep.compose(list(overrides))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    return cfg
+
+
+def test_a_config_dir_holding_a_runs_config_composes_that_config_again(tmp_path):
+    hydra_dir = tmp_path / "run" / ".hydra"
+    first = _run_config(hydra_dir, "freeze=last_stage", "optim=sgd", "head.num_outputs=7",
+                        "+model.kwargs.zero_init_residual=true")
+    again = finetune_prep.compose([], config_dir=hydra_dir)
+    assert OmegaConf.to_yaml(again) == OmegaConf.to_yaml(first)  # not the packaged defaults
+    assert again.optim.optimizer == {"_target_": "torch.optim.SGD", "momentum": 0.9,
+                                     "nesterov": True}  # no AdamW key merged in
+    changed = finetune_prep.compose(["head.num_outputs=3"], config_dir=hydra_dir)
+    assert changed.head.num_outputs == 3 and changed.optim.lr == first.optim.lr
+    with pytest.raises(FinetunePrepError, match="keeps the run's own values"):
+        finetune_prep.compose(["freeze=full"], config_dir=hydra_dir)
+    from finetune_prep.config import is_rerun_override, origin_of
+
+    assert origin_of(changed).overrides == ("head.num_outputs=3",)
+    assert origin_of(changed).rerun == str(hydra_dir.resolve() / "config.yaml")
+    kept = ["~model", "~freeze=null", "+finetune_prep/rerun@_global_=config"]  # a sweep's too
+    assert all(map(is_rerun_override, kept))
+    assert not any(map(is_rerun_override, ["~model.weights", "freeze=null", "model=x"]))
+
+
+def test_a_primary_config_of_ones_own_named_config_is_refused(tmp_path):
+    (tmp_path / "config.yaml").write_text("defaults:\n  - _self_\nhead:\n  num_outputs: 5\n")
+    with pytest.raises(FinetunePrepError, match="name of the packaged primary config"):
+        finetune_prep.compose([], config_dir=tmp_path)
+
+
+def test_compose_remembers_where_the_config_came_from(tmp_path):
+    from finetune_prep.config import CONF_DIR, origin_of
+
+    (tmp_path / "freeze").mkdir()
+    (tmp_path / "freeze" / "mine.yaml").write_text(SHADOW)
+    cfg = finetune_prep.compose(["freeze=mine", "head.num_outputs=2"], config_dir=tmp_path)
+    origin = origin_of(cfg)
+    assert origin.overrides == ("freeze=mine", "head.num_outputs=2")
+    assert origin.config_dirs == (str(CONF_DIR), str(tmp_path.resolve()))
+    assert origin.rerun is None
+    assert origin_of(cfg.copy()) is None  # a copy is another config: nothing is assumed
+    other = tmp_path / "more"
+    (other / "optim").mkdir(parents=True)
+    (other / "optim" / "mine.yaml").write_text("lr: 0.5\n")
+    cfg = finetune_prep.compose(["freeze=mine", "optim=mine", f"hydra.searchpath=[{other}]"],
+                                config_dir=tmp_path)  # both folders searched, in CLI order
+    assert cfg.optim.lr == 0.5 and cfg.freeze.rules[-1] == {"unfreeze": "layer4"}
+    assert origin_of(cfg).config_dirs == (str(CONF_DIR), str(tmp_path.resolve()),
+                                          str(other.resolve()))
+    assert origin_of(cfg).overrides == ("freeze=mine", "optim=mine")  # hydra.* as the CLI's
+    (other / "optim" / "sgd.yaml").write_text("lr: 0.5\n")
+    with pytest.raises(FinetunePrepError, match="packaged preset optim=sgd"):
+        finetune_prep.compose([f"hydra.searchpath=[file://{other}]"])
+    assert origin_of(OmegaConf.create({"head": {"num_outputs": 2}})) is None

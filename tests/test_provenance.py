@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, run_cli
+from omegaconf import OmegaConf
 
 from finetune_prep.app import provenance
 
@@ -62,7 +63,7 @@ def test_user_config_dir_git_state_and_hash(tmp_path):
     clean = _plan(Path("./my_conf"), tmp_path / "run1", cwd=repo)
     assert _entry(clean, conf) == {"config_dir": str(conf.resolve()), "commit": commit,
                                    "branch": _git(repo, "rev-parse", "--abbrev-ref", "HEAD"),
-                                   "dirty": False}
+                                   "dirty": False, "modified": 0, "untracked": 0, "ignored": 0}
     assert "freeze=my_preset" in clean["overrides"]
 
     (conf / "notes.txt").write_text("not a config, but the folder is now dirty\n")
@@ -75,6 +76,120 @@ def test_user_config_dir_git_state_and_hash(tmp_path):
     other = _plan(outside, tmp_path / "run3", "head.num_outputs=3")
     assert "not in a git work tree" in _entry(other, outside)["git"]
     assert other["config_sha256"] != clean["config_sha256"]
+
+
+def _repo(root: Path) -> Path:
+    """A git repository with a committed config folder and an ignored outputs/ folder."""
+    conf = root / "conf"
+    (conf / "freeze").mkdir(parents=True)
+    (conf / "freeze" / "mine.yaml").write_text(PRESET)
+    (root / ".gitignore").write_text("outputs/\n*.local.yaml\n")
+    _git(root, "init", "-q")
+    _git(root, "config", "user.email", "t@example.com")
+    _git(root, "config", "user.name", "t")
+    _git(root, "add", ".")
+    _git(root, "commit", "-q", "-m", "configs")
+    return conf
+
+
+def test_git_state_of_a_config_folder_clean_dirty_untracked_ignored(tmp_path):
+    conf = _repo(tmp_path)
+    commit = _git(tmp_path, "rev-parse", "HEAD")
+    clean = provenance.git_state(conf)
+    assert (clean["commit"], clean["dirty"]) == (commit, False)
+    assert provenance.describe_git(clean).endswith(", clean")
+
+    (conf / "freeze" / "mine.yaml").write_text(PRESET + "bn_stats: train\n")  # modified
+    (conf / "freeze" / "new.yaml").write_text(PRESET)  # untracked
+    (conf / "freeze" / "x.local.yaml").write_text(PRESET)  # ignored, yet Hydra would read it
+    dirty = provenance.git_state(conf)
+    assert (dirty["commit"], dirty["dirty"]) == (commit, True)
+    assert (dirty["modified"], dirty["untracked"], dirty["ignored"]) == (1, 1, 1)
+    assert "dirty (1 modified, 1 untracked, 1 ignored)" in provenance.describe_git(dirty)
+
+    run = tmp_path / "outputs" / "2026-01-01" / "10-00-00" / ".hydra"  # an earlier run's
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("head:\n  num_outputs: 3\n")
+    ignored = provenance.git_state(run)
+    assert "commit" not in ignored  # not "clean at the current commit"
+    assert ignored["git"].startswith("ignored by git") and "not under version control" in \
+        ignored["git"]
+
+    loose = tmp_path / "drafts"  # in the work tree, nothing of it added
+    loose.mkdir()
+    (loose / "config.yaml").write_text("a: 1\n")
+    assert "no file of it is tracked" in provenance.git_state(loose)["git"]
+
+
+def test_git_state_before_the_first_commit(tmp_path):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "a.yaml").write_text("a: 1\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", ".")
+    assert "no commit yet" in provenance.git_state(tmp_path / "conf")["git"]
+
+
+def test_summary_lists_each_config_folder_with_its_state(tmp_path):
+    from finetune_prep.config import CONF_DIR
+
+    conf = _repo(tmp_path)
+    run = tmp_path / "outputs" / "r" / ".hydra"
+    run.mkdir(parents=True)
+    prov = provenance.record("a: 1\n", ["freeze=mine"], [str(CONF_DIR), str(conf), str(run)],
+                             rerun=str(run / "config.yaml"))
+    lines = provenance.summary_lines(prov, CONF_DIR)
+    assert lines[0] == "Config folders (searched first to last):"
+    assert lines[1].startswith(f"  {CONF_DIR} (packaged): ")
+    assert lines[2] == f"  {conf}: commit {_git(tmp_path, 'rev-parse', 'HEAD')[:12]} on " \
+        f"{_git(tmp_path, 'rev-parse', '--abbrev-ref', 'HEAD')}, clean"
+    assert lines[3].startswith(f"  {run}: ignored by git")
+    assert lines[4] == f"Rerun of: {run / 'config.yaml'} (with the packaged settings)"
+    assert lines[5] == "Overrides: freeze=mine"
+    assert provenance.summary_lines(None, CONF_DIR) == []
+
+
+def test_prepare_records_what_compose_was_given(tmp_path):
+    import finetune_prep
+    from finetune_prep.config import CONF_DIR
+
+    conf = _repo(tmp_path)
+    cfg = finetune_prep.compose(["freeze=mine", "head.num_outputs=3"], config_dir=conf)
+    prepared = finetune_prep.prepare(cfg, materialize=False, verify=False)
+    prov = prepared.document["provenance"]
+    assert prov["overrides"] == ["freeze=mine", "head.num_outputs=3"]
+    assert [g["config_dir"] for g in prov["git"]] == [str(CONF_DIR), str(conf.resolve())]
+    assert prov["git"][1]["commit"] == _git(tmp_path, "rev-parse", "HEAD")
+    assert f"  {conf.resolve()}: commit " in prepared.summary
+    bare = finetune_prep.prepare(OmegaConf.create({"head": {"num_outputs": 3}}),
+                                 materialize=False, verify=False)
+    assert bare.document["provenance"]["overrides"] == [] == bare.document["provenance"]["git"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("given", ["config_dir", "searchpath"])
+def test_cli_and_compose_prepare_save_record_the_same_provenance(tmp_path, given):
+    import finetune_prep
+
+    conf = _repo(tmp_path / "project")
+    overrides = ["freeze=mine", "head.num_outputs=3", "verify.backward=false"]
+    if given == "config_dir":
+        cli_args, api_args = ["--config-dir", str(conf)], {"config_dir": conf}
+    else:
+        cli_args, api_args = [f"hydra.searchpath=[file://{conf}]"], {}
+    done = run_cli(*cli_args, *overrides, f"hydra.run.dir={tmp_path / 'cli'}")
+    assert done.returncode == 0, done.stderr
+    api_overrides = overrides + ([] if api_args else cli_args)
+    prepared = finetune_prep.prepare(finetune_prep.compose(api_overrides, **api_args),
+                                     materialize=False)
+    prepared.save(tmp_path / "api")
+    cli, api = (json.loads((tmp_path / d / "param_groups.json").read_text())
+                for d in ("cli", "api"))
+    assert api["provenance"] == cli["provenance"]  # hash, overrides, versions, git: no time
+    assert cli["provenance"]["overrides"] == overrides
+    assert [g["config_dir"] for g in cli["provenance"]["git"]][1:] == [str(conf.resolve())]
+    assert cli["provenance"]["git"][1]["commit"] == _git(conf, "rev-parse", "HEAD")
+    assert (tmp_path / "api" / "trainability.txt").read_text() == \
+        (tmp_path / "cli" / "trainability.txt").read_text()
 
 
 def test_git_state_never_raises_and_the_hash_follows_the_config(tmp_path):

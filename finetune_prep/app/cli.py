@@ -23,12 +23,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune_prep.app import naming, presets, rundir
 from finetune_prep.app.logs import FileHandler, log_file_failure, silence
-from finetune_prep.config import CONF_DIR, register_configs
+from finetune_prep.config import (
+    CONF_DIR,
+    PRIMARY,
+    check_user_dirs,
+    is_rerun_override,
+    register_configs,
+    rerun_overrides,
+    searchpath_dirs,
+)
 from finetune_prep.errors import FinetunePrepError, did_you_mean
 
 log = logging.getLogger("finetune_prep")
 _internal_error = False
 _interrupt_reported = False
+_rerun: str | None = None  # the run's config file a rerun composes again (with_user_configs)
 INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
@@ -43,8 +52,9 @@ def task(cfg: DictConfig) -> None:
         _check_job_folder(output_dir, multirun)
         from finetune_prep.app.pipeline import run
 
-        run(cfg, output_dir, overrides=list(hc.overrides.task), config_dirs=_config_dirs(hc),
-            dirs=staged)
+        overrides = [o for o in hc.overrides.task if not is_rerun_override(o)]
+        run(cfg, output_dir, overrides=overrides, config_dirs=_config_dirs(hc), dirs=staged,
+            rerun=_rerun)
     except FinetunePrepError as err:
         log.error("%s", err)
         if multirun or _full_error():
@@ -79,8 +89,30 @@ def _check_job_folder(output_dir: Path, multirun: bool) -> None:
 
 
 def _config_dirs(hc) -> list[str]:
-    return [s.path for s in hc.runtime.config_sources
-            if s.provider in ("main", "command-line") and s.schema == "file"]
+    """The config folders Hydra searched, in its order: the packaged conf/, --config-dir,
+    hydra.searchpath entries (Hydra's own and the schema store are left out)."""
+    return [str(Path(s.path).resolve()) for s in hc.runtime.config_sources
+            if s.schema == "file" and (s.provider in ("main", "command-line")
+                                       or s.provider.startswith("hydra.searchpath"))]
+
+
+def with_user_configs(argv: list[str]) -> list[str]:
+    """Check the user's config folders (a preset named like a packaged one is refused: Hydra
+    would silently take the packaged one) and turn `--config-dir RUN/.hydra --config-name
+    config` into a rerun of that config on top of the packaged one (see rerun_overrides)."""
+    global _rerun
+    check_user_dirs([*_user_config_dirs(argv), *searchpath_dirs(argv)])
+    dirs = _user_config_dirs(argv)
+    if not dirs:
+        return argv
+    names = [a.split("=", 1)[1] for a in argv if a.startswith("--config-name=")]
+    name = names[-1] if names else PRIMARY
+    overrides = [a for a in argv if not a.startswith("-")]
+    extra = rerun_overrides(dirs[-1], name, overrides)
+    if not extra:
+        return argv
+    _rerun = str(Path(dirs[-1], f"{name}.yaml").resolve())
+    return [a for a in argv if not a.startswith("--config-name=")] + extra
 
 
 def _full_error() -> bool:
@@ -174,7 +206,7 @@ def main() -> None:
         print(version_text())
         return
     try:
-        sys.argv[1:] = checked_argv(sys.argv[1:])
+        sys.argv[1:] = with_user_configs(checked_argv(sys.argv[1:]))
     except FinetunePrepError as err:
         print(f"[ERROR] {err}", file=sys.stderr)
         sys.exit(1)

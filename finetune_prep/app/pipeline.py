@@ -20,7 +20,7 @@ from finetune_prep.app import assemble, cache, proof, provenance
 from finetune_prep.app.report import render
 from finetune_prep.atomic import write_files
 from finetune_prep.checkpoint import Checkpoint, Fit, check_fit, load_into, read_checkpoint
-from finetune_prep.config import BnStats, validate
+from finetune_prep.config import BnStats, Origin, origin_of, validate
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.model import hf
 from finetune_prep.model.build import build_architecture, torchvision_weights_file
@@ -106,11 +106,15 @@ def prepare(
     *,
     materialize: bool = True,
     verify: bool | None = None,
-    overrides: Sequence[str] = (),
-    config_dirs: Sequence[str] = (),
+    overrides: Sequence[str] | None = None,
+    config_dirs: Sequence[str] | None = None,
+    rerun: str | None = None,
 ) -> Prepared:
     """Build, load, freeze and plan. `materialize=False` returns the model on the meta device;
-    the proof (if it runs) always works on its own materialized copy."""
+    the proof (if it runs) always works on its own materialized copy. The provenance records
+    `overrides`, the git state of `config_dirs` and `rerun`; left out, they are what
+    `compose()` recorded for this config object, so the API records what the CLI does."""
+    origin = _origin(cfg, overrides, config_dirs, rerun)
     cfg = validate(cfg)
     built = cache.build_meta_model(cfg.model, cfg.head)  # a fresh meta copy per call
     do_verify = proof.should_verify(cfg.verify, built.table, verify)
@@ -151,7 +155,8 @@ def prepare(
         verified["memory_bytes"] = proof_bytes  # what the proof was estimated to hold at once
     document = assemble.document(
         built, sources, freeze, groups, eval_modules, cfg.optim.optimizer, verified,
-        provenance.record(OmegaConf.to_yaml(cfg), overrides, config_dirs), model_cfg=cfg.model,
+        provenance.record(OmegaConf.to_yaml(cfg), origin.overrides, origin.config_dirs,
+                          origin.rerun), model_cfg=cfg.model,
         phases=list(zip(phases, phase_eval, strict=True)),
     )
     notes += proof.notes(verified)
@@ -162,10 +167,12 @@ def prepare(
 def run(
     cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (),
     config_dirs: Sequence[str] = (), dirs: Mapping[Path, Path] | None = None,
+    rerun: str | None = None,
 ) -> Path:
     """The CLI's job: plan on the meta device, write trainability.txt and param_groups.json.
     `dirs`: staged folders moved into place with them (the run's pending .hydra)."""
-    prepared = prepare(cfg, materialize=False, overrides=overrides, config_dirs=config_dirs)
+    prepared = prepare(cfg, materialize=False, overrides=overrides, config_dirs=config_dirs,
+                       rerun=rerun)
     failed = proof.failure(prepared.document["verified"])
     if failed:
         raise FinetunePrepError(
@@ -179,6 +186,17 @@ def run(
     target = prepared.save(output_dir, dirs=dirs)
     log.info("Wrote %s", target)
     return target
+
+
+def _origin(cfg: Any, overrides: Sequence[str] | None, config_dirs: Sequence[str] | None,
+            rerun: str | None) -> Origin:
+    """What the provenance records: the arguments given, else what compose() remembered."""
+    known = origin_of(cfg) or Origin((), ())
+    return Origin(
+        tuple(known.overrides if overrides is None else overrides),
+        tuple(known.config_dirs if config_dirs is None else config_dirs),
+        known.rerun if rerun is None else rerun,
+    )
 
 
 def _read_sources(cfg: DictConfig, built: BuiltModel, reuse: bool = False) -> list[Source]:

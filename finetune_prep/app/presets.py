@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-GROUPS = ("model", "freeze", "optim", "sweep")
+from finetune_prep.config import PRESET_GROUPS
+
+GROUPS = PRESET_GROUPS
 
 
 def describe(folder: Path) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -26,21 +26,55 @@ def versions() -> dict[str, str]:
     return found
 
 
+NOT_VERSIONED = "not under version control"
+
+
 def git_state(folder: str | Path) -> dict[str, Any]:
-    """Commit, branch and dirtiness of the git work tree holding `folder`; never raises."""
+    """The git state of a config folder, never raising: commit, branch and counts of modified,
+    untracked and ignored files under it; or a `git` note when git does not track the folder
+    (not a work tree, ignored by .gitignore, nothing of it committed)."""
     folder = Path(folder)
-    base = {"config_dir": str(folder)}
+    base: dict[str, Any] = {"config_dir": str(folder)}
     if not folder.is_dir():
         return {**base, "git": "folder not found"}
     try:
-        commit = _git(folder, "rev-parse", "HEAD")
-        branch = _git(folder, "rev-parse", "--abbrev-ref", "HEAD")
-        dirty = bool(_git(folder, "status", "--porcelain", "--", "."))
+        top = Path(_git(folder, "rev-parse", "--show-toplevel"))
     except FileNotFoundError:
         return {**base, "git": "git is not installed"}
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
-        return {**base, "git": "not in a git work tree (or no commit yet)"}
-    return {**base, "commit": commit, "branch": branch, "dirty": dirty}
+        return {**base, "git": f"not in a git work tree: {NOT_VERSIONED}"}
+    try:
+        return {**base, **_tracked_state(folder, top)}
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
+        return {**base, "git": f"git failed ({' '.join(err.cmd[3:5])})"}
+    except (OSError, ValueError) as err:  # a folder git places elsewhere than we resolve it
+        return {**base, "git": f"git state unknown ({err})"}
+
+
+def _tracked_state(folder: Path, top: Path) -> dict[str, Any]:
+    """git_state inside a work tree `top`."""
+    relative = folder.resolve().relative_to(top.resolve()).as_posix()
+    if relative != "." and _is_ignored(top, relative):
+        return {"git": f"ignored by git (a .gitignore of {top}): {NOT_VERSIONED}"}
+    if not _git(folder, "ls-files", "--", "."):
+        return {"git": f"no file of it is tracked in {top}: {NOT_VERSIONED}"}
+    try:
+        commit, branch = _git(folder, "rev-parse", "HEAD", "--abbrev-ref", "HEAD").splitlines()
+    except subprocess.CalledProcessError:
+        return {"git": f"no commit yet in {top}: {NOT_VERSIONED}"}
+    codes = [line[:2] for line in _git(folder, "status", "--porcelain", "--ignored",
+                                       "--untracked-files=all", "--", ".").splitlines()]
+    untracked, ignored = codes.count("??"), codes.count("!!")
+    modified = len(codes) - untracked - ignored
+    return {"commit": commit, "branch": branch, "dirty": bool(modified or untracked),
+            "modified": modified, "untracked": untracked, "ignored": ignored}
+
+
+def _is_ignored(top: Path, relative: str) -> bool:
+    """Whether .gitignore (or .git/info/exclude) ignores the folder or a folder above it."""
+    done = subprocess.run(["git", "-C", str(top), "check-ignore", "-q", relative],
+                          capture_output=True, text=True, timeout=10)
+    return done.returncode == 0
 
 
 def _git(folder: Path, *args: str) -> str:
@@ -51,11 +85,51 @@ def _git(folder: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
-def record(config_yaml: str, overrides: Sequence[str], config_dirs: Sequence[str]) -> dict:
-    """The provenance block of param_groups.json."""
-    return {
+def record(config_yaml: str, overrides: Sequence[str], config_dirs: Sequence[str],
+           rerun: str | None = None) -> dict:
+    """The provenance block of param_groups.json (`rerun`: the run's config file composed
+    again, when the plan was made from one)."""
+    found = {
         "config_sha256": config_sha256(config_yaml),
         "overrides": list(overrides),
         "versions": versions(),
         "git": [git_state(d) for d in config_dirs],
     }
+    return {**found, "rerun": rerun} if rerun else found
+
+
+def describe_git(entry: Mapping[str, Any]) -> str:
+    """One config folder's state in words: `commit 1c54287 on main, clean` or the note."""
+    if "commit" not in entry:
+        return str(entry.get("git", "unknown"))
+    counts = [f"{entry.get(k, 0)} {k}" for k in ("modified", "untracked", "ignored")
+              if entry.get(k)]
+    if entry.get("dirty"):
+        state = f"dirty ({', '.join(counts)}): the plan may not match the commit"
+    else:
+        state = "clean" + (f" ({', '.join(counts)})" if counts else "")
+    return f"commit {entry['commit'][:12]} on {entry.get('branch', '?')}, {state}"
+
+
+def summary_lines(prov: Mapping[str, Any] | None, packaged: str | Path) -> list[str]:
+    """The summary's provenance section: each config folder (searched first to last) with its
+    git state, the run's config file a rerun composed again, and the overrides."""
+    if not prov:
+        return []
+    lines = ["Config folders (searched first to last):"]
+    for entry in prov.get("git", []):
+        folder = entry.get("config_dir", "?")
+        label = " (packaged)" if _same(folder, packaged) else ""
+        lines.append(f"  {folder}{label}: {describe_git(entry)}")
+    if prov.get("rerun"):
+        lines.append(f"Rerun of: {prov['rerun']} (with the packaged settings)")
+    overrides = prov.get("overrides") or []
+    lines.append(f"Overrides: {' '.join(overrides) if overrides else 'none'}")
+    return lines
+
+
+def _same(a: str | Path, b: str | Path) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False

@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from finetune_prep.app import provenance
 from finetune_prep.app.proof import FAILURES
+from finetune_prep.config import CONF_DIR
 from finetune_prep.plan.table import ParamTable, covers
 
 MAX_LABEL = 60  # longer stage labels are clipped so the columns stay aligned
@@ -81,6 +83,7 @@ def render(
         _memory(document.get("memory")),
         _phases(document),
         _verified(document.get("verified")),
+        "\n".join(provenance.summary_lines(document.get("provenance"), CONF_DIR)),
     ]
     return "\n\n".join(p for p in parts if p) + "\n"
 

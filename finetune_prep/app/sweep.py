@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune_prep.app.naming import PLAN_FILE, register_resolvers
 from finetune_prep.atomic import open_for_writing, pid_alive, write_atomic
+from finetune_prep.config import is_rerun_override
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.plan.table import covers
 
@@ -207,7 +208,8 @@ def _job_record(config: DictConfig, status: str, error: str) -> dict[str, Any]:
     hydra = config.hydra
     return {
         "job": int(hydra.job.num),
-        "overrides": list(OmegaConf.to_container(hydra.overrides.task, resolve=False)),
+        "overrides": [o for o in OmegaConf.to_container(hydra.overrides.task, resolve=False)
+                      if not is_rerun_override(o)],  # a rerun's own are the same for all
         "status": status,
         "error": error,
         "job_dir": str(hydra.runtime.output_dir),
