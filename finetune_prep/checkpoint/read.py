@@ -62,6 +62,7 @@ class Checkpoint:
     outside: list[str] = field(default_factory=list)  # keys outside checkpoint.prefix
     _files: dict[str, integrity.Fingerprint] = field(default_factory=dict, repr=False)
     format: str = "torch"  # torch | safetensors | safetensors shards | torch shards | dcp
+    guessed: list[str] = field(default_factory=list)  # prefixes stripped on a guess (fit_prefixes)
 
 
 def read_checkpoint(
@@ -92,11 +93,11 @@ def read_checkpoint(
     steps: list[str] = list(notes)
     weights = unwrap(raw, key, target, steps)
     lightning = isinstance(raw, Mapping) and "pytorch-lightning_version" in raw
-    names, outside = strip_prefixes(list(weights), prefix, steps, lightning)
+    names, outside, guessed = strip_prefixes(list(weights), prefix, steps, lightning)
     tensors = {new: weights[old] for old, new in names.items()}
     stored = {k: by_id[id(t)] for k, t in tensors.items() if id(t) in by_id}
     steps += _dtype_steps(tensors)
-    return Checkpoint(target, tensors, steps, stored, outside, fingerprints, kind)
+    return Checkpoint(target, tensors, steps, stored, outside, fingerprints, kind, guessed)
 
 
 def _open_file(file: str) -> tuple[Any, dict[int, tuple[str, str]], list[str], str]:
