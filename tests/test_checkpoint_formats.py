@@ -939,3 +939,64 @@ def test_fasterrcnn_backbone_checkpoint_loads_into_its_frozen_batchnorm_backbone
     load_into(detector, ckpt, fit, rebuild=lambda: pytest.fail("nothing should be rebuilt"))
     got = detector.backbone.body.state_dict()
     assert all(torch.equal(got[k], v) for k, v in body.state_dict().items() if k in got)
+
+
+# --------------------------------------------------------------------------- what trainers write
+
+
+def tiny() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+
+
+def test_torch_export_program_says_how_to_get_a_state_dict(tmp_path):
+    program = torch.export.export(tiny(), (torch.randn(1, 4),))
+    torch.export.save(program, tmp_path / "model.pt2")
+    message = error(tmp_path / "model.pt2")
+    assert "torch.export program" in message and "ep.state_dict" in message
+    assert "corrupt" not in message
+
+
+def test_optimizer_state_file_is_named_as_such(tmp_path):
+    model = tiny()
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    message = error(tmp_path / "optimizer.pt")
+    assert "optimizer's state" in message and "model.state_dict()" in message
+
+
+def test_accelerate_folder_with_several_models_asks_which(tmp_path):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(nn.Linear(2, 2), nn.Linear(3, 3))
+    accelerator.save_state(str(tmp_path / "state"))
+    message = error(tmp_path / "state")
+    assert "2 models" in message and "model_1.safetensors" in message
+    assert "Which one" in message
+    one = read_checkpoint(tmp_path / "state" / "model_1.safetensors")
+    assert shapes(one.tensors) == {"weight": (3, 3), "bias": (3,)}
+
+
+@pytest.fixture(scope="module")
+def trainer_run(tmp_path_factory):
+    """transformers' Trainer, a tiny BERT classifier, 2 steps saved at every step."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("trainer")
+    config = transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=8, num_labels=2)
+    model = transformers.BertForSequenceClassification(config)
+    data = [{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor(i % 2)} for i in range(4)]
+    args = transformers.TrainingArguments(
+        str(folder), max_steps=2, save_steps=1, per_device_train_batch_size=2, use_cpu=True,
+        report_to=[], logging_strategy="no")
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    return folder
+
+
+def test_trainer_output_root_names_the_latest_steps_model_file(trainer_run):
+    message = error(trainer_run)
+    latest = trainer_run / "checkpoint-2" / "model.safetensors"
+    assert "Hugging Face Trainer" in message and f"checkpoint.path={latest}" in message
+    assert read_checkpoint(trainer_run / "checkpoint-2").tensors  # a step folder is read

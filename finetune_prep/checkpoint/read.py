@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from finetune_prep.checkpoint import dcp, integrity, safe_unpickle, shards
+from finetune_prep.checkpoint import dcp, formats, integrity, safe_unpickle, shards
 from finetune_prep.checkpoint.unwrap import strip_prefixes, unwrap
 from finetune_prep.errors import FinetunePrepError, did_you_mean
 
@@ -107,6 +107,7 @@ def _open_file(file: str) -> tuple[Any, dict[int, tuple[str, str]], list[str], s
         raise FinetunePrepError(
             f"checkpoint.path={file} is one data file of a torch.distributed.checkpoint (DCP) "
             f"folder: give the folder itself, checkpoint.path={folder}.")
+    formats.refuse_file(file)
     kind, named = _sniff(file), file.lower().endswith(".safetensors")
     if kind == "safetensors" or (kind is None and named):
         _refuse_lone_shard(file)
@@ -181,6 +182,7 @@ def _check_path(path: str | os.PathLike) -> str:
                                 f"(looked for {os.path.abspath(file)}).{_near_files(file)}"
                                 ) from err
     if stat.S_ISDIR(st.st_mode):
+        formats.refuse_folder(file)
         try:
             found = shards.resolve_folder(file)
         except OSError as err:

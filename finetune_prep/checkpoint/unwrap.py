@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from finetune_prep.checkpoint import safe_unpickle
+from finetune_prep.checkpoint import formats, safe_unpickle
 from finetune_prep.errors import FinetunePrepError
 
 NESTED = ("state_dict_ema", "model_ema", "state_dict", "model", "model_state", "module", "ema")
@@ -24,6 +24,8 @@ def unwrap(raw: Any, key: str | None, file: str, steps: list[str]) -> dict[str, 
             f"checkpoint.path={file} holds {_describe(raw)}, not a dict of named tensors: save "
             "the weights with torch.save(model.state_dict(), path)."
         )
+    if not key:
+        formats.refuse_object(raw, file)
     obj = _take_key(raw, key, file, steps) if key else raw
     memo: dict[int, Any] = {}
     try:
