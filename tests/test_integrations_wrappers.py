@@ -187,3 +187,29 @@ def test_deepspeed_engine_and_zero_optimizer_pass_check_and_train_the_plan(
         finetune_prep.check(engine, zero, resnet18_plan)
     assert "frozen in the plan but requires_grad=True" in str(err.value)
     assert "conv1.weight" in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_deepspeed_checkpoints_are_read_or_explained(deepspeed_cpu, resnet18_plan, stage,
+                                                     tmp_path):
+    """What engine.save_checkpoint writes: the run's root names the step's model file (ZeRO
+    1/2) or says how to consolidate the rank shards (ZeRO-3), never a generic refusal."""
+    from finetune_prep.checkpoint import read_checkpoint
+
+    model, engine, _ = ds_engine(deepspeed_cpu, resnet18_plan, stage)
+    engine.save_checkpoint(str(tmp_path / "run"))
+    with pytest.raises(FinetunePrepError) as err:
+        read_checkpoint(tmp_path / "run")
+    text = str(err.value)
+    step = tmp_path / "run" / "global_step0"
+    if stage == 3:
+        assert "ZeRO rank shards" in text and "zero_to_fp32.py" in text
+        shard = next(step.glob("zero_pp_rank_0_*model_states.pt"))
+        with pytest.raises(FinetunePrepError, match="one rank's shard of a DeepSpeed ZeRO"):
+            read_checkpoint(shard)
+    else:
+        states = step / "mp_rank_00_model_states.pt"
+        assert "DeepSpeed run" in text and f"checkpoint.path={states}" in text
+        ckpt = read_checkpoint(states)
+        assert set(ckpt.tensors) == set(model.state_dict())

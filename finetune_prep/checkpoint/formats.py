@@ -91,15 +91,18 @@ def _exported_program(file: str) -> bool:
             and any("/models/" in n and n.endswith(".json") for n in names))
 
 
-def _zero_shard(file: str) -> str:
-    folder = os.path.dirname(os.path.abspath(file))
-    root = os.path.dirname(folder)
+def _zero_shard(file: str, given: str | None = None) -> str:
+    """The message for ZeRO rank shards (`given`: the run's folder the user gave)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(file)))
     script = os.path.join(root, "zero_to_fp32.py")
     how = (f"python {script} {root} weights/ --safe_serialization" if os.path.exists(script) else
            "DeepSpeed's zero_to_fp32.py (saved in the run's output folder, or "
            "deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint)")
-    return (f"checkpoint.path={file} is one rank's shard of a DeepSpeed ZeRO checkpoint: it "
-            "holds a slice of the flattened parameters (or optimizer states), not named weights. "
+    what = (f"checkpoint.path={given} is a DeepSpeed run whose latest step holds only ZeRO "
+            "rank shards: each" if given else
+            f"checkpoint.path={file} is one rank's shard of a DeepSpeed ZeRO checkpoint: it")
+    return (f"{what} holds a slice of the flattened parameters (or optimizer states), not "
+            "named weights. "
             f"Consolidate the run into one state dict with {how}, then give the file it writes.")
 
 
@@ -119,10 +122,12 @@ def _run_root(folder: str, steps: list[tuple[int, str]], names: list[str]) -> st
     kind = "a Hugging Face Trainer" if latest.startswith("checkpoint-") else "a DeepSpeed"
     tagged = _read_latest_tag(folder) if "latest" in names else None
     note = (f" (its 'latest' file names {tagged})" if tagged and tagged != latest else "")
+    if target == where and any(ZERO_SHARD.search(n) for n in _listdir(where)):
+        return _zero_shard(os.path.join(where, "zero_pp_rank_0_model_states.pt"), folder)
     fix = (f"checkpoint.path={target}" if target != where else
            f"the weights file inside {where}")
-    zero = (" If that step holds only ZeRO rank shards, consolidate them first with "
-            "DeepSpeed's zero_to_fp32.py." if kind == "a DeepSpeed" else "")
+    zero = (" For ZeRO-3, consolidate the run first with DeepSpeed's zero_to_fp32.py."
+            if kind == "a DeepSpeed" else "")
     return (f"checkpoint.path={folder} is the output folder of {kind} run with "
             f"{len(steps)} saved step(s) ({', '.join(n for _, n in steps[-3:])}): give one "
             f"step's model file; the latest, step {step}, is {fix}{note}.{zero}")
