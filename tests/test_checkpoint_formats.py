@@ -1000,3 +1000,36 @@ def test_trainer_output_root_names_the_latest_steps_model_file(trainer_run):
     latest = trainer_run / "checkpoint-2" / "model.safetensors"
     assert "Hugging Face Trainer" in message and f"checkpoint.path={latest}" in message
     assert read_checkpoint(trainer_run / "checkpoint-2").tensors  # a step folder is read
+
+
+class UltraNet(nn.Module):
+    """Shaped like ultralytics' models: one child named `model`, every key starts with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def test_prepare_loads_the_models_own_state_dict_when_its_child_is_named_model(tmp_path, caplog):
+    import logging
+
+    from finetune_prep.app.pipeline import prepare
+
+    caplog.set_level(logging.INFO, logger="finetune_prep")
+    torch.manual_seed(1)
+    own = UltraNet()
+    torch.save(own.state_dict(), tmp_path / "own.pt")
+    cfg = {"model": {"source": "target", "input_size": [3, 16, 16],
+                     "target": {"_target_": "test_checkpoint_formats.UltraNet"}},
+           "head": {"num_outputs": 10},
+           "checkpoint": {"path": str(tmp_path / "own.pt"), "strict": True},
+           "verify": {"backward": False}}
+    prepared = prepare(cfg)
+    got = prepared.model.state_dict()
+    assert set(got) == set(own.state_dict())
+    assert all(torch.equal(got[k], v) for k, v in own.state_dict().items())
+    assert "put prefix 'model.' back on every key" in caplog.text
