@@ -18,7 +18,13 @@ import pytest
 import torch
 from torch import nn
 
-from finetune_prep.checkpoint import check_fit, load_into, read_checkpoint, safe_unpickle
+from finetune_prep.checkpoint import (
+    check_fit,
+    fit_prefixes,
+    load_into,
+    read_checkpoint,
+    safe_unpickle,
+)
 from finetune_prep.errors import FinetunePrepError
 
 
@@ -786,3 +792,244 @@ def test_a_deeply_nested_short_record_is_still_caught(tmp_path):
             new.writestr(info, data[:16] if info.filename.endswith("/data/1") else data)
     with pytest.raises(FinetunePrepError, match=r"is truncated or corrupt: tensor '.*\.w' needs"):
         read_checkpoint(short)
+
+
+# --------------------------------------------------------------------------- prefixes and names
+
+
+class Owned(nn.Module):
+    """A model whose only child is named like a wrapper attribute (ultralytics' `model`)."""
+
+    def __init__(self, attr: str) -> None:
+        super().__init__()
+        layers = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+        setattr(self, attr, layers)
+
+
+def load_own(model: nn.Module, path: Path) -> nn.Module:
+    """Read `path` as the tool does (prefixes fitted to the model) and load it strictly."""
+    target = shapes(model.state_dict())
+    ckpt = fit_prefixes(read_checkpoint(path), target)
+    return fit_and_load(ckpt, model)
+
+
+@pytest.mark.parametrize("attr", ["model", "net", "network", "module", "_orig_mod"])
+def test_the_models_own_state_dict_loads_when_its_child_is_named_like_a_wrapper(attr, tmp_path):
+    torch.manual_seed(0)
+    saved = Owned(attr)
+    torch.save(saved.state_dict(), tmp_path / "own.pt")
+    loaded = load_own(Owned(attr), tmp_path / "own.pt")
+    assert same(loaded, saved.state_dict())
+
+
+@pytest.mark.parametrize("attr", ["model", "net"])
+def test_a_wrapped_save_of_such_a_model_still_strips_only_the_wrapper(attr, tmp_path):
+    torch.manual_seed(0)
+    saved = Owned(attr)
+    wrapped = nn.DataParallel(saved)  # keys `module.<attr>.`: the wrapper goes, the name stays
+    torch.save(wrapped.state_dict(), tmp_path / "dp.pt")
+    ckpt = fit_prefixes(read_checkpoint(tmp_path / "dp.pt"), shapes(saved.state_dict()))
+    assert set(ckpt.tensors) == set(saved.state_dict())
+    assert any("put prefix" in s for s in ckpt.steps)
+    assert same(fit_and_load(ckpt, Owned(attr)), saved.state_dict())
+
+
+def test_a_lightning_style_model_prefix_is_still_stripped_for_a_bare_model(tmp_path):
+    torch.manual_seed(0)
+    bare = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    torch.save({f"model.{k}": v for k, v in bare.state_dict().items()}, tmp_path / "m.pt")
+    ckpt = fit_prefixes(read_checkpoint(tmp_path / "m.pt"), shapes(bare.state_dict()))
+    assert set(ckpt.tensors) == set(bare.state_dict())
+    assert not any("put prefix" in s for s in ckpt.steps)
+
+
+NAMES = ["model", "net", "module", "_orig_mod", "network", "body", "0", "1", "head"]
+
+
+def trees(depth: int):
+    """Small nested module trees: a leaf layer, or a container of named children."""
+    from hypothesis import strategies as st
+
+    leaf = st.sampled_from(["linear", "bn", "conv"])
+    if depth == 0:
+        return leaf
+    children = st.dictionaries(st.sampled_from(NAMES), trees(depth - 1), min_size=1, max_size=3)
+    return st.one_of(leaf, children)
+
+
+def build_tree(spec) -> nn.Module:
+    if spec == "linear":
+        return nn.Linear(2, 3)
+    if spec == "bn":
+        return nn.BatchNorm1d(3)
+    if spec == "conv":
+        return nn.Conv2d(1, 2, 1)
+    module = nn.Module()
+    for name, child in spec.items():
+        module.add_module(name, build_tree(child))
+    return module
+
+
+def test_any_models_own_state_dict_fits_it_exactly(tmp_path):
+    """Property: for random nested module trees, model.state_dict() saved and read back fits
+    the same model exactly (no key missing, unexpected or renamed)."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=60, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(spec=trees(3))
+    def prop(spec):
+        torch.manual_seed(0)
+        model = build_tree(spec)
+        sd = model.state_dict()
+        hypothesis.assume(len(sd) > 0)
+        path = tmp_path / "tree.pt"
+        torch.save(sd, path)
+        ckpt = fit_prefixes(read_checkpoint(path), shapes(sd))
+        fit = check_fit(shapes(ckpt.tensors), shapes(sd), strict=True)
+        assert sorted(fit.loaded) == sorted(sd) and not fit.unexpected and not fit.missing
+
+    prop()
+
+
+# --------------------------------------------------------------------------- FrozenBatchNorm2d
+
+
+def test_batchnorm_checkpoint_loads_into_the_frozen_batchnorm_model(tmp_path):
+    """torchvision's FrozenBatchNorm2d drops `num_batches_tracked` when loading: so does the fit."""
+    from torchvision.models import resnet18
+    from torchvision.ops import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    trained = resnet18(weights=None, num_classes=5)
+    torch.save(trained.state_dict(), tmp_path / "bn.pt")
+    frozen = resnet18(weights=None, num_classes=5, norm_layer=FrozenBatchNorm2d)
+    frozen.load_state_dict(trained.state_dict())  # torchvision itself accepts it
+    model = resnet18(weights=None, num_classes=5, norm_layer=FrozenBatchNorm2d)
+    ckpt = read_checkpoint(tmp_path / "bn.pt")
+    fit = check_fit(shapes(ckpt.tensors), shapes(model.state_dict()), strict=True)
+    assert len(fit.dropped) == 20 and not fit.unexpected and not fit.outside
+    load_into(model, ckpt, fit, rebuild=lambda: pytest.fail("nothing should be rebuilt"))
+    assert same(model, frozen.state_dict())
+
+
+def test_fasterrcnn_backbone_checkpoint_loads_into_its_frozen_batchnorm_backbone(tmp_path):
+    """A detector built as torchvision builds it for pretrained backbones (FrozenBatchNorm2d)
+    takes an ImageNet-trained BatchNorm resnet50 state dict for its backbone body."""
+    import dataclasses
+
+    from torchvision.models import resnet50
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    body = resnet50(weights=None)  # BatchNorm2d with counters, as ImageNet training saves it
+    torch.save(body.state_dict(), tmp_path / "r50.pt")
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None,
+                                   norm_layer=FrozenBatchNorm2d, trainable_layers=3)
+    detector = FasterRCNN(backbone, num_classes=3)
+    ckpt = read_checkpoint(tmp_path / "r50.pt")
+    moved = {f"backbone.body.{k}": t for k, t in ckpt.tensors.items() if not k.startswith("fc.")}
+    ckpt = dataclasses.replace(ckpt, tensors=moved)
+    fit = check_fit(shapes(moved), shapes(detector.state_dict()), strict=False)
+    assert not fit.unexpected and len(fit.dropped) == 53
+    assert len(fit.loaded) == sum(k.startswith("backbone.body.") for k in detector.state_dict())
+    load_into(detector, ckpt, fit, rebuild=lambda: pytest.fail("nothing should be rebuilt"))
+    got = detector.backbone.body.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in body.state_dict().items() if k in got)
+
+
+# --------------------------------------------------------------------------- what trainers write
+
+
+def tiny() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+
+
+def test_torch_export_program_says_how_to_get_a_state_dict(tmp_path):
+    program = torch.export.export(tiny(), (torch.randn(1, 4),))
+    torch.export.save(program, tmp_path / "model.pt2")
+    message = error(tmp_path / "model.pt2")
+    assert "torch.export program" in message and "ep.state_dict" in message
+    assert "corrupt" not in message
+
+
+def test_optimizer_state_file_is_named_as_such(tmp_path):
+    model = tiny()
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    message = error(tmp_path / "optimizer.pt")
+    assert "optimizer's state" in message and "model.state_dict()" in message
+
+
+def test_accelerate_folder_with_several_models_asks_which(tmp_path):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(nn.Linear(2, 2), nn.Linear(3, 3))
+    accelerator.save_state(str(tmp_path / "state"))
+    message = error(tmp_path / "state")
+    assert "2 models" in message and "model_1.safetensors" in message
+    assert "Which one" in message
+    one = read_checkpoint(tmp_path / "state" / "model_1.safetensors")
+    assert shapes(one.tensors) == {"weight": (3, 3), "bias": (3,)}
+
+
+@pytest.fixture(scope="module")
+def trainer_run(tmp_path_factory):
+    """transformers' Trainer, a tiny BERT classifier, 2 steps saved at every step."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("trainer")
+    config = transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=8, num_labels=2)
+    model = transformers.BertForSequenceClassification(config)
+    data = [{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor(i % 2)} for i in range(4)]
+    args = transformers.TrainingArguments(
+        str(folder), max_steps=2, save_steps=1, per_device_train_batch_size=2, use_cpu=True,
+        report_to=[], logging_strategy="no")
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    return folder
+
+
+def test_trainer_output_root_names_the_latest_steps_model_file(trainer_run):
+    message = error(trainer_run)
+    latest = trainer_run / "checkpoint-2" / "model.safetensors"
+    assert "Hugging Face Trainer" in message and f"checkpoint.path={latest}" in message
+    assert read_checkpoint(trainer_run / "checkpoint-2").tensors  # a step folder is read
+
+
+class UltraNet(nn.Module):
+    """Shaped like ultralytics' models: one child named `model`, every key starts with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def test_prepare_loads_the_models_own_state_dict_when_its_child_is_named_model(tmp_path, caplog):
+    import logging
+
+    from finetune_prep.app.pipeline import prepare
+
+    caplog.set_level(logging.INFO, logger="finetune_prep")
+    torch.manual_seed(1)
+    own = UltraNet()
+    torch.save(own.state_dict(), tmp_path / "own.pt")
+    cfg = {"model": {"source": "target", "input_size": [3, 16, 16],
+                     "target": {"_target_": "test_checkpoint_formats.UltraNet"}},
+           "head": {"num_outputs": 10},
+           "checkpoint": {"path": str(tmp_path / "own.pt"), "strict": True},
+           "verify": {"backward": False}}
+    prepared = prepare(cfg)
+    got = prepared.model.state_dict()
+    assert set(got) == set(own.state_dict())
+    assert all(torch.equal(got[k], v) for k, v in own.state_dict().items())
+    assert "put prefix 'model.' back on every key" in caplog.text

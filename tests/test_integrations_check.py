@@ -170,3 +170,18 @@ def test_a_model_on_the_meta_device_fails_with_how_to_materialize(resnet18_plan)
     assert "Materialize it first: `model.to_empty(device='cpu')`" in text
     model.to_empty(device="cpu")
     finetune_prep.check(model, finetune_prep.build_optimizer(model, resnet18_plan), resnet18_plan)
+
+
+def test_a_model_built_by_accelerates_init_empty_weights_is_refused(resnet18_plan):
+    """accelerate's init_empty_weights puts parameters (not buffers) on meta: still refused."""
+    import torchvision
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = torchvision.models.resnet18(num_classes=10)
+    assert model.conv1.weight.is_meta and not model.bn1.running_mean.is_meta
+    optimizer = finetune_prep.build_optimizer(model, resnet18_plan)
+    finetune_prep.train_mode(model, resnet18_plan)
+    text = differences(model, optimizer, resnet18_plan)
+    assert text.startswith("62 tensors of the model are on the meta device: conv1.weight")
+    assert "to_empty" in text

@@ -19,7 +19,14 @@ from finetune_prep import paramfile
 from finetune_prep.app import assemble, cache, proof, provenance
 from finetune_prep.app.report import render
 from finetune_prep.atomic import write_files
-from finetune_prep.checkpoint import Checkpoint, Fit, check_fit, load_into, read_checkpoint
+from finetune_prep.checkpoint import (
+    Checkpoint,
+    Fit,
+    check_fit,
+    fit_prefixes,
+    load_into,
+    read_checkpoint,
+)
 from finetune_prep.config import BnStats, Origin, origin_of, validate
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.model import hf
@@ -222,7 +229,7 @@ def _read_sources(cfg: DictConfig, built: BuiltModel, reuse: bool = False) -> li
         sources += [Source("model.arch", *found)] if found else []
     if cfg.checkpoint.path:
         c = cfg.checkpoint
-        ckpt = read(c.path, key=c.key, prefix=c.prefix)
+        ckpt = fit_prefixes(read(c.path, key=c.key, prefix=c.prefix), shapes)
         if built.source == "hf":
             ckpt = hf.rename_keys(ckpt, built.model)
         exclude = built.table.head if c.exclude_head else ()

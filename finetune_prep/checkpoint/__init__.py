@@ -8,13 +8,13 @@ metadata without running it; `integrity` checks storage records and files that c
 """
 
 from finetune_prep.checkpoint import dcp, integrity, safe_unpickle, shards
-from finetune_prep.checkpoint.fit import Fit, check_fit, group_keys
+from finetune_prep.checkpoint.fit import Fit, check_fit, fit_prefixes, group_keys
 from finetune_prep.checkpoint.load import load_into, load_tensors
 from finetune_prep.checkpoint.read import EXTENSIONS, Checkpoint, read_checkpoint
 from finetune_prep.checkpoint.unwrap import ATTRIBUTES, NESTED, WRAPPERS
 
 __all__ = [
     "ATTRIBUTES", "EXTENSIONS", "NESTED", "WRAPPERS", "Checkpoint", "Fit", "check_fit",
-    "dcp", "group_keys", "integrity", "load_into", "load_tensors", "read_checkpoint",
-    "safe_unpickle", "shards",
+    "dcp", "fit_prefixes", "group_keys", "integrity", "load_into", "load_tensors",
+    "read_checkpoint", "safe_unpickle", "shards",
 ]

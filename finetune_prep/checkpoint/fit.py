@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from finetune_prep.checkpoint.read import Checkpoint
+from finetune_prep.checkpoint.unwrap import restore_prefix
 from finetune_prep.errors import FinetunePrepError
 
 
@@ -21,7 +24,29 @@ class Fit:
     skipped: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
     excluded: list[str]
     outside: list[str] = field(default_factory=list)  # not in the model, outside the prefix
+    dropped: list[str] = field(default_factory=list)  # counters a FrozenBatchNorm2d drops
 
+
+def fit_prefixes(ckpt: Checkpoint, model_shapes: Mapping[str, tuple[int, ...]]) -> Checkpoint:
+    """The checkpoint with the prefixes stripped on a guess (`module.`, `model.`, ...) put back
+    where the model's own names carry them: a model whose only child is named `model` (as
+    ultralytics' are) loads its own state dict. Stripping stays where it fits more keys."""
+    if not ckpt.guessed:
+        return ckpt
+    shapes = {k: tuple(t.shape) for k, t in ckpt.tensors.items()}
+    back = restore_prefix(shapes, ckpt.guessed, model_shapes)
+    if not back:
+        return ckpt
+    kept = next(n for n in range(len(ckpt.guessed) + 1) if "".join(ckpt.guessed[n:]) == back)
+    return dataclasses.replace(
+        ckpt,
+        tensors={back + k: t for k, t in ckpt.tensors.items()},
+        _stored={back + k: v for k, v in ckpt._stored.items()},
+        outside=[back + k for k in ckpt.outside],
+        guessed=ckpt.guessed[:kept],
+        steps=[*ckpt.steps, f"put prefix '{back}' back on every key: the model's own names "
+                            "start with it"],
+    )
 
 
 def check_fit(
@@ -39,13 +64,23 @@ def check_fit(
     loss or metric state): they are listed as `fit.outside`.
     """
     fit = _match(ckpt_shapes, model_shapes, exclude)
-    aside = set(outside)
-    fit.outside = [k for k in fit.unexpected if k in aside]
+    fit.dropped = frozen_norm_counters(fit.unexpected, model_shapes)
+    aside = set(outside) | set(fit.dropped)
+    fit.outside = [k for k in fit.unexpected if k in aside and k not in fit.dropped]
     fit.unexpected = [k for k in fit.unexpected if k not in aside]
     failing = [k for k in fit.missing if not k.endswith(".num_batches_tracked")]
     if not fit.loaded or (strict and (failing or fit.unexpected or fit.skipped)):
         raise FinetunePrepError(_fit_message(fit, ckpt_shapes, model_shapes, source))
     return fit
+
+
+def frozen_norm_counters(unexpected: Iterable[str],
+                         model_shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """The checkpoint's BatchNorm `num_batches_tracked` counters whose layer in the model has
+    running statistics but no counter (torchvision's FrozenBatchNorm2d): its
+    `_load_from_state_dict` drops them, so a BatchNorm checkpoint loads into the frozen model."""
+    return [k for k in unexpected if k.endswith(".num_batches_tracked")
+            and k.removesuffix("num_batches_tracked") + "running_mean" in model_shapes]
 
 
 def _match(ckpt: Mapping[str, tuple[int, ...]], model: Mapping[str, tuple[int, ...]],

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from finetune_prep.checkpoint import dcp, integrity, safe_unpickle, shards
+from finetune_prep.checkpoint import dcp, formats, integrity, safe_unpickle, shards
 from finetune_prep.checkpoint.unwrap import strip_prefixes, unwrap
 from finetune_prep.errors import FinetunePrepError, did_you_mean
 
@@ -62,6 +62,7 @@ class Checkpoint:
     outside: list[str] = field(default_factory=list)  # keys outside checkpoint.prefix
     _files: dict[str, integrity.Fingerprint] = field(default_factory=dict, repr=False)
     format: str = "torch"  # torch | safetensors | safetensors shards | torch shards | dcp
+    guessed: list[str] = field(default_factory=list)  # prefixes stripped on a guess (fit_prefixes)
 
 
 def read_checkpoint(
@@ -92,11 +93,11 @@ def read_checkpoint(
     steps: list[str] = list(notes)
     weights = unwrap(raw, key, target, steps)
     lightning = isinstance(raw, Mapping) and "pytorch-lightning_version" in raw
-    names, outside = strip_prefixes(list(weights), prefix, steps, lightning)
+    names, outside, guessed = strip_prefixes(list(weights), prefix, steps, lightning)
     tensors = {new: weights[old] for old, new in names.items()}
     stored = {k: by_id[id(t)] for k, t in tensors.items() if id(t) in by_id}
     steps += _dtype_steps(tensors)
-    return Checkpoint(target, tensors, steps, stored, outside, fingerprints, kind)
+    return Checkpoint(target, tensors, steps, stored, outside, fingerprints, kind, guessed)
 
 
 def _open_file(file: str) -> tuple[Any, dict[int, tuple[str, str]], list[str], str]:
@@ -106,6 +107,7 @@ def _open_file(file: str) -> tuple[Any, dict[int, tuple[str, str]], list[str], s
         raise FinetunePrepError(
             f"checkpoint.path={file} is one data file of a torch.distributed.checkpoint (DCP) "
             f"folder: give the folder itself, checkpoint.path={folder}.")
+    formats.refuse_file(file)
     kind, named = _sniff(file), file.lower().endswith(".safetensors")
     if kind == "safetensors" or (kind is None and named):
         _refuse_lone_shard(file)
@@ -180,6 +182,7 @@ def _check_path(path: str | os.PathLike) -> str:
                                 f"(looked for {os.path.abspath(file)}).{_near_files(file)}"
                                 ) from err
     if stat.S_ISDIR(st.st_mode):
+        formats.refuse_folder(file)
         try:
             found = shards.resolve_folder(file)
         except OSError as err:

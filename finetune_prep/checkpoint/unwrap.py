@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from finetune_prep.checkpoint import safe_unpickle
+from finetune_prep.checkpoint import formats, safe_unpickle
 from finetune_prep.errors import FinetunePrepError
 
 NESTED = ("state_dict_ema", "model_ema", "state_dict", "model", "model_state", "module", "ema")
@@ -24,6 +24,8 @@ def unwrap(raw: Any, key: str | None, file: str, steps: list[str]) -> dict[str, 
             f"checkpoint.path={file} holds {_describe(raw)}, not a dict of named tensors: save "
             "the weights with torch.save(model.state_dict(), path)."
         )
+    if not key:
+        formats.refuse_object(raw, file)
     obj = _take_key(raw, key, file, steps) if key else raw
     memo: dict[int, Any] = {}
     try:
@@ -185,12 +187,25 @@ def _names(keys: Sequence[str], n: int) -> str:
 # --------------------------------------------------------------------------- prefixes
 
 
+class Renamed(NamedTuple):
+    """What `strip_prefixes` did: old key -> new key, the new names of the keys outside the
+    prefix, and the prefixes stripped on a guess (in order), which `fit_prefixes` may undo."""
+
+    names: dict[str, str]
+    outside: list[str]
+    guessed: list[str]
+
+
 def strip_prefixes(
     keys: list[str], prefix: str | None, steps: list[str], lightning: bool = False
-) -> tuple[dict[str, str], list[str]]:
+) -> Renamed:
     """Old key -> new key after removing wrapper prefixes and the user's `prefix` (or, in a
     Lightning checkpoint, the attribute prefix most keys have), and the new names of the keys
-    outside that prefix (a loss's `pos_weight`, metric states: not part of the model)."""
+    outside that prefix (a loss's `pos_weight`, metric states: not part of the model).
+
+    Without a user prefix, a wrapper or attribute prefix every key has is stripped on a guess:
+    it may be the model's own first name (a child named `model`), so it is listed in
+    `guessed` and kept again by `fit_prefixes` when the model's names have it."""
     names = {k: k for k in keys}
     names = _drop_n_averaged(names, steps)
     outside: list[str] = []
@@ -203,8 +218,26 @@ def strip_prefixes(
         main = _main_attribute(list(names.values()))
         if main:
             names, outside = _strip_user(names, main, steps, "a LightningModule attribute")
-    names = _strip_all(names, steps, WRAPPERS if prefix else (*WRAPPERS, *ATTRIBUTES))
-    return names, [names[k] for k in outside if k in names]
+    guessed: list[str] = []
+    names = _strip_all(names, steps, WRAPPERS if prefix else (*WRAPPERS, *ATTRIBUTES), guessed)
+    return Renamed(names, [names[k] for k in outside if k in names], [] if prefix else guessed)
+
+
+def restore_prefix(shapes: Mapping[str, tuple[int, ...]], guessed: Sequence[str],
+                   model: Mapping[str, tuple[int, ...]]) -> str:
+    """The guessed prefixes to put back (joined; '' for none): the shortest tail of `guessed`
+    whose return makes the most keys fit the `model` by name and shape. The model's own state
+    dict then always loads into it, and a wrapper's prefix stays stripped where the model
+    lacks it."""
+    def fitting(back: str) -> int:
+        return sum(model.get(back + k) == tuple(v) for k, v in shapes.items())
+
+    best, score = "", fitting("")
+    for n in range(1, len(guessed) + 1):
+        back = "".join(guessed[-n:])
+        if (hits := fitting(back)) > score:
+            best, score = back, hits
+    return best
 
 
 def _main_attribute(keys: list[str]) -> str | None:
@@ -225,8 +258,10 @@ def _drop_n_averaged(names: dict[str, str], steps: list[str]) -> dict[str, str]:
     return names
 
 
-def _strip_all(names: dict[str, str], steps: list[str], prefixes: Iterable[str]) -> dict[str, str]:
-    """Strip, repeatedly, any of `prefixes` that every key has (wrappers before attributes)."""
+def _strip_all(names: dict[str, str], steps: list[str], prefixes: Iterable[str],
+               stripped: list[str] | None = None) -> dict[str, str]:
+    """Strip, repeatedly, any of `prefixes` that every key has (wrappers before attributes);
+    each prefix stripped is appended to `stripped`."""
     prefixes = list(prefixes)
     while names:
         hit = next((p for p in prefixes if all(v.startswith(p) for v in names.values())), None)
@@ -235,6 +270,8 @@ def _strip_all(names: dict[str, str], steps: list[str], prefixes: Iterable[str])
         why = WRAPPERS.get(hit, "a Lightning-style attribute prefix")
         steps.append(f"stripped prefix '{hit}' from all {len(names)} keys ({why})")
         names = {k: v[len(hit):] for k, v in names.items()}
+        if stripped is not None:
+            stripped.append(hit)
     return names
 
 

@@ -36,14 +36,15 @@ def check(
     lr is compared through each group's base lr (`initial_lr`, which torch and timm schedulers
     record when built, else `lr`): a scheduler may scale all groups together (warm-up, cosine),
     not give them one value. `model` may be wrapped (DDP, compile, FSDP, AveragedModel).
-    With a schedule, `phase` is the phase training is in (`Schedule.phase`).
+    With a schedule, `phase` is the phase training is in (`Schedule.phase`). A DeepSpeed
+    engine and its ZeRO optimizer are compared through the parameters each group steps.
     """
     plan = as_plan(plan).at_phase(phase)  # gradual unfreezing: the plan in phase N
     params = wrappers.named_parameters(model)
     _not_on_meta(model, params)
     apply.check_names(params, plan)
-    optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
-    groups = [g for opt in optimizers for g in opt.param_groups]
+    optimizers = [optimizer] if hasattr(optimizer, "param_groups") else list(optimizer)
+    groups = [g for opt in optimizers for g in wrappers.optimizer_groups(opt)]
     order = {n: i for i, n in enumerate(params)}
     problems = _membership(params, groups, plan.trainable, order)
     planned = {n: g for g in plan.groups for n in g.params}

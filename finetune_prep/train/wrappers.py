@@ -25,10 +25,12 @@ WRAPPERS: dict[tuple[str, str], str] = {
         "_fsdp_wrapped_module",
     ("torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "CheckpointWrapper"):
         "_checkpoint_wrapped_module",
+    ("deepspeed.runtime.engine", "DeepSpeedEngine"): "module",
 }
 
 # wrappers that record which parameters require grad when they are built
-BUILT_ON_REQUIRES_GRAD = ("DistributedDataParallel", "FullyShardedDataParallel")
+BUILT_ON_REQUIRES_GRAD = ("DistributedDataParallel", "FullyShardedDataParallel",
+                          "DeepSpeedEngine")
 
 
 def wrapper_attr(module: nn.Module) -> str | None:
@@ -95,3 +97,21 @@ def bare_model(model: nn.Module) -> nn.Module:
     while attr := wrapper_attr(model):
         model = getattr(model, attr)
     return model
+
+
+def optimizer_groups(optimizer: object) -> list[dict]:
+    """The optimizer's groups holding the model's own parameters. A DeepSpeed ZeRO optimizer
+    steps flat partitions: its stage 1/2 `bit16_groups` and stage 3 `fp16_groups` (sub-groups
+    mapped through `sub_group_to_group_id`) say which parameters each group trains."""
+    groups = list(optimizer.param_groups)  # type: ignore[attr-defined]
+    if isinstance(getattr(optimizer, "bit16_groups", None), list):
+        pairs = zip(groups, optimizer.bit16_groups, strict=True)  # one per param group
+        return [{**g, "params": list(ps)} for g, ps in pairs]
+    subs = getattr(optimizer, "fp16_groups", None)
+    owner = getattr(optimizer, "sub_group_to_group_id", None)
+    if isinstance(subs, list) and isinstance(owner, dict):
+        merged = [{**g, "params": []} for g in groups]
+        for i, params in enumerate(subs):
+            merged[owner[i]]["params"] += list(params)
+        return merged
+    return groups
