@@ -60,9 +60,13 @@ def open_regular(file: str, shown: str | None = None) -> int:
 def read_regular(file: str, limit: int, shown: str | None = None) -> bytes:
     """The whole of a small regular file (an index, DCP metadata), refused above `limit`."""
     fd = open_regular(file, shown)
+    parts, total = [], 0
     with os.fdopen(fd, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        data = f.read(limit + 1) if size <= limit else b""
+        while size <= limit and total <= limit and (chunk := f.read(CHUNK)):
+            parts.append(chunk)  # chunks: a read(n) would allocate n bytes up front
+            total += len(chunk)
+    data = b"".join(parts)
     if size > limit or len(data) > limit:
         raise FinetunePrepError(
             f"checkpoint.path={shown or file}: {os.path.basename(file)} is "
