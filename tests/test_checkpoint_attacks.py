@@ -386,8 +386,12 @@ def test_oversized_pickle_opcodes_are_refused_without_allocating(op, container, 
         torch_zip_with_pickle(path, plain_file, pkl)
     with deadline(30), bounded_memory(64 << 20):
         msg = error(path)
-    assert msg.startswith(f"checkpoint.path={path}"), msg
-    assert "Traceback" not in msg
+    if (op, container) == ("BINUNICODE", "zip"):  # torch's own reader finds the end first
+        assert msg.startswith(f"checkpoint.path={path} is truncated or corrupt"), msg
+        return
+    assert msg.startswith(f"checkpoint.path={path} is refused: oversized pickle item: it "
+                          "declares "), msg
+    assert "nothing was allocated for it" in msg
 
 
 def test_deeply_nested_pickle_is_refused(tmp_path):

@@ -345,6 +345,11 @@ def _safe_load(file: str, path: str, mmap: bool, reason: str) -> tuple[Any, list
     except Exception as err:
         if record.dangerous:
             raise FinetunePrepError(_refused(file, reason, record.dangerous[0])) from err
+        if str(err).startswith(safe_unpickle.OVERSIZED):
+            raise FinetunePrepError(
+                f"checkpoint.path={file} is refused: {first_line(str(err))} (a damaged or "
+                "crafted pickle; nothing was allocated for it). Save the weights again with "
+                "torch.save(model.state_dict(), path) or as .safetensors.") from err
         if re.search(r"GLOBAL ([\w.]+)", reason) or mmap:  # a torch file that does not parse
             raise FinetunePrepError(_corrupt(file, mmap, err, pickled=True)) from err
         raise FinetunePrepError(_refused(file, reason)) from err  # not a torch.save file

@@ -131,6 +131,7 @@ def _inert(obj: Any, seen: set[int] | None = None, depth: int = 0) -> bool:
 
 
 LARGE_READ = 1 << 20  # reads above this size are checked against what the file holds
+OVERSIZED = "oversized pickle item"
 
 
 class Bounded:
@@ -151,7 +152,7 @@ class Bounded:
         """Raise when `n` bytes are more than a large read can find in the file."""
         if n > LARGE_READ and self.end is not None and n > self.end - self.file.tell():
             raise pickle.UnpicklingError(
-                f"oversized pickle item: it declares {n} bytes but only "
+                f"{OVERSIZED}: it declares {n} bytes but only "
                 f"{self.end - self.file.tell()} remain in the file")
 
     def read(self, n: int | None = -1) -> bytes:
