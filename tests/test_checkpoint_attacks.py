@@ -424,7 +424,8 @@ def fuzz_sources(tmp_path_factory) -> dict[str, bytes]:
     return {name: (folder / f"{name}.pt").read_bytes() for name in ("zip", "legacy")}
 
 
-@settings(max_examples=60, deadline=None, derandomize=True,
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")), deadline=None,
+          derandomize=not os.environ.get("FUZZ_EXAMPLES"),
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(["zip", "legacy"]),
        edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)),
