@@ -297,6 +297,17 @@ def test_fifo_swapped_in_after_the_check_is_refused_not_waited_on(after, plain_f
     assert f"checkpoint.path={path} is not a regular file but a named pipe (FIFO)" in msg
 
 
+def test_dcp_data_file_that_is_a_fifo_is_refused(dcp_folder, tmp_path):
+    folder = shutil.copytree(dcp_folder, tmp_path / "dcp")
+    data = next(folder.glob("*.distcp"))
+    data.unlink()
+    os.mkfifo(data)
+    with deadline(20):
+        msg = error(folder)
+    assert msg.startswith(f"checkpoint.path={folder}: data file {data.name} is not a regular "
+                          "file but a named pipe (FIFO)"), msg
+
+
 def test_open_regular_refuses_a_fifo_without_blocking(tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)

@@ -109,18 +109,27 @@ def _check_data(folder: str, meta: Any) -> list[str]:
     for index, info in meta.storage_data.items():
         rel = info.relative_path
         if rel not in sizes:
-            file = os.path.join(folder, rel)
-            if not os.path.isfile(file):
-                raise FinetunePrepError(
-                    f"checkpoint.path={folder}: data file {rel} is missing (its {METADATA} "
-                    f"needs it for {index.fqn}): copy every file of the folder.")
-            sizes[rel] = os.path.getsize(file)
+            sizes[rel] = _data_size(folder, rel, index.fqn)
         if info.offset + info.length > sizes[rel]:
             raise FinetunePrepError(
                 f"checkpoint.path={folder}: data file {rel} is truncated or corrupt: "
                 f"'{index.fqn}' needs bytes {info.offset}..{info.offset + info.length} but the "
                 f"file has {sizes[rel]}. Copy or save the checkpoint again.")
     return [os.path.join(folder, METADATA), *(os.path.join(folder, rel) for rel in sizes)]
+
+
+def _data_size(folder: str, rel: str, fqn: str) -> int:
+    """The size of a data file, checked to be a regular file (opened without blocking)."""
+    try:
+        fd = integrity.open_regular(os.path.join(folder, rel), f"{folder}: data file {rel}")
+    except FileNotFoundError as err:
+        raise FinetunePrepError(
+            f"checkpoint.path={folder}: data file {rel} is missing (its {METADATA} "
+            f"needs it for {fqn}): copy every file of the folder.") from err
+    try:
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
 
 
 def check_layout(folder: str, meta: Any) -> None:
