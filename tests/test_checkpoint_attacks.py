@@ -262,6 +262,23 @@ def test_zip_bomb_is_refused_quickly_with_little_memory(bomb):
     assert "(a zip bomb, or a damaged archive)" in msg
 
 
+def test_zip_with_a_record_twice_is_refused(plain_file, tmp_path):
+    """Python's zipfile keeps the last of two same-named records, other readers the first:
+    a bomb (or other tensors) could hide behind the one that is checked."""
+    path = tmp_path / "twice.pt"
+    with zipfile.ZipFile(plain_file) as src, zipfile.ZipFile(path, "w") as out:
+        pkl = next(i for i in src.infolist() if i.filename.endswith("/data.pkl"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zipfile warns "Duplicate name"
+            out.writestr(zipfile.ZipInfo(pkl.filename), b"\x80\x02}q\x00.")
+            for info in src.infolist():
+                out.writestr(info, src.read(info))
+    msg = error(path)
+    assert msg == (f"checkpoint.path={path} is refused: its zip archive holds two records "
+                   f"named {pkl.filename} (torch.save never writes that; readers would disagree "
+                   "on which one is meant). Save the weights again.")
+
+
 def test_small_compressed_data_pkl_is_still_read(plain_file, tmp_path):
     """A re-zipped checkpoint (data.pkl deflated, no padding) is no bomb: torch reads it."""
     path = zip_bomb(tmp_path / "rezipped.pt", 0, plain_file)

@@ -17,6 +17,7 @@ import os
 import pickle
 import stat
 import zipfile
+from collections import Counter
 from collections.abc import Iterator
 
 from finetune_prep.checkpoint import safe_unpickle
@@ -143,8 +144,15 @@ def check_zip(file: str, shown: str | None = None) -> None:
     shown = shown or file
     try:
         with zipfile.ZipFile(file) as z:
-            records = {i.filename: i for i in z.infolist()}
-            check_sizes(shown, records.values())
+            infos = z.infolist()
+            check_sizes(shown, infos)
+            records = {i.filename: i for i in infos}
+            if len(records) != len(infos):
+                twice = next(n for n, c in Counter(i.filename for i in infos).items() if c > 1)
+                raise FinetunePrepError(
+                    f"checkpoint.path={shown} is refused: its zip archive holds two records "
+                    f"named {twice} (torch.save never writes that; readers would disagree on "
+                    "which one is meant). Save the weights again.")
             pkl = [n for n in records if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(pkl) != 1:
                 return
@@ -166,7 +174,7 @@ def check_zip(file: str, shown: str | None = None) -> None:
             )
 
 
-def check_sizes(shown: str, records: Iterator[zipfile.ZipInfo] | list) -> None:
+def check_sizes(shown: str, records: list[zipfile.ZipInfo]) -> None:
     """Refuse a zip whose records declare more decompressed bytes than is sane (a zip bomb:
     a 1 MB file that expands to gigabytes), from the sizes in its directory alone."""
     for info in records:
