@@ -172,7 +172,10 @@ def edit_planner(value) -> Callable:
 
 PLANNER_CASES = {
     "empty path": (edit_planner(()), "planner_data gives 'model.0.weight' an empty path"),
-    "path inside another": (edit_planner(("step", "x")), "puts 'model.0.weight' inside 'step'"),
+    "path inside another": (lambda meta: meta.planner_data.update(
+        {"step.x": ("step", "x")}), "puts 'step.x' inside 'step'"),
+    "path of another name": (edit_planner(("model", "0", "bias")),
+                             "planner_data puts 'model.0.weight' at 'model.0.bias'"),
     "not names": (edit_planner((1.5,)), "planner_data entry 'model.0.weight' is not a path"),
     "not a dict": (lambda meta: setattr(meta, "planner_data", ["x"]), "planner_data is list"),
 }
@@ -473,6 +476,30 @@ def test_mutated_checkpoint_is_loaded_or_refused_never_crashes(fuzz_sources, tmp
             ckpt = read_checkpoint(path)
             for tensor in load_tensors(ckpt, ckpt.tensors).values():
                 tensor.float().sum()  # touch every byte of the data
+        except FinetunePrepError:
+            pass
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "40")), deadline=None,
+          derandomize=not os.environ.get("FUZZ_EXAMPLES"),
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)),
+                      min_size=1, max_size=6),
+       cut=st.one_of(st.none(), st.floats(0.05, 1)))
+def test_mutated_dcp_metadata_is_loaded_or_refused_never_crashes(dcp_folder, tmp_path_factory,
+                                                                 edits, cut):
+    folder = shutil.copytree(dcp_folder, tmp_path_factory.mktemp("fuzz") / "dcp")
+    data = bytearray((folder / ".metadata").read_bytes())
+    for where, value in edits:
+        data[int(where * len(data))] = value
+    if cut is not None:
+        data = data[: max(1, int(cut * len(data)))]
+    (folder / ".metadata").write_bytes(bytes(data))
+    with deadline(30):
+        try:
+            ckpt = read_checkpoint(folder)
+            for tensor in load_tensors(ckpt, ckpt.tensors).values():
+                tensor.float().sum()
         except FinetunePrepError:
             pass
 

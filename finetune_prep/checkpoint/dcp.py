@@ -205,6 +205,7 @@ def load(folder: str, wanted: Mapping[str, str], dtypes: Mapping[str, torch.dtyp
          shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """Tensors `key -> DCP name` read by torch's DCP reader on this process alone."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     meta = read_metadata(folder)
 
@@ -222,12 +223,22 @@ def load(folder: str, wanted: Mapping[str, str], dtypes: Mapping[str, torch.dtyp
         with warnings.catch_warnings():  # "torch.distributed is disabled ...": we know
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, storage_reader=Reader(folder), no_dist=True)
-    except Exception as err:
+    except (Exception, CheckpointException) as err:  # CheckpointException: a BaseException
         raise FinetunePrepError(
             f"checkpoint.path={folder} could not be read by torch.distributed.checkpoint "
-            f"({type(err).__name__}: {str(err).strip().splitlines()[0][:160] if str(err) else ''}"
-            "): was it changed since it was opened? Copy or save it again.") from err
+            f"({_cause(err)}): was it changed since it was opened? Copy or save it again."
+        ) from err
     return out
+
+
+def _cause(err: BaseException) -> str:
+    """'Type: first line' of what went wrong, looking inside DCP's per-rank exception."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        err = inner[0] if isinstance(inner, tuple) and inner else inner
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:160] if text else ''}"
 
 
 # --------------------------------------------------------------------------- records -> metadata
@@ -305,6 +316,9 @@ def _planner(planner: Any, items: Mapping[str, Any]) -> dict[str, tuple] | None:
             raise ValueError(f"planner_data entry {fqn!r:.80} is not a path of names")
         if not path:
             raise ValueError(f"planner_data gives '{fqn:.80}' an empty path")
+        if ".".join(map(str, path)) != fqn:  # DCP names each entry by its joined path
+            raise ValueError(f"planner_data puts '{fqn:.80}' at "
+                             f"'{'.'.join(map(str, path)):.80}'")
         seen[tuple(map(str, path))] = fqn
     for path, fqn in seen.items():
         for i in range(1, len(path)):
