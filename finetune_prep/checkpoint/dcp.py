@@ -289,7 +289,8 @@ def _metadata(raw: Any) -> Any:
         ki = _fields(k, _M + "MetadataIndex")
         vi = _fields(v, "torch.distributed.checkpoint.filesystem._StorageInfo")
         rel = vi.get("relative_path")
-        if not isinstance(rel, str) or os.path.basename(rel) != rel or rel in ("", ".", ".."):
+        if not isinstance(rel, str) or os.path.basename(rel) != rel or "\0" in rel or \
+                rel in ("", ".", ".."):
             raise ValueError(f"bad data file name {rel!r:.80}")
         if vi.get("transform_descriptors"):
             raise ValueError("transformed (compressed or encrypted) data is not supported")

@@ -136,7 +136,8 @@ def _weight_map(index: str) -> dict[str, str]:
             f"checkpoint.path={index} is not a shard index: it has no \"weight_map\" of tensor "
             "names to shard files. Give the index written with the shards "
             "(model.safetensors.index.json or pytorch_model.bin.index.json).")
-    bad = [s for s in weight_map.values() if os.path.basename(s) != s or s in ("", ".", "..")]
+    bad = [s for s in weight_map.values()
+           if os.path.basename(s) != s or "\0" in s or s in ("", ".", "..")]
     if bad:
         raise FinetunePrepError(
             f"checkpoint.path={index}: shard names must be files beside the index, got {bad[0]!r}.")
