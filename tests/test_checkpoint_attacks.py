@@ -452,13 +452,16 @@ def fuzz_sources(tmp_path_factory) -> dict[str, bytes]:
     folder = tmp_path_factory.mktemp("fuzz")
     torch.save(tiny_state(), folder / "zip.pt")
     torch.save(tiny_state(), folder / "legacy.pt", _use_new_zipfile_serialization=False)
-    return {name: (folder / f"{name}.pt").read_bytes() for name in ("zip", "legacy")}
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tiny_state().items()}, str(folder / "st.pt"))
+    return {name: (folder / f"{name}.pt").read_bytes() for name in ("zip", "legacy", "st")}
 
 
 @settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")), deadline=None,
           derandomize=not os.environ.get("FUZZ_EXAMPLES"),
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kind=st.sampled_from(["zip", "legacy"]),
+@given(kind=st.sampled_from(["zip", "legacy", "st"]),
        edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)),
                       min_size=1, max_size=8),
        cut=st.one_of(st.none(), st.floats(0.05, 1)))
@@ -469,7 +472,7 @@ def test_mutated_checkpoint_is_loaded_or_refused_never_crashes(fuzz_sources, tmp
         data[int(where * len(data))] = value
     if cut is not None:
         data = data[: max(1, int(cut * len(data)))]
-    path = tmp_path / f"mutated_{kind}.pt"
+    path = tmp_path / f"mutated.{'safetensors' if kind == 'st' else 'pt'}"
     path.write_bytes(bytes(data))
     with deadline(30):
         try:
