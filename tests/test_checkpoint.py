@@ -590,7 +590,7 @@ def test_unreadable_file(tmp_path, monkeypatch, files):
         def refuse(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
 
-        monkeypatch.setattr(ckpt_read, "open", refuse, raising=False)
+        monkeypatch.setattr(ckpt_read.integrity, "open_regular", refuse)
     msg = error(path)
     assert "cannot be read (permission denied)" in msg and "chmod" in msg
 

@@ -403,7 +403,7 @@ def test_sharded_checkpoint_loads_every_tensor(hf_shards, sd, via):
     ckpt = read_checkpoint(index if via == "index" else folder)
     assert ckpt.path == str(index) and any("index of 6 shards" in s for s in ckpt.steps)
     assert sorted(ckpt.tensors) == sorted(sd)
-    assert sorted(ckpt._files) == sorted(str(folder / s) for s in shards)  # each watched
+    assert sorted(ckpt.files) == sorted(str(folder / s) for s in shards)  # each watched
     model = fit_and_load(ckpt, meta_resnet18())
     assert same(model, sd)
 
@@ -513,7 +513,7 @@ def test_dcp_folder_verifies_from_metadata_and_loads_through_torch(dcp_folder, s
         m.setattr(pickle, "load", no_data)  # torch's own read_metadata would pickle.load
         ckpt = read_checkpoint(dcp_folder)
     assert ckpt.format == "dcp" and any("took nested key 'model'" in s for s in ckpt.steps)
-    assert str(dcp_folder / ".metadata") in ckpt._files  # watched for changes too
+    assert str(dcp_folder / ".metadata") in ckpt.files  # watched for changes too
     assert sorted(ckpt.tensors) == sorted(sd) and all(t.is_meta for t in ckpt.tensors.values())
     assert shapes(ckpt.tensors) == shapes(sd)
     assert same(fit_and_load(ckpt, meta_resnet18()), sd)

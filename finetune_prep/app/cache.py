@@ -69,7 +69,7 @@ def read_checkpoint(
 def _unchanged(ckpt: checkpoint.Checkpoint) -> bool:
     """Every file the checkpoint was read from is still the same (size, mtime, inode)."""
     try:
-        checkpoint.integrity.check_unchanged(ckpt._files, ckpt.path)
+        checkpoint.integrity.check_unchanged(ckpt.files, ckpt.path)
     except FinetunePrepError:
         return False
     return True

@@ -13,7 +13,7 @@ from torch import nn
 
 from finetune_prep.checkpoint import dcp, integrity
 from finetune_prep.checkpoint.fit import Fit
-from finetune_prep.checkpoint.read import Checkpoint, _first_line
+from finetune_prep.checkpoint.read import Checkpoint, first_line
 from finetune_prep.errors import FinetunePrepError
 
 log = logging.getLogger("finetune_prep")
@@ -22,12 +22,12 @@ def load_tensors(ckpt: Checkpoint, keys: Iterable[str]) -> dict[str, torch.Tenso
     """Real CPU tensors for `keys`: the mmap'd ones as they are, safetensors and DCP ones read
     now, each file once. Raises if a file changed since the checkpoint was opened."""
     keys = list(keys)
-    integrity.check_unchanged(ckpt._files, ckpt.path)
-    lazy = [k for k in keys if k in ckpt._stored and ckpt.tensors[k].is_meta]
+    integrity.check_unchanged(ckpt.files, ckpt.path)
+    lazy = [k for k in keys if k in ckpt.stored and ckpt.tensors[k].is_meta]
     out = {k: ckpt.tensors[k] for k in keys if k not in set(lazy)}
     by_file: dict[str, dict[str, str]] = {}
     for k in lazy:
-        file, name = ckpt._stored[k]
+        file, name = ckpt.stored[k]
         by_file.setdefault(file, {})[k] = name
     for file, names in by_file.items():
         out.update(_read_lazy(ckpt, file, names))
@@ -46,7 +46,7 @@ def _read_lazy(ckpt: Checkpoint, file: str, names: dict[str, str]) -> dict[str, 
             return {k: f.get_tensor(name) for k, name in names.items()}
     except Exception as err:
         raise FinetunePrepError(
-            f"checkpoint.path={ckpt.path} could not be read ({_first_line(str(err))[:120]}): "
+            f"checkpoint.path={ckpt.path} could not be read ({first_line(str(err))[:120]}): "
             "was it changed or truncated since it was opened? Save or copy it again."
         ) from err
 

@@ -58,9 +58,9 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor]  # mmap'd (torch files) or meta placeholders (safetensors, DCP)
     steps: list[str]
     # lazy key -> (file or DCP folder, name in it), read by `load_tensors`
-    _stored: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)
+    stored: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)
     outside: list[str] = field(default_factory=list)  # keys outside checkpoint.prefix
-    _files: dict[str, integrity.Fingerprint] = field(default_factory=dict, repr=False)
+    files: dict[str, integrity.Fingerprint] = field(default_factory=dict, repr=False)
     format: str = "torch"  # torch | safetensors | safetensors shards | torch shards | dcp
     guessed: list[str] = field(default_factory=list)  # prefixes stripped on a guess (fit_prefixes)
 
@@ -194,20 +194,13 @@ def _check_path(path: str | os.PathLike) -> str:
         return found
     if not stat.S_ISREG(st.st_mode):
         raise FinetunePrepError(
-            f"checkpoint.path={raw} is not a regular file but {_file_type(st.st_mode)}: give "
+            f"checkpoint.path={raw} is not a regular file but {integrity.file_type(st.st_mode)}: "
+            "give "
             "the checkpoint file itself (a pipe or device cannot be memory-mapped).")
     if st.st_size == 0:
         raise FinetunePrepError(f"checkpoint.path={raw} is an empty file (0 bytes): the save or "
                                 "copy that made it failed; save or copy it again.")
     return file
-
-
-def _file_type(mode: int) -> str:
-    for test, what in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character "
-                       "device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return what
-    return "a special file"
 
 
 def _near_files(file: str) -> str:
@@ -237,8 +230,9 @@ def _candidates(folder: str) -> str:
 def _sniff(file: str) -> str | None:
     """What the file's first bytes say it is: 'zip', 'pickle', 'safetensors' or a description."""
     try:
-        with open(file, "rb") as f:
+        with os.fdopen(integrity.open_regular(file), "rb") as f:
             head = f.read(512)
+            size = os.fstat(f.fileno()).st_size
     except PermissionError as err:
         raise FinetunePrepError(
             f"checkpoint.path={file} cannot be read (permission denied): make it readable "
@@ -246,7 +240,6 @@ def _sniff(file: str) -> str | None:
         ) from err
     except OSError as err:
         raise FinetunePrepError(f"checkpoint.path={file} cannot be read: {err.strerror}.") from err
-    size = os.path.getsize(file)
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "zip"
     if len(head) >= 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] <= size - 8:
@@ -307,27 +300,39 @@ def _torch_load(file: str, mmap: bool) -> tuple[Any, list[str]]:
     """The file's object and notes on what was left out. torch.load with weights_only=True
     first; a file that torch's allowlist refuses is read again with the restricted unpickler
     (`safe_unpickle`), which never imports or calls what the file names."""
+    with integrity.pinned(file) as path:  # every open below reaches this regular file
+        if mmap:
+            if integrity.torchscript(path):
+                raise FinetunePrepError(
+                    f"checkpoint.path={file} is a TorchScript archive (torch.jit.save): its code "
+                    "is never loaded here. Save the weights with torch.save(model.state_dict(), "
+                    "path).")
+            integrity.check_zip(path, file)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*pickle protocol",
+                                        category=UserWarning)
+                return _load(path, mmap, weights_only=True), []
+        except pickle.UnpicklingError as err:
+            reason = str(err)
+        except (EOFError, RuntimeError, zipfile.BadZipFile, UnicodeDecodeError, KeyError,
+                ValueError, struct.error) as err:
+            raise FinetunePrepError(_corrupt(file, mmap, err)) from err
+        except Exception as err:  # anything else torch may raise on a bad file: one message
+            raise FinetunePrepError(_unreadable(file, err)) from err
+        return _safe_load(file, path, mmap, reason)
+
+
+def _load(path: str, mmap: bool, **kwargs: Any) -> Any:
+    """torch.load of a zip file mmap'd, or of a legacy file through `safe_unpickle.Bounded`
+    (so no pickle opcode can make the reader allocate more than the file holds)."""
     if mmap:
-        if integrity.torchscript(file):
-            raise FinetunePrepError(
-                f"checkpoint.path={file} is a TorchScript archive (torch.jit.save): its code is "
-                "never loaded here. Save the weights with torch.save(model.state_dict(), path).")
-        integrity.check_zip(file)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
-            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap), []
-    except pickle.UnpicklingError as err:
-        reason = str(err)
-    except (EOFError, RuntimeError, zipfile.BadZipFile, UnicodeDecodeError, KeyError,
-            ValueError, struct.error) as err:
-        raise FinetunePrepError(_corrupt(file, mmap, err)) from err
-    except Exception as err:  # anything else torch may raise on a bad file: still one message
-        raise FinetunePrepError(_unreadable(file, err)) from err
-    return _safe_load(file, mmap, reason)
+        return torch.load(path, map_location="cpu", mmap=True, **kwargs)
+    with open(path, "rb") as f:
+        return torch.load(safe_unpickle.Bounded(f), map_location="cpu", mmap=False, **kwargs)
 
 
-def _safe_load(file: str, mmap: bool, reason: str) -> tuple[Any, list[str]]:
+def _safe_load(file: str, path: str, mmap: bool, reason: str) -> tuple[Any, list[str]]:
     """torch.load through `safe_unpickle`: torch's zip reader, persistent_load and mmap, with
     every global outside torch's allowlist left as an inert record."""
     if os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true"):
@@ -338,11 +343,16 @@ def _safe_load(file: str, mmap: bool, reason: str) -> tuple[Any, list[str]]:
             warnings.simplefilter("ignore")
             # weights_only=False skips torch's sparse-index validation: switch it on here
             with torch.sparse.check_sparse_tensor_invariants():
-                raw = torch.load(file, map_location="cpu", weights_only=False, mmap=mmap,
-                                 pickle_module=safe_unpickle.pickle_module(record))
+                raw = _load(path, mmap, weights_only=False,
+                            pickle_module=safe_unpickle.pickle_module(record))
     except Exception as err:
         if record.dangerous:
             raise FinetunePrepError(_refused(file, reason, record.dangerous[0])) from err
+        if str(err).startswith(safe_unpickle.OVERSIZED):
+            raise FinetunePrepError(
+                f"checkpoint.path={file} is refused: {first_line(str(err))} (a damaged or "
+                "crafted pickle; nothing was allocated for it). Save the weights again with "
+                "torch.save(model.state_dict(), path) or as .safetensors.") from err
         if re.search(r"GLOBAL ([\w.]+)", reason) or mmap:  # a torch file that does not parse
             raise FinetunePrepError(_corrupt(file, mmap, err, pickled=True)) from err
         raise FinetunePrepError(_refused(file, reason)) from err  # not a torch.save file
@@ -371,7 +381,7 @@ def _metadata_notes(raw: Any) -> list[str]:
 
 def _unreadable(file: str, err: BaseException) -> str:
     return (f"checkpoint.path={file} could not be read as a torch checkpoint "
-            f"({type(err).__name__}: {_first_line(str(err))}). Re-save it with "
+            f"({type(err).__name__}: {first_line(str(err))}). Re-save it with "
             "torch.save(model.state_dict(), path) or as .safetensors.")
 
 
@@ -403,7 +413,7 @@ def _quote(reason: str) -> str:
         line = line.strip().removeprefix("WeightsUnpickler error:").strip()
         if line.startswith(("Unsupported", "Trying to load")):
             return repr(line.split(". ")[0].rstrip(".")[:160])
-    return repr(_first_line(reason)[:160])
+    return repr(first_line(reason)[:160])
 
 
 def _corrupt(file: str, mmap: bool, err: BaseException, pickled: bool = False) -> str:
@@ -413,7 +423,7 @@ def _corrupt(file: str, mmap: bool, err: BaseException, pickled: bool = False) -
         return (f"checkpoint.path={file} is a zip archive but not a torch checkpoint: extract "
                 "it, or give the .pt/.pth/.safetensors file itself.")
     what = "zip-format torch file" if mmap else "legacy-format torch file"
-    detail = _first_line(text).split(". ")[0] or type(err).__name__
+    detail = first_line(text).split(". ")[0] or type(err).__name__
     if pickled:
         detail = f"its pickled data does not parse: {detail}"
     return (f"checkpoint.path={file} is truncated or corrupt: it starts like a {what} but cannot "
@@ -421,7 +431,7 @@ def _corrupt(file: str, mmap: bool, err: BaseException, pickled: bool = False) -
             "save it again.")
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
 
 
@@ -430,12 +440,14 @@ def _open_safetensors(file: str) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     try:
-        with safe_open(file, framework="pt") as f:
+        with integrity.pinned(file) as path, safe_open(path, framework="pt") as f:
             info = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except FinetunePrepError:
+        raise
     except Exception as err:  # SafetensorError is not importable as a stable name
         raise FinetunePrepError(
             f"checkpoint.path={file} has a corrupt safetensors header "
-            f"({_first_line(str(err))[:120]}): the file is damaged or incomplete; "
+            f"({first_line(str(err))[:120]}): the file is damaged or incomplete; "
             "download or save it again."
         ) from err
     return {k: torch.empty(shape, dtype=_dtype(dt), device="meta")

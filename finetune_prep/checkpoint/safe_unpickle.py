@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import io
 import pickle
+import struct
 import types
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
@@ -129,6 +130,44 @@ def _inert(obj: Any, seen: set[int] | None = None, depth: int = 0) -> bool:
     return False
 
 
+LARGE_READ = 1 << 20  # reads above this size are checked against what the file holds
+OVERSIZED = "oversized pickle item"
+
+
+class Bounded:
+    """A binary file whose large reads may not ask for more than it holds: a pickle opcode
+    declaring a huge length (BINBYTES8, BINUNICODE8, LONG4, FRAME) would otherwise make the
+    reader allocate that many bytes before finding the file is short."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        try:
+            here = file.tell()
+            self.end: int | None = file.seek(0, io.SEEK_END)
+            file.seek(here)
+        except (AttributeError, OSError, ValueError):
+            self.end = None  # not seekable: no bound known
+
+    def check(self, n: int) -> None:
+        """Raise when `n` bytes are more than a large read can find in the file."""
+        if n > LARGE_READ and self.end is not None and n > self.end - self.file.tell():
+            raise pickle.UnpicklingError(
+                f"{OVERSIZED}: it declares {n} bytes but only "
+                f"{self.end - self.file.tell()} remain in the file")
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is not None and n > 0:
+            self.check(n)
+        return self.file.read(n)
+
+    def readinto(self, buffer: Any) -> int:
+        self.check(len(memoryview(buffer).cast("B")))
+        return self.file.readinto(buffer)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
 class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: every opcode overridable
     """The stdlib unpickler with every opcode that resolves or calls something replaced."""
 
@@ -137,7 +176,8 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: every opco
 
     def __init__(self, file: Any, **kwargs: Any) -> None:
         kwargs.pop("fix_imports", None)
-        super().__init__(file, fix_imports=True, **kwargs)
+        self.bounded = file if isinstance(file, Bounded) else Bounded(file)
+        super().__init__(self.bounded, fix_imports=True, **kwargs)
         self.record = type(self).record
 
     def find_class(self, module: str, name: str) -> Any:
@@ -157,6 +197,15 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: every opco
                 return torch.nn.Parameter(*args, **kwargs)
             return func(*args, **kwargs)
         return Foreign(_name_of(func), tuple(args), kwargs)
+
+    def load_bytearray8(self) -> None:
+        """BYTEARRAY8 allocates its declared length before reading: check it first."""
+        (n,) = struct.unpack("<Q", self.read(8))
+        self.bounded.check(n)
+        buffer = bytearray(n)
+        self.readinto(buffer)
+        self.append(buffer)
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
 
     def load_reduce(self) -> None:
         args = self.stack.pop()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from finetune_prep.checkpoint import integrity
 from finetune_prep.errors import FinetunePrepError
 
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -23,6 +24,8 @@ SINGLES = ("model.safetensors", "pytorch_model.bin")
 SHARD = re.compile(r"(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)(?P<ext>\.[A-Za-z]+)$")
 
 ShardOpener = Callable[[str], dict[str, torch.Tensor]]
+MAX_INDEX_BYTES = 64 << 20  # a million-tensor index is about 100 MB less than this
+MAX_DEPTH = 32  # an index is {"metadata": {...}, "weight_map": {name: file}}: depth 2 or 3
 
 
 def resolve_folder(folder: str) -> str | None:
@@ -48,9 +51,8 @@ def index_listing(file: str) -> str | None:
     for name in sorted(os.listdir(folder)):
         if name.endswith(".index.json"):
             try:
-                with open(os.path.join(folder, name), encoding="utf-8") as f:
-                    listed = json.load(f).get("weight_map", {}).values()
-            except (OSError, ValueError, AttributeError):
+                listed = read_index(os.path.join(folder, name)).get("weight_map", {}).values()
+            except (OSError, ValueError, AttributeError, FinetunePrepError):
                 continue
             if os.path.basename(file) in set(listed):
                 return os.path.join(folder, name)
@@ -84,11 +86,46 @@ def open_index(index: str, open_shard: ShardOpener) -> tuple[dict[str, torch.Ten
     return tensors, [os.path.join(folder, s) for s in shards]
 
 
+def read_index(index: str) -> object:
+    """An index file's JSON, refused (one message) when it is huge or nested deeper than any
+    index is: the size is checked before reading, the depth before parsing."""
+    data = integrity.read_regular(index, MAX_INDEX_BYTES)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise FinetunePrepError(
+            f"checkpoint.path={index} is not a readable shard index (not UTF-8 text: {err}): "
+            "download or save it again.") from err
+    depth = json_depth(text)
+    if depth > MAX_DEPTH:
+        raise FinetunePrepError(
+            f"checkpoint.path={index} is not a shard index: it nests {depth} levels deep "
+            f"(an index has 2 or 3, at most {MAX_DEPTH} are read). Download or save it again.")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise FinetunePrepError(
+            f"checkpoint.path={index} is not a readable shard index ({str(err)[:160]}): "
+            "download or save it again.") from err
+
+
+def json_depth(text: str) -> int:
+    """How deeply JSON text nests arrays and objects (brackets inside strings skipped)."""
+    depth = deepest = 0
+    for token in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', text):
+        t = token.group()
+        if t in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif t in "]}":
+            depth -= 1
+    return deepest
+
+
 def _weight_map(index: str) -> dict[str, str]:
     try:
-        with open(index, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = read_index(index)
+    except OSError as err:
         raise FinetunePrepError(
             f"checkpoint.path={index} is not a readable shard index ({err}): download or save "
             "it again.") from err
@@ -99,7 +136,8 @@ def _weight_map(index: str) -> dict[str, str]:
             f"checkpoint.path={index} is not a shard index: it has no \"weight_map\" of tensor "
             "names to shard files. Give the index written with the shards "
             "(model.safetensors.index.json or pytorch_model.bin.index.json).")
-    bad = [s for s in weight_map.values() if os.path.basename(s) != s or s in ("", ".", "..")]
+    bad = [s for s in weight_map.values()
+           if os.path.basename(s) != s or "\0" in s or s in ("", ".", "..")]
     if bad:
         raise FinetunePrepError(
             f"checkpoint.path={index}: shard names must be files beside the index, got {bad[0]!r}.")

@@ -385,7 +385,7 @@ def rename_keys(ckpt: Checkpoint, model: nn.Module) -> Checkpoint:
     return dataclasses.replace(
         ckpt,
         tensors={names[k]: t for k, t in ckpt.tensors.items()},
-        _stored={names[k]: v for k, v in ckpt._stored.items()},
+        stored={names[k]: v for k, v in ckpt.stored.items()},
         outside=[names.get(k, k) for k in ckpt.outside],
         steps=[*ckpt.steps, f"renamed {changed} keys as transformers' from_pretrained does "
                             f"(e.g. {example})"],
