@@ -54,6 +54,7 @@ from typing import Any
 from torch import nn
 
 from finetune_prep.errors import FinetunePrepError, did_you_mean
+from finetune_prep.model.heads import task_of
 from finetune_prep.plan.rules import check_glob
 from finetune_prep.plan.table import covers
 
@@ -104,7 +105,30 @@ def derive_stages(model: nn.Module, head: Sequence[str]) -> list[list[str]]:
     """The model's stages: lists of module/parameter names, in model order, heads excluded."""
     if hasattr(model, "group_matcher"):
         return _timm_stages(model, head)
+    body = backbone_body(model)
+    if body is not None:
+        return _with_backbone(model, head, body)
     return _derive(_read(model, head))
+
+
+def backbone_body(model: nn.Module) -> str | None:
+    """The feature extractor of a torchvision detection or segmentation model: `backbone.body`
+    (an FPN backbone) or `backbone`; None for other models."""
+    if task_of(model) == "classification":
+        return None
+    modules = dict(model.named_modules())
+    return next((n for n in ("backbone.body", "backbone") if n in modules), None)
+
+
+def _with_backbone(model: nn.Module, head: Sequence[str], body: str) -> list[list[str]]:
+    """Stages of the backbone body as for a classifier (resnet: stem, layer1..layer4, the
+    stages torchvision's trainable_backbone_layers counts), then each other part (fpn, rpn,
+    roi_heads' box/mask heads, a segmentation classifier's layers) in model order."""
+    inner = _derive(_read(model.get_submodule(body), ()))
+    stages = [[f"{body}.{n}" for n in stage] for stage in inner]
+    tree = _read(model, (*head, body))  # the body is skipped like a head, its parents opened
+    rest = _group(_open(tree, "", aux=False)) if tree.numel.get("", 0) else []
+    return stages + [[u.name for u in stage] for stage in rest]
 
 
 def _derive(tree: _Tree) -> list[list[str]]:
