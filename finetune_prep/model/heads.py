@@ -65,11 +65,13 @@ def replace_heads(
     source = str(getattr(model_cfg.source, "value", model_cfg.source))
     heads = [checked_module(model, named)] if named else main_heads(model, source)
     heads += [a for a in aux_heads(model) if a not in heads]
-    if mode == "keep" or sized or (source == "timm" and not named):
-        return tuple(heads)  # timm built its classifier with num_classes already
+    if mode == "keep":
+        return tuple(heads)
     assert num_outputs is not None
+    # the constructor sized the heads it declares (torchvision's num_classes, timm's)
+    done = set(main_heads(model, source) + aux_heads(model)) if sized else set()
     modules = dict(model.named_modules())
-    for name in heads:
+    for name in (h for h in heads if h not in done):
         new = fresh(modules[name], name, num_outputs, meta=True)
         if not meta:
             check_memory(sum(p.numel() for p in new.parameters()), f"the new head {name}")
