@@ -339,3 +339,49 @@ def test_proof_runs_detection_in_train_mode_with_targets():
 def test_deepcopy_of_meta_detection_model_is_cheap():
     b = build({"arch": "fasterrcnn_mobilenet_v3_large_320_fpn"})
     assert all(p.is_meta for p in copy.deepcopy(b.model).parameters())
+
+
+# --- open_clip: computes in its constructor, towers staged as its lock() ---------------------
+
+
+@pytest.fixture(scope="module")
+def clip_model():
+    open_clip = pytest.importorskip("open_clip")
+    return open_clip.create_model("ViT-B-32", pretrained=None)
+
+
+CLIP_CFG = {"source": "target", "arch": "clip", "target": {
+    "_target_": "open_clip.create_model", "model_name": "ViT-B-32", "pretrained": None}}
+
+
+def _snapshot(model: nn.Module) -> dict[str, tuple[int, str]]:
+    return {n: (id(m), type(m).__name__) for n, m in model.named_modules()}
+
+
+@pytest.mark.slow
+def test_open_clip_is_never_rewired(clip_model):
+    before = _snapshot(clip_model)
+    cfg = OmegaConf.create(CLIP_CFG)
+    with pytest.raises(FinetunePrepError, match="never guesses"):
+        build_architecture(cfg, OmegaConf.create({"num_outputs": 3}), meta=False,
+                           make_target=lambda: clip_model)
+    assert _snapshot(clip_model) == before
+    b = build_architecture(cfg, OmegaConf.create({"mode": "none"}), meta=False,
+                           make_target=lambda: clip_model)
+    assert _snapshot(b.model) == before and b.table.head == ()
+
+
+@pytest.mark.slow
+def test_open_clip_plans_off_meta_with_lock_stages():
+    b = build_architecture(OmegaConf.create(CLIP_CFG), OmegaConf.create({"mode": "none"}),
+                           meta=True)
+    assert all(p.is_meta for p in b.model.parameters())
+    assert any("built on the CPU" in n and "bytes" in n and " s " in n for n in b.notes)
+    stages = [list(s) for s in b.table.stages]
+    assert stages[0] == ["visual.conv1", "visual.class_embedding",
+                         "visual.positional_embedding", "visual.ln_pre"]
+    assert stages[1:12] == [[f"visual.transformer.resblocks.{i}"] for i in range(11)]
+    assert stages[12:14] == [["visual.transformer.resblocks.11", "visual.ln_post"],
+                             ["visual.proj"]]
+    assert stages[14] == ["token_embedding", "positional_embedding"]
+    assert stages[-2:] == [["transformer.resblocks.11", "ln_final"], ["text_projection"]]

@@ -104,7 +104,9 @@ def _build(model_cfg: Any, num_outputs: int | None, mode: str, meta: bool,
                 return _construct(model_cfg, num_outputs, mode, meta, make_target)
         except Exception as err:  # a meta tensor in the constructor's arithmetic, or a bad
             # config: the CPU build tells them apart (it raises the config's own error)
-            why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            while err.__cause__ is not None:  # Hydra's wrapper: the constructor's own error
+                err = err.__cause__
+            why = f"{type(err).__name__}: " + (str(err).strip().splitlines() or [""])[0]
             return _cpu_fallback(model_cfg, num_outputs, mode, make_target, why)
 
 

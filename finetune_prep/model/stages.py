@@ -103,12 +103,45 @@ def _read(model: nn.Module, head: Sequence[str]) -> _Tree:
 
 def derive_stages(model: nn.Module, head: Sequence[str]) -> list[list[str]]:
     """The model's stages: lists of module/parameter names, in model order, heads excluded."""
+    towers = open_clip_stages(model, head)
+    if towers:
+        return towers
     if hasattr(model, "group_matcher"):
         return _timm_stages(model, head)
     body = backbone_body(model)
     if body is not None:
         return _with_backbone(model, head, body)
     return _derive(_read(model, head))
+
+
+# open_clip's lock() groups of each tower: (prefix, the tower's transformer, first group,
+# what joins the last block, the projection)
+OPEN_CLIP_TOWERS = (
+    ("visual.", ("conv1", "class_embedding", "positional_embedding", "ln_pre"), ("ln_post",),
+     ("proj",)),
+    ("", ("token_embedding", "positional_embedding"), ("ln_final",), ("text_projection",)),
+    ("text.", ("token_embedding", "positional_embedding"), ("ln_final",), ("text_projection",)),
+)
+
+
+def open_clip_stages(model: nn.Module, head: Sequence[str]) -> list[list[str]]:
+    """An open_clip model's towers as its own lock()/lock_text_tower() group them: the
+    embeddings, each residual block, the last block with its final norm, the projection
+    (image tower first). [] for other models or towers without transformer blocks."""
+    if not type(model).__module__.startswith("open_clip"):
+        return []
+    tree = _read(model, head)
+    stages: list[list[str]] = []
+    for prefix, first, last, proj in OPEN_CLIP_TOWERS:
+        blocks = f"{prefix}transformer.resblocks"
+        if blocks not in tree.modules:
+            continue
+        names = [f"{blocks}.{i}" for i in range(len(tree.modules[blocks]))]
+        groups = [[prefix + n for n in first], *[[b] for b in names[:-1]],
+                  [names[-1], *(prefix + n for n in last)], [prefix + n for n in proj]]
+        stages += [kept for g in groups if (kept := [n for n in g if tree.numel.get(n, 0)
+                                                     and not any(covers(h, n) for h in head)])]
+    return stages
 
 
 def backbone_body(model: nn.Module) -> str | None:
