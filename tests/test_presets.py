@@ -35,6 +35,8 @@ def test_presets_order_and_meaning(arch):
     assert got["norm_only"] == norms | head
     assert got["bn_frozen"] == every - norms
     assert got["gradual"] == got["backbone_at"] == head  # phase 0 of the schedules
+    assert got["trainable_backbone_layers"] == every - set(  # the first two stages frozen
+        n for i in range(min(2, len(table.stages))) for n in table.stage_params(i))
 
 
 def phases_under(table, preset: str) -> list[set[str]]:
