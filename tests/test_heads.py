@@ -11,7 +11,7 @@ import torch
 import torchvision
 from omegaconf import OmegaConf
 from torch import nn
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
 
 import finetune_prep
 from finetune_prep.app.proof import detection_targets
@@ -240,6 +240,24 @@ def test_trainable_backbone_layers_parity(fasterrcnn_table, k):
     plan = evaluate(parse_rules([{"freeze": f"@stages[:{5 - k}]"}]), fasterrcnn_table)
     ours = {n for n, ok in plan.trainable.items() if ok and n.startswith("backbone.")}
     assert ours == expected
+
+
+@pytest.fixture(scope="module")
+def mobilenet_table():
+    return build({"arch": "fasterrcnn_mobilenet_v3_large_fpn"}).table
+
+
+@pytest.mark.parametrize("k", range(7))
+def test_trainable_backbone_layers_parity_mobilenet(mobilenet_table, k):
+    """mobilenet bodies are staged as torchvision's mobilenet_backbone counts (6 stages)."""
+    body = sum(s[0].startswith("backbone.body") for s in mobilenet_table.stages)
+    assert body == 6
+    with torch.device("meta"):
+        own = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True,
+                                 trainable_layers=k, norm_layer=nn.BatchNorm2d)
+    expected = {f"backbone.{n}" for n, p in own.named_parameters() if p.requires_grad}
+    plan = evaluate(parse_rules([{"freeze": f"@stages[:{body - k}]"}]), mobilenet_table)
+    assert {n for n, ok in plan.trainable.items() if ok and n.startswith("backbone.")} == expected
 
 
 def test_trainable_backbone_layers_preset_is_torchvisions_default(make_cfg):

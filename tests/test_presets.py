@@ -65,7 +65,7 @@ def test_schedule_presets_plan_on_every_model(arch):
 
 def test_every_preset_file_is_tested():
     assert {"head_only", "last_stage", "last_two_stages", "full", "frozen", "norm_only",
-            "bn_frozen", "gradual", "backbone_at"} == set(PRESETS)
+            "bn_frozen", "gradual", "backbone_at", "trainable_backbone_layers"} == set(PRESETS)
 
 
 def test_an_alias_that_selects_nothing_is_reported_not_fatal():

@@ -144,6 +144,19 @@ def open_clip_stages(model: nn.Module, head: Sequence[str]) -> list[list[str]]:
     return stages
 
 
+def _mobilenet_stages(body: nn.Module) -> list[list[str]]:
+    """A mobilenet body's stages as torchvision's mobilenet_backbone counts trainable_layers:
+    from the first block, each block marked `_is_cn` (a resolution change), and the last
+    block; [] for other bodies."""
+    blocks = [n for n, _ in body.named_children()]
+    marked = [i for i, (_, b) in enumerate(body.named_children()) if getattr(b, "_is_cn", False)]
+    if not marked:
+        return []
+    starts = [0, *marked, len(blocks) - 1]
+    ends = [*starts[1:], len(blocks)]
+    return [blocks[a:b] for a, b in zip(starts, ends, strict=True) if b > a]
+
+
 def backbone_body(model: nn.Module) -> str | None:
     """The feature extractor of a torchvision detection or segmentation model: `backbone.body`
     (an FPN backbone) or `backbone`; None for other models."""
@@ -157,7 +170,8 @@ def _with_backbone(model: nn.Module, head: Sequence[str], body: str) -> list[lis
     """Stages of the backbone body as for a classifier (resnet: stem, layer1..layer4, the
     stages torchvision's trainable_backbone_layers counts), then each other part (fpn, rpn,
     roi_heads' box/mask heads, a segmentation classifier's layers) in model order."""
-    inner = _derive(_read(model.get_submodule(body), ()))
+    module = model.get_submodule(body)
+    inner = _mobilenet_stages(module) or _derive(_read(module, ()))
     stages = [[f"{body}.{n}" for n in stage] for stage in inner]
     tree = _read(model, (*head, body))  # the body is skipped like a head, its parents opened
     rest = _group(_open(tree, "", aux=False)) if tree.numel.get("", 0) else []
