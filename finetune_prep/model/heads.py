@@ -339,7 +339,8 @@ def fresh(old: nn.Module, name: str, num_outputs: int, meta: bool) -> nn.Module:
         raise FinetunePrepError(
             f"head.module={name!r} is a {type(old).__name__}, which finetune_prep cannot rebuild "
             f"with a new size. It can replace: {', '.join(buildable())}. Name one of those with "
-            "head.module=..., or keep this head as it is with head.mode=keep.")
+            "head.module=..., keep this head as it is with head.mode=keep, or leave "
+            "head.module=null for the head the architecture declares.")
     with torch.device("meta") if meta else nullcontext():
         return build(old, num_outputs)
 
