@@ -403,3 +403,18 @@ def test_open_clip_plans_off_meta_with_lock_stages():
                              ["visual.proj"]]
     assert stages[14] == ["token_embedding", "positional_embedding"]
     assert stages[-2:] == [["transformer.resblocks.11", "ln_final"], ["text_projection"]]
+
+
+class Recorder(nn.Module):
+    """Records the types its constructor got (peft and smp break on DictConfig)."""
+
+    def __init__(self, options: dict, sizes: list) -> None:
+        super().__init__()
+        self.got = (type(options), type(sizes))
+        self.fc = nn.Linear(sizes[0], 2)
+
+
+def test_target_constructors_get_plain_containers():
+    b = build({"source": "target", "arch": "custom", "target": {
+        "_target_": "tests.test_heads.Recorder", "options": {"a": 1}, "sizes": [4]}})
+    assert b.model.got == (dict, list)
