@@ -52,6 +52,21 @@ class BnStats(str, Enum):
     train = "train"
 
 
+class HeadMode(str, Enum):
+    """What happens to the model's head: a fresh one, the model's own, or none."""
+
+    replace = "replace"
+    keep = "keep"
+    none = "none"
+
+
+class FreezeStart(str, Enum):
+    """Where the freeze rules start: every parameter trainable, or the constructor's state."""
+
+    all = "all"
+    model = "model"
+
+
 @dataclass
 class ModelConfig:
     source: ModelSource = ModelSource.torchvision
@@ -66,8 +81,9 @@ class ModelConfig:
 
 @dataclass
 class HeadConfig:
-    num_outputs: int = 1
+    num_outputs: int | None = 1
     module: str | None = None
+    mode: HeadMode = HeadMode.replace
 
 
 @dataclass
@@ -94,6 +110,7 @@ class PhaseConfig:
 class FreezeConfig:
     rules: list[dict[str, str]] = field(default_factory=list)
     bn_stats: BnStats = BnStats.eval
+    start: FreezeStart = FreezeStart.all
     schedule: list[PhaseConfig] = field(default_factory=list)
 
 
@@ -381,7 +398,11 @@ def _check_ranges(cfg: DictConfig) -> None:
     that name patterns, modules or files are checked where they are resolved)."""
     _check_verify(cfg.verify)
     n = cfg.head.num_outputs
-    if not 1 <= n <= MAX_OUTPUTS:
+    if n is None and cfg.head.mode == HeadMode.replace:
+        raise FinetunePrepError(
+            "head.num_outputs=null with head.mode=replace: a fresh head needs a size. Set "
+            "head.num_outputs to the number of classes, or head.mode=keep to keep the model's own.")
+    if n is not None and not 1 <= n <= MAX_OUTPUTS:
         raise FinetunePrepError(
             f"head.num_outputs={n}: a head needs at least one output and at most "
             f"{MAX_OUTPUTS:,}. Set head.num_outputs to the number of classes (1 for a binary "

@@ -188,7 +188,8 @@ def test_checkpoint_that_would_run_code_is_refused_and_never_runs(make_cfg, tmp_
 
 CONFIG_CASES = {
     "unknown_arch": (["model.arch=resnet181"],
-                     ["model.arch='resnet181' is not a torchvision classification model",
+                     ["model.arch='resnet181' is not a torchvision classification, detection or "
+                      "segmentation model",
                       "Did you mean: resnet18"]),
     "pattern_typo": (["freeze.rules=[{freeze: '*'}, {unfreeze: laye4}]"],
                      ["freeze.rules[1] {unfreeze: laye4}: 'laye4' matches no parameter",
@@ -205,7 +206,8 @@ CONFIG_CASES = {
                      ["head.num_outputs=0: a head needs at least one output",
                       "Set head.num_outputs to the number of classes"]),
     "head_not_linear": (["head.module=bn1"],
-                        ["head.module='bn1' is a BatchNorm2d, not an nn.Linear",
+                        ["head.module='bn1' is a BatchNorm2d, which finetune_prep cannot "
+                         "rebuild with a new size", "head.mode=keep",
                          "leave head.module=null"]),
 }
 

@@ -12,7 +12,7 @@ from torch import nn
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.model.build import build_architecture
 from finetune_prep.model.describe import BuiltModel, init_on_meta
-from finetune_prep.model.heads import find_heads
+from finetune_prep.model.heads import main_heads
 from finetune_prep.plan.table import covers
 
 ARCHS = torchvision.models.list_models(module=torchvision.models)
@@ -112,9 +112,10 @@ def test_head_module_override():
     assert any("classifier.6" in s for s in b.table.stages)
 
 
-def test_head_module_must_be_a_linear():
-    with pytest.raises(FinetunePrepError, match="not an nn.Linear"):
+def test_head_module_must_have_a_family_builder():
+    with pytest.raises(FinetunePrepError, match="cannot rebuild") as err:
         build({"arch": "resnet18"}, module="layer4")
+    assert "head.mode=keep" in str(err.value) and "FastRCNNPredictor" in str(err.value)
 
 
 def test_unknown_head_module_suggests_a_linear():
@@ -130,10 +131,10 @@ def test_aux_heads_follow_kwargs():
     assert build({"arch": "googlenet"}).table.head == ("fc", "aux1.fc2", "aux2.fc2")
 
 
-def test_find_heads_needs_a_linear_or_final_1x1_conv():
-    assert find_heads(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1))) == ["1"]
+def test_unknown_models_need_a_final_linear_or_1x1_conv():
+    assert main_heads(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)), "target") == ["1"]
     with pytest.raises(FinetunePrepError, match="head.module"):
-        find_heads(nn.Sequential(nn.Conv2d(3, 4, 3)))
+        main_heads(nn.Sequential(nn.Conv2d(3, 4, 3)), "target")
 
 
 # --- config errors and sources ---------------------------------------------------------------

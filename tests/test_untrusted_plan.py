@@ -276,8 +276,8 @@ def test_kwargs_that_read_files_or_run_code_are_refused(resnet18_plan, tmp_path,
 
 def test_an_arch_outside_the_registry_is_refused(resnet18_plan, tmp_path):
     path = crafted(resnet18_plan, tmp_path, lambda d: d["model"].update(arch="os.system"))
-    with pytest.raises(FinetunePrepError, match="model.arch='os.system' is not a torchvision "
-                                                "classification model"):
+    with pytest.raises(FinetunePrepError, match="model.arch=.os.system. is not a torchvision "
+                                                "classification, detection or segmentation model"):
         apply.build_model(path)
 
 

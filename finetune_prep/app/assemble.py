@@ -29,8 +29,10 @@ def document(
     state = _trainability(table, freeze, optimizer)
     return {
         "format": FORMAT,
-        "model": {"source": built.source, "arch": built.arch, "num_outputs": built.num_outputs,
-                  "head": table.head[0], "heads": list(table.head),
+        "model": {"source": built.source, "arch": built.arch,
+                  **({"num_outputs": built.num_outputs} if built.num_outputs else {}),
+                  "head_mode": built.head_mode,
+                  "head": table.head[0] if table.head else None, "heads": list(table.head),
                   "stages": table.stage_lists(), **_rebuild_block(model_cfg, built)},
         "checkpoint": _checkpoint_block(sources, built.model),
         "counts": state["counts"],

@@ -27,7 +27,7 @@ from finetune_prep.checkpoint import (
     load_into,
     read_checkpoint,
 )
-from finetune_prep.config import BnStats, Origin, origin_of, validate
+from finetune_prep.config import BnStats, FreezeStart, Origin, origin_of, validate
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.model import hf
 from finetune_prep.model.build import build_architecture, torchvision_weights_file
@@ -36,7 +36,13 @@ from finetune_prep.paramfile.format import Group, Plan
 from finetune_prep.plan.groups import build_groups
 from finetune_prep.plan.memory import check_memory
 from finetune_prep.plan.phases import plan_phases
-from finetune_prep.plan.rules import FreezePlan, evaluate, frozen_stat_layers, parse_rules
+from finetune_prep.plan.rules import (
+    FreezePlan,
+    evaluate,
+    frozen_stat_layers,
+    model_start,
+    parse_rules,
+)
 from finetune_prep.plan.table import ParamTable
 from finetune_prep.train import apply
 
@@ -126,12 +132,14 @@ def prepare(
     built = cache.build_meta_model(cfg.model, cfg.head)  # a fresh meta copy per call
     do_verify = proof.should_verify(cfg.verify, built.table, verify)
     sources = _read_sources(cfg, built, reuse=not (materialize or do_verify))
-    freeze = evaluate(parse_rules(cfg.freeze.rules), built.table)
+    start = model_start(built.table) if cfg.freeze.start == FreezeStart.model else None
+    freeze = evaluate(parse_rules(cfg.freeze.rules), built.table, start)
     trainable = [n for n in built.table.names if freeze.trainable[n]]
     _set_trainable(built.model, trainable)
     groups = build_groups(built.table, trainable, cfg.optim)
     _check_optimizer(built.model, groups, cfg.optim.optimizer)
     eval_modules, notes = _norm_stats(built.table, freeze, cfg.freeze.bn_stats)
+    notes += list(built.notes) + _model_frozen_notes(built.table, cfg.freeze.start)
     notes += [f"{rule} has no effect: later rules override every parameter it selects"
               for rule in freeze.shadowed]
     notes += [f"{rule} selects nothing on {built.arch}" for rule in freeze.empty]
@@ -278,6 +286,21 @@ def _norm_stats(table: ParamTable, freeze: FreezePlan, bn_stats: BnStats) -> tup
                 "set freeze.bn_stats=eval to keep them fixed"]
 
 
+def _model_frozen_notes(table: ParamTable, start: FreezeStart) -> list[str]:
+    """What the model's constructor froze, and whether the rules started from it."""
+    frozen = [n for n in table.names if n in table.model_frozen]
+    if not frozen:
+        return []
+    more = f" ... and {len(frozen) - 4} more" if len(frozen) > 4 else ""
+    listing = ", ".join(frozen[:4]) + more
+    if start == FreezeStart.model:
+        return [f"the model's constructor froze {len(frozen)} parameters ({listing}); "
+                "freeze.start=model: the rules started from that state"]
+    return [f"the model's constructor froze {len(frozen)} parameters ({listing}); "
+            "freeze.start=all ignores that (every parameter starts trainable): set "
+            "freeze.start=model to keep them frozen"]
+
+
 def _materialize_model(
     cfg: DictConfig, built: BuiltModel, sources: list[Source], trainable: Sequence[str]
 ) -> nn.Module:
@@ -287,7 +310,8 @@ def _materialize_model(
     def rebuild() -> nn.Module:
         return build_architecture(cfg.model, cfg.head, meta=False).model
 
-    check_memory(built.table.count(), f"{built.arch} with head.num_outputs={built.num_outputs:,}")
+    outputs = f"{built.num_outputs:,}" if built.num_outputs is not None else "its own"
+    check_memory(built.table.count(), f"{built.arch} with head.num_outputs={outputs}")
     if not sources:
         model = rebuild()
     else:

@@ -44,11 +44,14 @@ def prove(
     batch_size: int,
     seed: int,
     make_batch: Callable[[int, torch.Generator], torch.Tensor] | None = None,
+    task: str = "classification",
 ) -> dict[str, Any]:
     """One forward/backward/step on `model` (which it changes); return what was checked.
 
     `groups` are torch.optim groups of `model`'s own tensors; `make_batch` makes the input
-    (token ids for a text model), else it is a random float batch of `input_size`.
+    (token ids for a text model), else it is a random float batch of `input_size`. A detection
+    model (`task`) gets the batch as a list of images with synthetic targets and returns its
+    losses; a segmentation model returns a dict of outputs ('out', 'aux').
     """
     params = dict(model.named_parameters())
     non_finite = _non_finite(model)
@@ -58,7 +61,11 @@ def prove(
     batch = make_batch(batch_size, generator) if make_batch else \
         torch.randn(batch_size, *input_size, generator=generator)
     optimizer.zero_grad(set_to_none=True)
-    _loss(model(batch)).backward()
+    if task == "detection":
+        losses = model(list(batch), detection_targets(model, batch, generator))
+        sum(losses.values()).backward()
+    else:
+        _loss(model(batch)).backward()
     optimizer.step()
     frozen = [n for n, p in params.items() if not p.requires_grad]
     trainable = [n for n, p in params.items() if p.requires_grad]
@@ -117,6 +124,43 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
+def detection_targets(model: nn.Module, batch: torch.Tensor,
+                      generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
+    """Two random boxes per image, labelled with class 1 (0 when the model has only the
+    background class), with masks for Mask R-CNN and keypoints for Keypoint R-CNN: what a
+    torchvision detection model needs to return its losses in train mode."""
+    height, width = batch.shape[-2:]
+    roi = getattr(model, "roi_heads", None)
+    classes = _detection_classes(model)
+    targets = []
+    for _ in range(batch.shape[0]):
+        x1 = torch.rand(2, generator=generator) * width / 2
+        y1 = torch.rand(2, generator=generator) * height / 2
+        size = torch.rand(2, generator=generator) / 4 + 0.25
+        boxes = torch.stack([x1, y1, x1 + size * width, y1 + size * height], dim=1)
+        target = {"boxes": boxes, "labels": torch.full((2,), 1 if classes > 1 else 0)}
+        if getattr(roi, "mask_predictor", None) is not None:
+            masks = torch.zeros(2, height, width, dtype=torch.uint8)
+            for i, (a, b, c, d) in enumerate(boxes.long().tolist()):
+                masks[i, b:d, a:c] = 1
+            target["masks"] = masks
+        if getattr(roi, "keypoint_predictor", None) is not None:
+            count = roi.keypoint_predictor.kps_score_lowres.out_channels
+            centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+            target["keypoints"] = torch.cat(
+                [centre[:, None, :].expand(2, count, 2), torch.ones(2, count, 1)], dim=2)
+        targets.append(target)
+    return targets
+
+
+def _detection_classes(model: nn.Module) -> int:
+    """The classes a torchvision detection model predicts, background included."""
+    roi = getattr(model, "roi_heads", None)
+    if roi is not None:
+        return int(roi.box_predictor.cls_score.out_features)
+    return int(model.head.classification_head.num_classes)
+
+
 def _loss(output: Any) -> torch.Tensor:
     """A scalar from any classifier output (a tensor, or a tuple with auxiliary logits)."""
     if isinstance(output, torch.Tensor):
@@ -173,6 +217,8 @@ def measure_activations(
     saves, plus gradients in flight. None when the model cannot run on meta. A batch the
     architecture cannot take at all is a FinetunePrepError naming model.input_size or
     verify.batch_size (found by trying the architecture's own input size, and a batch of 2)."""
+    if built.task == "detection":  # its train-mode forward needs targets: not measured
+        return None
     model = set_train_mode(copy.deepcopy(built.model), eval_modules)
     if trainable is not None:
         keep = set(trainable)
@@ -289,7 +335,8 @@ def run_proof(
     model = set_train_mode(make_model(), eval_modules)
     tensors = tensor_groups(model, [Group.of(g) for g in groups])
     return prove(model, tensors, optimizer_factory(optimizer),
-                 built.input_size, verify_cfg.batch_size, verify_cfg.seed, built.make_batch)
+                 built.input_size, verify_cfg.batch_size, verify_cfg.seed, built.make_batch,
+                 built.task)
 
 
 def notes(verified: dict[str, Any]) -> list[str]:

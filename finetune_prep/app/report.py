@@ -95,7 +95,8 @@ def _header(document: Mapping[str, Any], table: ParamTable) -> str:
     lines = [
         f"Model: {model['arch']} ({model['source']})"
         + (f", {plural(outputs, 'output')}" if outputs else ""),
-        f"Head: {heads}",
+        f"Head: {heads or 'none'}" + (f" (head.mode={model['head_mode']})"
+                                      if model.get("head_mode", "replace") != "replace" else ""),
     ]
     lines += _checkpoint_lines(ckpt)
     return "\n".join(lines)

@@ -31,6 +31,9 @@ class BuiltModel:
     # the proof's batch (batch size, generator) -> input, when not a float image batch (tokens)
     make_batch: Callable[[int, torch.Generator], torch.Tensor] | None = None
     own_input_size: tuple[int, ...] | None = None  # the architecture's own, before model.input_size
+    task: str = "classification"  # classification | detection | segmentation (what the proof feeds)
+    head_mode: str = "replace"  # head.mode: replace | keep | none
+    notes: tuple[str, ...] = ()  # what the summary should say about the build (a CPU fallback)
 
 
 @contextmanager
@@ -123,4 +126,5 @@ def describe(
         stages=tuple(tuple(s) for s in stages),
         layers=dict(layers or {}),
         no_weight_decay=no_weight_decay,
+        model_frozen=frozenset(n for n, p in params if not p.requires_grad),
     )

@@ -54,6 +54,7 @@ from typing import Any
 from torch import nn
 
 from finetune_prep.errors import FinetunePrepError, did_you_mean
+from finetune_prep.model.heads import task_of
 from finetune_prep.plan.rules import check_glob
 from finetune_prep.plan.table import covers
 
@@ -102,9 +103,79 @@ def _read(model: nn.Module, head: Sequence[str]) -> _Tree:
 
 def derive_stages(model: nn.Module, head: Sequence[str]) -> list[list[str]]:
     """The model's stages: lists of module/parameter names, in model order, heads excluded."""
+    towers = open_clip_stages(model, head)
+    if towers:
+        return towers
     if hasattr(model, "group_matcher"):
         return _timm_stages(model, head)
+    body = backbone_body(model)
+    if body is not None:
+        return _with_backbone(model, head, body)
     return _derive(_read(model, head))
+
+
+# open_clip's lock() groups of each tower: (prefix, the tower's transformer, first group,
+# what joins the last block, the projection)
+OPEN_CLIP_TOWERS = (
+    ("visual.", ("conv1", "class_embedding", "positional_embedding", "ln_pre"), ("ln_post",),
+     ("proj",)),
+    ("", ("token_embedding", "positional_embedding"), ("ln_final",), ("text_projection",)),
+    ("text.", ("token_embedding", "positional_embedding"), ("ln_final",), ("text_projection",)),
+)
+
+
+def open_clip_stages(model: nn.Module, head: Sequence[str]) -> list[list[str]]:
+    """An open_clip model's towers as its own lock()/lock_text_tower() group them: the
+    embeddings, each residual block, the last block with its final norm, the projection
+    (image tower first). [] for other models or towers without transformer blocks."""
+    if not type(model).__module__.startswith("open_clip"):
+        return []
+    tree = _read(model, head)
+    stages: list[list[str]] = []
+    for prefix, first, last, proj in OPEN_CLIP_TOWERS:
+        blocks = f"{prefix}transformer.resblocks"
+        if blocks not in tree.modules:
+            continue
+        names = [f"{blocks}.{i}" for i in range(len(tree.modules[blocks]))]
+        groups = [[prefix + n for n in first], *[[b] for b in names[:-1]],
+                  [names[-1], *(prefix + n for n in last)], [prefix + n for n in proj]]
+        stages += [kept for g in groups if (kept := [n for n in g if tree.numel.get(n, 0)
+                                                     and not any(covers(h, n) for h in head)])]
+    return stages
+
+
+def _mobilenet_stages(body: nn.Module) -> list[list[str]]:
+    """A mobilenet body's stages as torchvision's mobilenet_backbone counts trainable_layers:
+    from the first block, each block marked `_is_cn` (a resolution change), and the last
+    block; [] for other bodies."""
+    blocks = [n for n, _ in body.named_children()]
+    marked = [i for i, (_, b) in enumerate(body.named_children()) if getattr(b, "_is_cn", False)]
+    if not marked:
+        return []
+    starts = [0, *marked, len(blocks) - 1]
+    ends = [*starts[1:], len(blocks)]
+    return [blocks[a:b] for a, b in zip(starts, ends, strict=True) if b > a]
+
+
+def backbone_body(model: nn.Module) -> str | None:
+    """The feature extractor of a torchvision detection or segmentation model: `backbone.body`
+    (an FPN backbone) or `backbone`; None for other models."""
+    if task_of(model) == "classification":
+        return None
+    modules = dict(model.named_modules())
+    return next((n for n in ("backbone.body", "backbone") if n in modules), None)
+
+
+def _with_backbone(model: nn.Module, head: Sequence[str], body: str) -> list[list[str]]:
+    """Stages of the backbone body as for a classifier (resnet: stem, layer1..layer4, the
+    stages torchvision's trainable_backbone_layers counts), then each other part (fpn, rpn,
+    roi_heads' box/mask heads, a segmentation classifier's layers) in model order."""
+    module = model.get_submodule(body)
+    inner = _mobilenet_stages(module) or _derive(_read(module, ()))
+    stages = [[f"{body}.{n}" for n in stage] for stage in inner]
+    tree = _read(model, (*head, body))  # the body is skipped like a head, its parents opened
+    rest = _group(_open(tree, "", aux=False)) if tree.numel.get("", 0) else []
+    return stages + [[u.name for u in stage] for stage in rest]
 
 
 def _derive(tree: _Tree) -> list[list[str]]:

@@ -108,6 +108,7 @@ def model_problems(info: Any) -> list[str]:
     check("num_outputs", lambda v: whole(v) and v >= 1, "a whole number >= 1")
     check("head", lambda v: v is None or isinstance(v, str), "a module name or null")
     check("heads", lambda v: strings(v), "a list of module names")
+    check("head_mode", lambda v: v in ("replace", "keep", "none"), "replace, keep or none")
     check("stages", lambda v: v is None or isinstance(v, list) and all(
         isinstance(s, str) or strings(s) for s in v), "a list of lists of names, or null")
     check("kwargs", lambda v: v is None or isinstance(v, dict), "an object or null")
@@ -261,8 +262,10 @@ def model_config(
     model_cfg = Fields(source=source, arch=arch, kwargs=kwargs, target=info.get("target"),
                        stages=info.get("stages") or None, input_size=None,
                        hf_class=info.get("hf_class"))
-    head_cfg = Fields(num_outputs=info.get("num_outputs", 1),
-                      module=heads[0] if len(heads) == 1 else None)
+    mode = info.get("head_mode", "replace")
+    head_cfg = Fields(num_outputs=info.get("num_outputs", 1) if mode == "replace" else None,
+                      module=heads[0] if heads and heads[0] and mode != "none" else None,
+                      mode=mode)
     return model_cfg, head_cfg, make
 
 

@@ -119,6 +119,15 @@ def parse_rules(items: Sequence[Any], where: str = "freeze.rules") -> list[Rule]
     return rules
 
 
+def model_start(table: ParamTable) -> FreezePlan:
+    """freeze.start=model: the state the model's constructor left (what it froze stays frozen
+    until a rule unfreezes it)."""
+    frozen = table.model_frozen
+    return FreezePlan({n: n not in frozen for n in table.names},
+                      {n: "the model's constructor" if n in frozen else None for n in table.names},
+                      ())
+
+
 def evaluate(
     rules: Sequence[Rule], table: ParamTable, start: FreezePlan | None = None
 ) -> FreezePlan:
@@ -193,6 +202,11 @@ def _alias(pattern: str, table: ParamTable) -> list[str]:
         "@ndim<=1": lambda: [n for n in table.names if len(table.shapes[n]) <= 1],
         "@no_weight_decay": lambda: [n for n in table.names if n in table.no_weight_decay],
     }
+    if pattern == "@head" and not table.head:
+        raise FinetunePrepError(
+            "@head: this model has no head (head.mode=none), so @head would select nothing. "
+            "Remove the rule (or choose a freeze preset without @head), or give the model a "
+            "head with head.mode=replace or keep.")
     if pattern in simple:
         return simple[pattern]()
     if m := _STAGE.fullmatch(pattern):

@@ -35,6 +35,7 @@ class ParamTable:
     stages: tuple[tuple[str, ...], ...]  # each stage: module or parameter names, model order
     layers: Mapping[str, int] = field(default_factory=dict)  # block-level layer id, head last
     no_weight_decay: frozenset[str] = frozenset()  # the model's own no-weight-decay parameters
+    model_frozen: frozenset[str] = frozenset()  # requires_grad=False as the constructor left them
 
     def numel(self, name: str) -> int:
         """Number of elements of one parameter."""
