@@ -29,7 +29,8 @@ _PACKAGED_CONF = Path(__file__).resolve().parent / "conf"  # where a wheel ships
 CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else _PACKAGED_CONF.parent.parent / "conf"
 SCHEMA_GROUP = "finetune_prep/schema"
 PROVIDER = "finetune_prep"
-OPEN_KEYS = ("model.kwargs", "model.target", "optim.optimizer", "adapter.options")  # free-form by design
+# free-form by design
+OPEN_KEYS = ("model.kwargs", "model.target", "optim.optimizer", "adapter.options")
 
 
 class ModelSource(str, Enum):

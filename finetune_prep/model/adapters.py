@@ -138,7 +138,8 @@ def target_modules(patterns: Sequence[str], table: ParamTable, model: nn.Module,
     return _outside_attention(chosen, modules, where)
 
 
-def _outside_attention(chosen: list[str], modules: Mapping[str, nn.Module], where: str) -> list[str]:
+def _outside_attention(chosen: list[str], modules: Mapping[str, nn.Module],
+                       where: str) -> list[str]:
     """nn.MultiheadAttention reads its out_proj's weight itself (never calls the layer), so an
     adapter there would get no gradient: peft adapts the MultiheadAttention as a whole."""
     attention = [m for m in chosen if type(modules[m]).__name__ == "MultiheadAttention"]
