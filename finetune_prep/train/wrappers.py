@@ -5,8 +5,9 @@ torch.compile as `_orig_mod`, FSDP1 as `_fsdp_wrapped_module` (at every wrapped 
 activation checkpointing as `_checkpoint_wrapped_module`, peft's PeftModel as
 `base_model.model` (a plan of an adapted model names the model inside it); FSDP2's
 `fully_shard` keeps the names and swaps the tensors. A name in param_groups.json is the bare
-model's name: these functions give every parameter, buffer and module of a wrapped model under that name. Wrapper classes are
-recognised without importing their modules (importing torch._dynamo alone costs seconds).
+model's name: these functions give every parameter, buffer and module of a wrapped model
+under that name. Wrapper classes are recognised without importing their modules (importing
+torch._dynamo alone costs seconds).
 """
 
 from __future__ import annotations
