@@ -19,20 +19,22 @@ def document(
     built: BuiltModel, sources: Sequence[Any], freeze: FreezePlan, groups: list[dict[str, Any]],
     eval_modules: list[str], optimizer: Any, verified: dict[str, Any], prov: dict[str, Any],
     model_cfg: Any = None, phases: Sequence[tuple[Any, list[str]]] = (),
-    adapter: dict[str, Any] | None = None,
+    adapter: dict[str, Any] | None = None, heads: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The content of param_groups.json (`sources`: checkpoints read, each with a label,
     the opened checkpoint and its fit to the model; `model_cfg`: the model config, whose
     constructor arguments let `build_model` rebuild the model from the file alone; `adapter`:
-    the adapters peft built, recorded so `build_model` rebuilds the PeftModel)."""
+    the adapters peft built, recorded so `build_model` rebuilds the PeftModel; `heads`: the
+    head modules of the model before the adapters, when they differ from the table's)."""
     from omegaconf import OmegaConf
 
     table = built.table
+    heads = list(heads or table.head)  # the model's head modules (before peft wraps them)
     state = _trainability(table, freeze, optimizer)
     doc = {
         "format": FORMAT,
         "model": {"source": built.source, "arch": built.arch, "num_outputs": built.num_outputs,
-                  "head": table.head[0], "heads": list(table.head),
+                  "head": heads[0], "heads": heads,
                   "stages": table.stage_lists(), **_rebuild_block(model_cfg, built)},
         "checkpoint": _checkpoint_block(sources, built.model),
         "counts": state["counts"],

@@ -164,7 +164,7 @@ def prepare(
         built, sources, freeze, groups, eval_modules, cfg.optim.optimizer, verified,
         provenance.record(OmegaConf.to_yaml(cfg), overrides, config_dirs), model_cfg=cfg.model,
         phases=list(zip(phases, phase_eval, strict=True)),
-        adapter=adapted.record if adapted else None,
+        adapter=adapted.record if adapted else None, heads=base.table.head,
     )
     notes += proof.notes(verified)
     report = render(document, built.table, freeze.trainable, cfg.report.grouped)

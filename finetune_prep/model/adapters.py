@@ -208,6 +208,13 @@ def peft_config(peft_type: str, kwargs: Mapping[str, Any]) -> Any:
             from err
 
 
+def config_defaults(peft_type: str) -> dict[str, Any]:
+    """peft's config class of `peft_type` with no arguments, as JSON-safe to_dict()."""
+    import peft
+
+    return json_safe(getattr(peft, CONFIG_CLASSES[peft_type])().to_dict())
+
+
 def require_peft() -> None:
     """A clear error when the optional dependency is missing."""
     try:
