@@ -274,8 +274,9 @@ def adapter_summary(record: Mapping[str, Any], table: ParamTable,
                                                      if n in params]))
                  for i in range(len(table.stages))]
     head = table.count([n for n in table.head_params() if trainable[n]])
+    layers = adapters.adapted_layers(record["params"], record["peft_type"])
     lines = [f"Adapters: {record['peft_type']} (peft) r={config.get('r', '-')} on "
-             f"{len(config.get('target_modules') or [])} layers: {table.count(list(params)):,} "
+             f"{len(layers)} layers: {table.count(list(params)):,} "
              f"adapter parameters, head {head:,} trainable"]
     lines += [f"  {label:<40} {n:>14,}" for label, n in per_stage if n]
     if record.get("resume"):

@@ -276,6 +276,17 @@ def is_adapter_param(name: str, peft_type: str) -> bool:
                for p, nxt in zip(parts, parts[1:], strict=False))
 
 
+def adapted_layers(params: Sequence[str], peft_type: str) -> list[str]:
+    """The layers that hold adapters, from the adapter parameters' names, in order."""
+    prefix = ADAPTER_PREFIXES.get(peft_type, "lora_")
+    layers: dict[str, None] = {}
+    for name in params:
+        parts = name.split(".")
+        cut = next((i for i, p in enumerate(parts) if p.startswith(prefix)), len(parts))
+        layers[".".join(parts[:cut])] = None
+    return list(layers)
+
+
 def frozen_copy(name: str) -> bool:
     """peft's frozen copies: the original of a modules_to_save module, an adapted layer's base."""
     return ".original_module." in f".{name}" or ".base_layer." in f".{name}"
