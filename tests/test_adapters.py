@@ -17,6 +17,7 @@ import finetune_prep
 from finetune_prep.app.pipeline import prepare
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.model import adapters
+from finetune_prep.train.lightning import FinetunePrepCallback
 
 VIT = torchvision.models.VisionTransformer
 
@@ -196,3 +197,82 @@ def test_base_name_strips_peft_segments():
     assert adapters.base_name("h.original_module.bias", "IA3") == "h.bias"
     assert adapters.base_name("k.ia3_l.default", "IA3") == "k"
     assert not adapters.is_adapter_param("h.modules_to_save.default.bias", "LORA")
+
+
+@pytest.fixture
+def lora_plan(tiny_vit_cfg, tmp_path):
+    """A LoRA+ plan of the tiny ViT whose phase 1 (epoch 1) also trains the final norm."""
+    cfg = tiny_vit_cfg("adapter=lora", "optim=loraplus",
+                       "freeze.schedule=[{at: {epoch: 1}, rules: [{unfreeze: encoder.ln}]}]")
+    return prepare(cfg, materialize=False).save(tmp_path / "plan")
+
+
+def test_training_apis_apply_the_plan_to_the_peft_model(lora_plan):
+    plan = finetune_prep.load_plan(lora_plan)
+    model = finetune_prep.build_model(lora_plan, target=VIT)
+    assert isinstance(model, peft.PeftModel)
+    assert model.get_nb_trainable_parameters() == (plan.counts["trainable"], plan.counts["total"])
+    optimizer = finetune_prep.build_optimizer(model, lora_plan)
+    finetune_prep.check(model, optimizer, lora_plan)
+    finetune_prep.train_mode(model, plan)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(torch.randn(2, 3, 32, 32)).logsumexp(1).mean().backward()
+    optimizer.step()
+    moved = {n.removeprefix(adapters.PREFIX) for n, p in model.named_parameters()
+             if not torch.equal(before[n], p)}
+    assert moved and moved <= set(plan.trainable)
+    assert any(".lora_B." in n for n in moved) and "heads.head.original_module.weight" not in moved
+    schedule = finetune_prep.Schedule(model, optimizer, plan)
+    assert schedule.step(epoch=1) == 1
+    inner = model.base_model.model
+    assert inner.encoder.ln.weight.requires_grad
+    assert not inner.heads.head.original_module.weight.requires_grad
+    finetune_prep.check(model, optimizer, plan, phase=1)
+
+
+def test_plan_applies_to_the_model_inside_the_peft_model(lora_plan):
+    model = finetune_prep.build_model(lora_plan, target=VIT)
+    groups = finetune_prep.load_param_groups(model.base_model.model, lora_plan)
+    assert sum(p.numel() for g in groups for p in g["params"]) == \
+        finetune_prep.load_plan(lora_plan).counts["trainable"]
+
+
+def test_a_plan_without_adapters_names_what_differs_on_a_peft_model(tiny_vit_cfg, tmp_path):
+    path = prepare(tiny_vit_cfg(), materialize=False).save(tmp_path / "bare")
+    model = peft_reference(fresh_vit(), prepare(tiny_vit_cfg("adapter=lora"),
+                                                materialize=False).document)
+    with pytest.raises(FinetunePrepError, match="made for another model.*lora_A"):
+        finetune_prep.load_param_groups(model, path)
+
+
+def test_lightning_callback_maps_peft_names(lora_plan):
+    lightning = pytest.importorskip("lightning.pytorch")
+
+    class Module(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = finetune_prep.build_model(lora_plan, target=VIT)
+
+        def training_step(self, batch, _):
+            return self.net(batch[0]).logsumexp(1).mean()
+
+        def configure_optimizers(self):
+            return None  # the callback builds the plan's optimizer
+
+    module = Module()
+    callback = FinetunePrepCallback(lora_plan, module="net")
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32)),
+                                       batch_size=2)
+    trainer = lightning.Trainer(max_epochs=1, callbacks=[callback], logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, accelerator="cpu")
+    before = {n: p.detach().clone() for n, p in module.net.named_parameters()}
+    trainer.fit(module, data)
+    for name, p in module.net.named_parameters():
+        if ".base_layer." in name or "original_module" in name:
+            assert not p.requires_grad, name
+            # peft's LoRA on nn.MultiheadAttention merges and unmerges the adapter into the
+            # frozen in_proj_weight on every forward: float rounding, never a gradient step
+            torch.testing.assert_close(before[name], p.detach(), rtol=0, atol=1e-6)
+    assert any(not torch.equal(before[n], p.detach()) for n, p in module.net.named_parameters()
+               if ".lora_B." in n)
