@@ -269,7 +269,7 @@ def test_lightning_callback_maps_peft_names(lora_plan):
     before = {n: p.detach().clone() for n, p in module.net.named_parameters()}
     trainer.fit(module, data)
     for name, p in module.net.named_parameters():
-        if ".base_layer." in name or "original_module" in name:
+        if adapters.frozen_copy(name, "LORA"):
             assert not p.requires_grad, name
             # peft's LoRA on nn.MultiheadAttention merges and unmerges the adapter into the
             # frozen in_proj_weight on every forward: float rounding, never a gradient step

@@ -287,9 +287,11 @@ def adapted_layers(params: Sequence[str], peft_type: str) -> list[str]:
     return list(layers)
 
 
-def frozen_copy(name: str) -> bool:
-    """peft's frozen copies: the original of a modules_to_save module, an adapted layer's base."""
-    return ".original_module." in f".{name}" or ".base_layer." in f".{name}"
+def frozen_copy(name: str, peft_type: str) -> bool:
+    """peft's frozen copies: the original of a modules_to_save module, an adapted layer's base
+    (not an adapter peft nests under a base layer, as in nn.MultiheadAttention's out_proj)."""
+    inside = ".original_module." in f".{name}" or ".base_layer." in f".{name}"
+    return inside and not is_adapter_param(name, peft_type)
 
 
 def adapted_table(inner: nn.Module, base: ParamTable, peft_type: str) -> ParamTable:
@@ -310,7 +312,7 @@ def adapted_table(inner: nn.Module, base: ParamTable, peft_type: str) -> ParamTa
     head = []
     for h in base.head:
         under = [n for n in names if covers(h, n)]
-        live = [n for n in under if not frozen_copy(n)]
+        live = [n for n in under if not frozen_copy(n, peft_type)]
         owners = [m for m in dict.fromkeys(n.rpartition(".")[0] for n in live) if m not in head]
         head += owners if len(live) < len(under) else [h]
     stages = [[e2 for e in stage for e2 in _renamed(e, names, peft_type)] for stage in base.stages]
