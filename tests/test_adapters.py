@@ -276,3 +276,15 @@ def test_lightning_callback_maps_peft_names(lora_plan):
             torch.testing.assert_close(before[name], p.detach(), rtol=0, atol=1e-6)
     assert any(not torch.equal(before[n], p.detach()) for n, p in module.net.named_parameters()
                if ".lora_B." in n)
+
+
+@pytest.mark.slow
+def test_counts_equal_peft_on_the_real_vit_b_16(make_cfg):
+    prepared = prepare(make_cfg("model=vit_b_16", "head.num_outputs=10", "adapter=lora",
+                                "verify.backward=false"), materialize=False)
+    doc = prepared.document
+    ref = peft_reference(torchvision.models.vit_b_16(weights=None, num_classes=10), doc)
+    assert ref.get_nb_trainable_parameters() == (doc["counts"]["trainable"],
+                                                  doc["counts"]["total"])
+    assert set(prepared.plan.trainable) == trainable_names(ref)
+    assert len(adapters.adapted_layers(doc["adapter"]["params"], "LORA")) == 12

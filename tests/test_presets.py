@@ -35,6 +35,7 @@ def test_presets_order_and_meaning(arch):
     assert got["norm_only"] == norms | head
     assert got["bn_frozen"] == every - norms
     assert got["gradual"] == got["backbone_at"] == head  # phase 0 of the schedules
+    assert got["adapters"] == every  # no rules: what peft made trainable (all, without peft)
 
 
 def phases_under(table, preset: str) -> list[set[str]]:
@@ -63,7 +64,7 @@ def test_schedule_presets_plan_on_every_model(arch):
 
 def test_every_preset_file_is_tested():
     assert {"head_only", "last_stage", "last_two_stages", "full", "frozen", "norm_only",
-            "bn_frozen", "gradual", "backbone_at"} == set(PRESETS)
+            "bn_frozen", "gradual", "backbone_at", "adapters"} == set(PRESETS)
 
 
 def test_an_alias_that_selects_nothing_is_reported_not_fatal():
