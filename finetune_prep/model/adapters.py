@@ -277,12 +277,14 @@ def is_adapter_param(name: str, peft_type: str) -> bool:
 
 
 def adapted_layers(params: Sequence[str], peft_type: str) -> list[str]:
-    """The layers that hold adapters, from the adapter parameters' names, in order."""
+    """The layers that hold adapters, from the adapter parameters' names, in order (an adapter
+    peft nests under a base layer, as nn.MultiheadAttention's out_proj, counts for its layer)."""
     prefix = ADAPTER_PREFIXES.get(peft_type, "lora_")
     layers: dict[str, None] = {}
     for name in params:
         parts = name.split(".")
-        cut = next((i for i, p in enumerate(parts) if p.startswith(prefix)), len(parts))
+        cut = next((i for i, p in enumerate(parts) if p.startswith(prefix) or p == "base_layer"),
+                   len(parts))
         layers[".".join(parts[:cut])] = None
     return list(layers)
 
