@@ -15,6 +15,10 @@ headers; the eager way (from_pretrained) would need 28 GB of RAM for fp32 weight
              hydra.run.dir=TMP   (header-only verification of every shard, meta build)
   (c) tiny   the same for a 2-layer, hidden-size-32 Mistral with verify.backward=false (as
              the 7B plan, above verify.max_params: what the CLI costs for any model)
+  (d) floor  (a) plus `import peft; from peft import LoraConfig, get_peft_model`
+      + peft
+  (e) LoRA   (b) with adapter=lora +adapter.options.task_type=SEQ_CLS: peft adds the adapters
+             on the meta device (get_peft_model(low_cpu_mem_usage=True)); compared with (d)
 
 Each cell is the median over --runs fresh processes of wall seconds / peak RSS MiB, measured by
 /usr/bin/time if present, else by resource.getrusage of the waited child. Usage:
@@ -47,6 +51,9 @@ MISTRAL_7B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layer
               "num_labels": 2, "pad_token_id": 0}
 TINY = {**MISTRAL_7B, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100}
+FLOOR_PEFT = FLOOR.replace("; os._exit(0)", "; import peft; from peft import LoraConfig, "
+                                             "get_peft_model; os._exit(0)")
+LORA = ("adapter=lora", "+adapter.options.task_type=SEQ_CLS")
 DTYPES = {"bf16": ("BF16", 2), "fp32": ("F32", 4)}
 
 
@@ -159,10 +166,13 @@ def main() -> None:
         info = make_folder(tmp / "mistral_7b", dtype=args.dtype)
         make_folder(tmp / "mistral_tiny", config=TINY, dtype=args.dtype)
         cmds = [[sys.executable, "-c", FLOOR], plan_command(tmp / "mistral_7b", tmp / "run"),
-                plan_command(tmp / "mistral_tiny", tmp / "run_tiny", "verify.backward=false")]
-        measure(cmds[0])  # warm the page cache
-        floor, plan, tiny = medians(cmds, args.runs)
+                plan_command(tmp / "mistral_tiny", tmp / "run_tiny", "verify.backward=false"),
+                [sys.executable, "-c", FLOOR_PEFT],
+                plan_command(tmp / "mistral_7b", tmp / "run_lora", *LORA)]
+        measure(cmds[3])  # warm the page cache
+        floor, plan, tiny, floor_peft, lora = medians(cmds, args.runs)
         doc = json.loads((tmp / "run" / "param_groups.json").read_text())
+        lora_doc = json.loads((tmp / "run_lora" / "param_groups.json").read_text())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     gib = 2**30
@@ -186,6 +196,23 @@ def main() -> None:
           f"{floor[1]:.0f} | {plan[0]:.2f} / {plan[1]:.0f} | {tiny[0]:.2f} / {tiny[1]:.0f} | "
           f"{plan[0] - floor[0]:+.2f} s | {plan[1] - floor[1]:+.0f} MiB | "
           f"{plan[0] - tiny[0]:+.2f} s |")
+    print()
+    print("| model | (d) floor + peft | (e) plan 7B LoRA | (e)-(d) time | (e)-(d) RSS |")
+    print("|---|---|---|---|---|")
+    print(f"| mistral-7b seq-cls + LoRA r=8 (q,k,v,o) | {floor_peft[0]:.2f} / "
+          f"{floor_peft[1]:.0f} | {lora[0]:.2f} / {lora[1]:.0f} | "
+          f"{lora[0] - floor_peft[0]:+.2f} s | {lora[1] - floor_peft[1]:+.0f} MiB |")
+    print(lora_line(lora_doc))
+
+
+def lora_line(doc: dict) -> str:
+    """The LoRA plan's counts and its training memory beside full fine-tuning."""
+    gib, mem, counts = 2**30, doc["memory"], doc["counts"]
+    return (f"LoRA: {counts['trainable']:,} of {counts['total']:,} parameters train "
+            f"({len(doc['adapter']['params']):,} adapter tensors); memory: fp32 plan "
+            f"{mem['plan_bytes'] / gib:.1f} GiB vs full {mem['full_finetune_bytes'] / gib:.1f} "
+            f"GiB; bf16 plan {mem['bf16']['plan_bytes'] / gib:.1f} GiB vs full "
+            f"{mem['bf16']['full_finetune_bytes'] / gib:.1f} GiB")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ _PACKAGED_CONF = Path(__file__).resolve().parent / "conf"  # where a wheel ships
 CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else _PACKAGED_CONF.parent.parent / "conf"
 SCHEMA_GROUP = "finetune_prep/schema"
 PROVIDER = "finetune_prep"
-OPEN_KEYS = ("model.kwargs", "model.target", "optim.optimizer")  # free-form by design
-PRESET_GROUPS = ("model", "freeze", "optim", "sweep")  # the packaged config groups
+# free-form by design
+OPEN_KEYS = ("model.kwargs", "model.target", "optim.optimizer", "adapter.options")
+PRESET_GROUPS = ("model", "freeze", "optim", "adapter", "sweep")  # the packaged config groups
 PRIMARY = "config"  # the packaged primary config's name
 RERUN_GROUP = "finetune_prep/rerun"  # where a run's own config.yaml is stored to compose it again
 
@@ -134,6 +135,29 @@ class OptimConfig:
     optimizer: dict[str, Any] = field(default_factory=lambda: {"_target_": "torch.optim.AdamW"})
 
 
+class AdapterMethod(str, Enum):
+    """The PEFT method peft builds on the model (none: plain fine-tuning)."""
+
+    none = "none"
+    lora = "lora"
+    ia3 = "ia3"
+    loha = "loha"
+
+
+@dataclass
+class AdapterConfig:
+    method: AdapterMethod = AdapterMethod.none
+    target_modules: list[str] = field(default_factory=list)
+    r: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    bias: str | None = None
+    modules_to_save: list[str] | None = None
+    feedforward_modules: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    resume: str | None = None
+
+
 @dataclass
 class ReportConfig:
     grouped: bool = True
@@ -154,12 +178,14 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
 
 
 SCHEMAS = {"config": Config, "model": ModelConfig, "head": HeadConfig,
-           "checkpoint": CheckpointConfig, "freeze": FreezeConfig, "optim": OptimConfig}
+           "checkpoint": CheckpointConfig, "freeze": FreezeConfig, "optim": OptimConfig,
+           "adapter": AdapterConfig}
 
 
 def register_configs() -> None:

@@ -205,3 +205,19 @@ def hf_folder(tmp_path_factory) -> Callable[[str], Path]:
         return made[kind]
 
     return _make
+
+
+# --------------------------------------------------------------------------- adapters (peft)
+
+# a small torchvision VisionTransformer through model.target (vit_b_16 is 86M parameters)
+TINY_VIT = ("model=custom", "model.target._target_=torchvision.models.VisionTransformer",
+            "~model.target.num_classes", "+model.target.image_size=32",
+            "+model.target.patch_size=8", "+model.target.num_layers=2",
+            "+model.target.num_heads=2", "+model.target.hidden_dim=32",
+            "+model.target.mlp_dim=64", "model.input_size=[3,32,32]", "head.num_outputs=10")
+
+
+@pytest.fixture
+def tiny_vit_cfg(make_cfg) -> Callable[..., DictConfig]:
+    """`tiny_vit_cfg(*overrides)`: the tiny ViT's config with more overrides."""
+    return lambda *extra: make_cfg(*TINY_VIT, *extra)

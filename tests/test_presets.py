@@ -37,6 +37,7 @@ def test_presets_order_and_meaning(arch):
     assert got["gradual"] == got["backbone_at"] == head  # phase 0 of the schedules
     assert got["trainable_backbone_layers"] == every - set(  # the first two stages frozen
         n for i in range(min(2, len(table.stages))) for n in table.stage_params(i))
+    assert got["adapters"] == every  # no rules: what peft made trainable (all, without peft)
 
 
 def phases_under(table, preset: str) -> list[set[str]]:
@@ -65,7 +66,8 @@ def test_schedule_presets_plan_on_every_model(arch):
 
 def test_every_preset_file_is_tested():
     assert {"head_only", "last_stage", "last_two_stages", "full", "frozen", "norm_only",
-            "bn_frozen", "gradual", "backbone_at", "trainable_backbone_layers"} == set(PRESETS)
+            "bn_frozen", "gradual", "backbone_at", "trainable_backbone_layers",
+            "adapters"} == set(PRESETS)
 
 
 def test_an_alias_that_selects_nothing_is_reported_not_fatal():

@@ -438,3 +438,73 @@ def test_check_no_longer_passes_with_the_whole_model_as_an_eval_module(resnet18_
 def test_a_valid_schedule_still_reads(gradual_plan):
     doc = paramfile.read(gradual_plan)
     assert [p["phase"] for p in doc["schedule"]] == [1, 2, 3, 4, 5]
+
+
+# --------------------------------------------------------------------------- adapter blocks
+
+
+@pytest.fixture(scope="module")
+def lora_plan(tmp_path_factory) -> Path:
+    """A real LoRA plan of a tiny torchvision ViT (adapter=lora)."""
+    from conftest import TINY_VIT
+
+    from finetune_prep.app.pipeline import prepare
+
+    cfg = finetune_prep.compose([*TINY_VIT, "adapter=lora"])
+    return prepare(cfg, materialize=False).save(tmp_path_factory.mktemp("lora"))
+
+
+def rebuild(path: Path) -> torch.nn.Module:
+    return apply.build_model(path, target=torchvision.models.VisionTransformer)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda d: d["adapter"].update(peft_type="ADALORA"), r"adapter.peft_type is 'ADALORA'"),
+    (lambda d: d["adapter"]["config"].update(_target_="os.system"),
+     r"adapter.config._target_ is a Hydra key"),
+    (lambda d: d["adapter"]["config"].update(r="${oc.env:HOME}"), r"an interpolation"),
+    (lambda d: d["adapter"]["config"].update(r=-1), r"adapter.config.r is -1"),
+    (lambda d: d["adapter"]["config"].update(init_lora_weights="loftq"),
+     r"adapter.config.init_lora_weights is 'loftq'"),
+    (lambda d: d["adapter"]["config"].update(target_modules="re:.*"),
+     r"adapter.config.target_modules is 're:.\*'"),
+    (lambda d: d["adapter"].update(params="all"), r"adapter.params must be a list"),
+])
+def test_a_malformed_adapter_block_is_refused_on_read(lora_plan, tmp_path, edit, message):
+    path = crafted(lora_plan, tmp_path, edit)
+    with pytest.raises(FinetunePrepError, match=message):
+        finetune_prep.load_plan(path)
+    with pytest.raises(FinetunePrepError, match=message):
+        rebuild(path)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("megatron_core", "antigravity"),  # peft would import it
+    ("megatron_config", {"tensor_model_parallel_size": 1}),
+    ("loftq_config", {"loftq_bits": 4}),
+    ("revision", "main"),
+    ("eva_config", {"rho": 2.0}),
+])
+def test_adapter_fields_outside_the_allowlist_must_hold_peft_defaults(
+        lora_plan, tmp_path, key, value):
+    path = crafted(lora_plan, tmp_path, lambda d: d["adapter"]["config"].update({key: value}))
+    finetune_prep.load_plan(path)  # plain data: readable; rebuilding refuses it
+    with pytest.raises(FinetunePrepError, match=rf"adapter.config.{key} is .*a plan file may "
+                                                "set only"):
+        rebuild(path)
+    assert "antigravity" not in sys.modules
+
+
+def test_unknown_adapter_field_is_refused(lora_plan, tmp_path):
+    path = crafted(lora_plan, tmp_path, lambda d: d["adapter"]["config"].update(evil=1))
+    with pytest.raises(FinetunePrepError, match="adapter.config.evil is not a field"):
+        rebuild(path)
+
+
+def test_the_real_adapter_plan_rebuilds_the_peft_model(lora_plan):
+    import peft
+
+    model = rebuild(lora_plan)
+    assert isinstance(model, peft.PeftModel)
+    counts = finetune_prep.load_plan(lora_plan).counts
+    assert model.get_nb_trainable_parameters() == (counts["trainable"], counts["total"])

@@ -19,20 +19,24 @@ def document(
     built: BuiltModel, sources: Sequence[Any], freeze: FreezePlan, groups: list[dict[str, Any]],
     eval_modules: list[str], optimizer: Any, verified: dict[str, Any], prov: dict[str, Any],
     model_cfg: Any = None, phases: Sequence[tuple[Any, list[str]]] = (),
+    adapter: dict[str, Any] | None = None, heads: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The content of param_groups.json (`sources`: checkpoints read, each with a label,
     the opened checkpoint and its fit to the model; `model_cfg`: the model config, whose
-    constructor arguments let `build_model` rebuild the model from the file alone)."""
+    constructor arguments let `build_model` rebuild the model from the file alone; `adapter`:
+    the adapters peft built, recorded so `build_model` rebuilds the PeftModel; `heads`: the
+    head modules of the model before the adapters, when they differ from the table's)."""
     from omegaconf import OmegaConf
 
     table = built.table
+    heads = list(heads or table.head)  # the model's head modules (before peft wraps them)
     state = _trainability(table, freeze, optimizer)
-    return {
+    doc = {
         "format": FORMAT,
         "model": {"source": built.source, "arch": built.arch,
                   **({"num_outputs": built.num_outputs} if built.num_outputs else {}),
                   "head_mode": built.head_mode,
-                  "head": table.head[0] if table.head else None, "heads": list(table.head),
+                  "head": heads[0] if heads else None, "heads": heads,
                   "stages": table.stage_lists(), **_rebuild_block(model_cfg, built)},
         "checkpoint": _checkpoint_block(sources, built.model),
         "counts": state["counts"],
@@ -47,6 +51,9 @@ def document(
         "schedule": [_phase_block(table, phase, evals, optimizer) for phase, evals in phases],
         "provenance": prov,
     }
+    if adapter is not None:  # peft's config and the adapter parameters (paramfile.allowlist)
+        doc["adapter"] = adapter
+    return doc
 
 
 def _phase_block(table: Any, phase: Any, eval_modules: list[str], optimizer: Any) -> dict:

@@ -4,6 +4,7 @@ report -> files. `prepare` serves the Python API, `run` the CLI."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -29,7 +30,7 @@ from finetune_prep.checkpoint import (
 )
 from finetune_prep.config import BnStats, FreezeStart, Origin, origin_of, validate
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.model import hf
+from finetune_prep.model import adapters, hf
 from finetune_prep.model.build import build_architecture, torchvision_weights_file
 from finetune_prep.model.describe import BuiltModel
 from finetune_prep.paramfile.format import Group, Plan
@@ -44,7 +45,7 @@ from finetune_prep.plan.rules import (
     parse_rules,
 )
 from finetune_prep.plan.table import ParamTable
-from finetune_prep.train import apply
+from finetune_prep.train import apply, wrappers
 
 log = logging.getLogger("finetune_prep")
 
@@ -129,10 +130,18 @@ def prepare(
     `compose()` recorded for this config object, so the API records what the CLI does."""
     origin = _origin(cfg, overrides, config_dirs, rerun)
     cfg = validate(cfg)
-    built = cache.build_meta_model(cfg.model, cfg.head)  # a fresh meta copy per call
+    base = cache.build_meta_model(cfg.model, cfg.head)  # a fresh meta copy per call
+    reuse = not (materialize or proof.should_verify(cfg.verify, base.table, verify))
+    sources = _read_sources(cfg, base, reuse=reuse)  # weights fit the base model
+    adapted = _adapt(cfg, base)  # peft's adapters (on a copy: sources load into `base`)
+    built = adapted.built if adapted else base
     do_verify = proof.should_verify(cfg.verify, built.table, verify)
-    sources = _read_sources(cfg, built, reuse=not (materialize or do_verify))
-    start = model_start(built.table) if cfg.freeze.start == FreezeStart.model else None
+    if adapted:
+        start = _peft_start(built, cfg)  # what peft made trainable
+    elif cfg.freeze.start == FreezeStart.model:
+        start = model_start(built.table)  # what the model's constructor froze
+    else:
+        start = None
     freeze = evaluate(parse_rules(cfg.freeze.rules), built.table, start)
     trainable = [n for n in built.table.names if freeze.trainable[n]]
     _set_trainable(built.model, trainable)
@@ -154,13 +163,19 @@ def prepare(
         proof_bytes = proof.check_fits(  # real tensor: the caller's model, the proof's copy
             cfg.verify, built, last_trainable, cfg.optim.optimizer,
             proof_eval, copies=2 if materialize else 1)
-    model = _materialize_model(cfg, built, sources, trainable) if materialize else built.model
+    def real() -> nn.Module:
+        model = _materialize_model(cfg, base, sources, trainable if not adapted else ())
+        if adapted:
+            model = _adapt_real(cfg, model, adapted)
+            _set_trainable(model, trainable)
+        return model
+
+    model = real() if materialize else (adapted.peft_model if adapted else built.model)
 
     def proof_model() -> nn.Module:
-        copy_ = copy.deepcopy(model) if materialize else \
-            _materialize_model(cfg, built, sources, trainable)
+        copy_ = copy.deepcopy(model) if materialize else real()
         _set_trainable(copy_, last_trainable)
-        return copy_
+        return wrappers.bare_model(copy_)  # a PeftModel's inner model (the plan's names)
 
     verified = proof.run_proof(cfg.verify, built, do_verify, proof_groups, proof_eval,
                                cfg.optim.optimizer, proof_model)
@@ -173,9 +188,12 @@ def prepare(
         provenance.record(OmegaConf.to_yaml(cfg), origin.overrides, origin.config_dirs,
                           origin.rerun), model_cfg=cfg.model,
         phases=list(zip(phases, phase_eval, strict=True)),
+        adapter=adapted.record if adapted else None, heads=base.table.head,
     )
     notes += proof.notes(verified)
     report = render(document, built.table, freeze.trainable, cfg.report.grouped)
+    if adapted:
+        report += "\n" + adapter_summary(adapted.record, built.table, freeze.trainable)
     return Prepared(model, built.table, document, report, notes)
 
 
@@ -250,13 +268,67 @@ def _read_sources(cfg: DictConfig, built: BuiltModel, reuse: bool = False) -> li
     return sources
 
 
+def _adapt(cfg: DictConfig, base: BuiltModel) -> adapters.Adapted | None:
+    """peft's adapters on a meta copy of the base model, and an adapter folder checked
+    against them; None without adapters."""
+    method = adapters.method_of(cfg.get("adapter"))
+    if method == "none":
+        return None
+    meta = dataclasses.replace(base, model=copy.deepcopy(base.model))
+    adapted = adapters.adapt(meta, cfg.adapter, meta=True)
+    if cfg.adapter.resume:
+        folder = adapters.check_folder(cfg.adapter.resume)
+        adapters.check_matches(folder, adapters.folder_config(folder), adapted.config)
+        count = adapters.check_weights(folder, adapted.peft_model)
+        adapted.record["resume"] = {"path": str(folder), "tensors": count}
+        log.info("adapter.resume: %s tensors of %s fit the adapters", count, folder)
+    return adapted
+
+
+def _adapt_real(cfg: DictConfig, model: nn.Module, adapted: adapters.Adapted) -> nn.Module:
+    """The same adapters on the loaded base model (real tensors), then the folder's weights."""
+    peft_model = adapters.wrap(model, adapted.config, meta=False)
+    if cfg.adapter.resume:
+        adapters.load_weights(adapters.check_folder(cfg.adapter.resume), peft_model)
+    return peft_model
+
+
+def _peft_start(built: BuiltModel, cfg: DictConfig) -> FreezePlan:
+    """Where the freeze rules start with adapters: what peft made trainable (the adapters and
+    modules_to_save), everything else frozen."""
+    grads = dict(built.model.named_parameters())
+    method = adapters.method_of(cfg.adapter)
+    return FreezePlan({n: grads[n].requires_grad for n in built.table.names},
+                      dict.fromkeys(built.table.names, f"adapter={method}"), ())
+
+
+def adapter_summary(record: Mapping[str, Any], table: ParamTable,
+                    trainable: Mapping[str, bool]) -> str:
+    """The adapters in the summary: method, rank, and adapter parameters per stage."""
+    params = set(record["params"])
+    config = record["config"]
+    per_stage = [(table.stage_label(i), table.count([n for n in table.stage_params(i)
+                                                     if n in params]))
+                 for i in range(len(table.stages))]
+    head = table.count([n for n in table.head_params() if trainable[n]])
+    layers = adapters.adapted_layers(record["params"], record["peft_type"])
+    lines = [f"Adapters: {record['peft_type']} (peft) r={config.get('r', '-')} on "
+             f"{len(layers)} layers: {table.count(list(params)):,} "
+             f"adapter parameters, head {head:,} trainable"]
+    lines += [f"  {label:<40} {n:>14,}" for label, n in per_stage if n]
+    if record.get("resume"):
+        lines.append(f"  resumed from {record['resume']['path']}")
+    return "\n".join(lines)
+
+
 def _shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in ckpt.tensors.items()}
 
 
 def _set_trainable(model: nn.Module, trainable: Sequence[str]) -> None:
+    """requires_grad as the plan says, by the plan's names (through a PeftModel's prefix)."""
     keep = set(trainable)
-    for name, param in model.named_parameters():
+    for name, param in wrappers.named_parameters(model).items():
         param.requires_grad_(name in keep)
 
 

@@ -41,7 +41,7 @@ def fit_prefixes(ckpt: Checkpoint, model_shapes: Mapping[str, tuple[int, ...]]) 
     return dataclasses.replace(
         ckpt,
         tensors={back + k: t for k, t in ckpt.tensors.items()},
-        _stored={back + k: v for k, v in ckpt._stored.items()},
+        stored={back + k: v for k, v in ckpt.stored.items()},
         outside=[back + k for k in ckpt.outside],
         guessed=ckpt.guessed[:kept],
         steps=[*ckpt.steps, f"put prefix '{back}' back on every key: the model's own names "

@@ -11,7 +11,10 @@ process ever looks up and calls are:
   only if the file's `_target_` names exactly that class;
 - the model: an architecture name in the torchvision or timm registry, a Hugging Face model
   folder on this machine (never its remote code), or the `_target_` class the caller passes
-  (`build_model(path, target=MyNet)`) when the file's `_target_` names exactly that class.
+  (`build_model(path, target=MyNet)`) when the file's `_target_` names exactly that class;
+- the adapters: peft's LoraConfig, IA3Config or LoHaConfig, chosen by the block's `peft_type`
+  out of `PEFT_TYPES`, with only the fields of `ADAPTER_FIELDS` taken from the file (each
+  checked); every other field must hold the class's default.
 
 Every other value the library uses (optimizer arguments, model kwargs, a target's arguments) must
 be plain data: numbers, strings, bools, null, lists and objects with no Hydra key (`_target_`,
@@ -23,6 +26,7 @@ from a file ever reaches that factory or `models._target`.
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -299,3 +303,114 @@ def _target_call(info: dict[str, Any], target: Callable[..., Any] | None,
 
     return make
 
+
+
+# --------------------------------------------------------------------------- the adapters
+
+PEFT_TYPES = ("LORA", "IA3", "LOHA")  # the peft config classes a plan file may name
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
+              "FEATURE_EXTRACTION")
+RECORD_ONLY = ("peft_type", "peft_version", "auto_mapping", "base_model_name_or_path")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _pattern_map(v: Any, ok: Callable[[Any], bool]) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and ok(x) for k, x in v.items())
+
+
+def _layers(v: Any) -> bool:
+    return v is None or whole(v) or isinstance(v, list) and all(whole(x) for x in v)
+
+
+_COMMON: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "task_type": (lambda v: v is None or v in TASK_TYPES, f"null or one of {TASK_TYPES}"),
+    "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
+    "target_modules": (lambda v: strings(v) and bool(v), "a non-empty list of module names"),
+    "exclude_modules": (lambda v: v is None or strings(v), "null or a list of module names"),
+    "modules_to_save": (lambda v: v is None or strings(v), "null or a list of module names"),
+    "layers_to_transform": (_layers, "null, a layer index or a list of them"),
+    "layers_pattern": (lambda v: v is None or isinstance(v, str) or strings(v),
+                       "null, a name or a list of names"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+}
+_RANK = (lambda v: whole(v) and v >= 1, "a whole number >= 1")
+_ALPHA = (lambda v: _number(v) and v > 0, "a number > 0")
+_DROP = (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
+_FLAG = (lambda v: isinstance(v, bool), "true or false")
+_RANKS = (lambda v: _pattern_map(v, _RANK[0]), "an object of whole numbers >= 1")
+_ALPHAS = (lambda v: _pattern_map(v, _ALPHA[0]), "an object of numbers > 0")
+# the fields a plan file may set, per peft type; every other field of peft's config class must
+# hold the class's default (no megatron_core module to import, no LoftQ/EVA/CorDA
+# initialisation that reads data, no remote revision)
+ADAPTER_FIELDS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "LORA": {**_COMMON, "r": _RANK, "lora_alpha": _ALPHA, "lora_dropout": _DROP,
+             "bias": (lambda v: v in ("none", "all", "lora_only"), "none, all or lora_only"),
+             "use_rslora": _FLAG, "use_dora": _FLAG, "lora_bias": _FLAG,
+             "init_lora_weights": (lambda v: v in (True, False, "gaussian"),
+                                   "true, false or gaussian"),
+             "rank_pattern": _RANKS, "alpha_pattern": _ALPHAS},
+    "IA3": {**_COMMON, "feedforward_modules": (lambda v: v is None or strings(v),
+                                               "null or a list of module names"),
+            "init_ia3_weights": _FLAG},
+    "LOHA": {**_COMMON, "r": _RANK, "alpha": _ALPHA, "rank_dropout": _DROP,
+             "module_dropout": _DROP, "use_effective_conv2d": _FLAG, "init_weights": _FLAG,
+             "rank_pattern": _RANKS, "alpha_pattern": _ALPHAS},
+}
+
+
+def adapter_problems(block: Any) -> list[str]:
+    """What is wrong with a file's `adapter` block as data: the peft type, each field peft's
+    config may take from a file, the adapter parameter names, the resumed folder."""
+    if not isinstance(block, dict):
+        return ["'adapter' must be an object"]
+    peft_type, config = block.get("peft_type"), block.get("config")
+    if peft_type not in PEFT_TYPES:
+        return [f"adapter.peft_type is {short(peft_type)}; it must be one of "
+                f"{', '.join(PEFT_TYPES)}"]
+    if not isinstance(config, dict):
+        return ["adapter.config must be an object (peft's config, as to_dict() gives it)"]
+    problems = data_problems(config, "adapter.config")
+    if config.get("peft_type", peft_type) != peft_type:
+        problems.append(f"adapter.config.peft_type is {short(config['peft_type'])}, the "
+                        f"block's {peft_type}")
+    for key, (ok, what) in ADAPTER_FIELDS[peft_type].items():
+        if key in config and not ok(config[key]):
+            problems.append(f"adapter.config.{key} is {short(config[key])}; it must be {what}")
+    if "target_modules" not in config:
+        problems.append("adapter.config.target_modules is missing")
+    if not strings(block.get("params")):
+        problems.append("adapter.params must be a list of parameter names")
+    resume = block.get("resume")
+    if resume is not None and not (isinstance(resume, dict) and isinstance(
+            resume.get("path"), str) and whole(resume.get("tensors"))):
+        problems.append("adapter.resume must be null or {\"path\": a string, \"tensors\": a "
+                        "whole number}")
+    return problems
+
+
+def adapter_kwargs(block: dict[str, Any], defaults: dict[str, Any],
+                   path: Any) -> dict[str, Any]:
+    """The arguments of peft's config class from a checked `adapter` block: the fields a file
+    may set, each checked; every other field must equal `defaults` (the class's own to_dict(),
+    JSON-safe), or the file is refused."""
+    peft_type, config = block["peft_type"], block["config"]
+    allowed = ADAPTER_FIELDS[peft_type]
+    kwargs = {}
+    for key, value in config.items():
+        if key in allowed:
+            kwargs[key] = value
+        elif key in RECORD_ONLY:
+            continue
+        elif key not in defaults:
+            raise FinetunePrepError(
+                f"{path}: adapter.config.{key} is not a field of peft's {peft_type} config (a "
+                "newer or older peft wrote it); prepare the file again with this peft.")
+        elif value != defaults[key]:
+            raise FinetunePrepError(
+                f"{path}: adapter.config.{key} is {short(value)}; a plan file may set only "
+                f"{', '.join(sorted(allowed))} (other settings can import modules, download or "
+                "read data). Build the adapters yourself with peft, or prepare the file again.")
+    return kwargs

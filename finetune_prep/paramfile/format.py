@@ -183,6 +183,13 @@ class Plan:
         return tuple(n for g in self.groups for n in g.params)
 
     @property
+    def adapter(self) -> Mapping[str, Any] | None:
+        """The adapters peft built on the model (peft's config, the adapter parameters), or
+        None for a plan without adapters."""
+        block = self.document.get("adapter")
+        return MappingProxyType(block) if block is not None else None
+
+    @property
     def names(self) -> tuple[str, ...]:
         """Every parameter the plan lists: trainable, then frozen."""
         return self.trainable + self.frozen

@@ -32,6 +32,8 @@ def content_problems(document: dict[str, Any]) -> list[str]:
     problems += _counts_problems(document.get("counts"), "counts", required=False)
     problems += allowlist.optimizer_problems(document.get("optimizer", allowlist.DEFAULT_OPTIMIZER))
     problems += allowlist.model_problems(document.get("model", {}))
+    if "adapter" in document:
+        problems += allowlist.adapter_problems(document["adapter"])
     schedule = document.get("schedule", [])
     if not isinstance(schedule, list):
         return [*problems, "'schedule' must be a list of phases"]

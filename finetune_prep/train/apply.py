@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from finetune_prep.errors import FinetunePrepError, did_you_mean, listing
+from finetune_prep.model import adapters
 from finetune_prep.model.build import build_architecture
 from finetune_prep.paramfile import allowlist
 from finetune_prep.paramfile.format import Group, Plan, as_plan
@@ -154,6 +155,11 @@ def build_model(plan: Plan | str | os.PathLike, target: Any = None) -> nn.Module
     folder on this machine (never remote code). A `_target_` model is rebuilt only from the
     class you pass (`build_model(path, target=MyNet)`), which must be the class the file names:
     a file never imports or calls anything itself (see finetune_prep/allowlist.py).
+
+    A plan of an adapted model (adapter=lora/ia3/loha) gives the PeftModel: peft's config is
+    rebuilt from the file's `adapter` block (only allowlisted peft classes and checked fields),
+    and peft adds the adapters to the rebuilt model. Load the base weights into
+    `peft_model.base_model.model` (or before, with your own `build_model`) and train.
     """
 
     plan = as_plan(plan)
@@ -166,5 +172,20 @@ def build_model(plan: Plan | str | os.PathLike, target: Any = None) -> nn.Module
     except (TypeError, ValueError) as err:  # registry builders rejecting the file's kwargs
         raise FinetunePrepError(f"build_model({path}): {model_cfg.arch} cannot be built from "
                                 f"the file's model block: {err}") from err
+    if plan.adapter is not None:
+        model = _with_adapters(model, plan)
     check_names(wrappers.named_parameters(model), plan)
     return model
+
+
+def _with_adapters(model: nn.Module, plan: Plan) -> nn.Module:
+    """The file's adapters on `model`, built by peft from its checked config."""
+    adapters.require_peft()
+    block = dict(plan.adapter or {})
+    peft_type = block["peft_type"]
+    kwargs = allowlist.adapter_kwargs(block, adapters.config_defaults(peft_type), plan.origin)
+    try:
+        config = adapters.peft_config(peft_type, kwargs)
+        return adapters.wrap(model, config, meta=False)
+    except FinetunePrepError as err:
+        raise FinetunePrepError(f"build_model({plan.origin}): {err}") from err

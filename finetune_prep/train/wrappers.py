@@ -2,10 +2,12 @@
 
 DataParallel, DistributedDataParallel and AveragedModel hold the model as `module`,
 torch.compile as `_orig_mod`, FSDP1 as `_fsdp_wrapped_module` (at every wrapped level) and
-activation checkpointing as `_checkpoint_wrapped_module`; FSDP2's `fully_shard` keeps the names
-and swaps the tensors. A name in param_groups.json is the bare model's name: these functions give
-every parameter, buffer and module of a wrapped model under that name. Wrapper classes are
-recognised without importing their modules (importing torch._dynamo alone costs seconds).
+activation checkpointing as `_checkpoint_wrapped_module`, peft's PeftModel as
+`base_model.model` (a plan of an adapted model names the model inside it); FSDP2's
+`fully_shard` keeps the names and swaps the tensors. A name in param_groups.json is the bare
+model's name: these functions give every parameter, buffer and module of a wrapped model
+under that name. Wrapper classes are recognised without importing their modules (importing
+torch._dynamo alone costs seconds).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ WRAPPERS: dict[tuple[str, str], str] = {
     ("torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "CheckpointWrapper"):
         "_checkpoint_wrapped_module",
     ("deepspeed.runtime.engine", "DeepSpeedEngine"): "module",
+    ("peft.peft_model", "PeftModel"): "base_model",  # and its task subclasses
+    ("peft.tuners.tuners_utils", "BaseTuner"): "model",  # LoraModel, IA3Model, LoHaModel
 }
 
 # wrappers that record which parameters require grad when they are built
