@@ -33,6 +33,7 @@ PROVIDER = "finetune_prep"
 # free-form by design
 OPEN_KEYS = ("model.kwargs", "model.target", "optim.optimizer", "adapter.options")
 PRESET_GROUPS = ("model", "freeze", "optim", "adapter", "sweep")  # the packaged config groups
+DEFAULT_GROUPS = PRESET_GROUPS[:4]  # chosen by config.yaml's defaults (a rerun replaces them)
 PRIMARY = "config"  # the packaged primary config's name
 RERUN_GROUP = "finetune_prep/rerun"  # where a run's own config.yaml is stored to compose it again
 
@@ -266,21 +267,21 @@ def rerun_overrides(folder: str | Path, name: str, overrides: Sequence[str]) -> 
             f"{path} has the name of the packaged primary config, which Hydra reads instead "
             "of yours. A run's .hydra/config.yaml is composed again as it is; a primary "
             "config of your own needs another name: --config-name NAME.")
-    chosen = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in PRESET_GROUPS[:3]]
+    chosen = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in DEFAULT_GROUPS]
     if chosen:
         raise FinetunePrepError(
             f"{chosen[0]}: a rerun of {path} keeps the run's own values, which would override "
             "the preset. Change single values instead (e.g. head.num_outputs=5), or choose "
             "the preset in a run of the packaged config (without --config-dir).")
     ConfigStore.instance().store(group=RERUN_GROUP, name=name, node=node, provider=PROVIDER)
-    return [*(f"~{g}" for g in PRESET_GROUPS[:3]), f"+{RERUN_GROUP}@_global_={name}"]
+    return [*(f"~{g}" for g in DEFAULT_GROUPS), f"+{RERUN_GROUP}@_global_={name}"]
 
 
 def is_rerun_override(override: str) -> bool:
     """An override `rerun_overrides` added (kept out of the recorded provenance); a sweep
     job's overrides spell `~model` as `~model=null`."""
     deleted = override.removesuffix("=null")
-    return deleted in {f"~{g}" for g in PRESET_GROUPS[:3]} or override.startswith(
+    return deleted in {f"~{g}" for g in DEFAULT_GROUPS} or override.startswith(
         f"+{RERUN_GROUP}@_global_=")
 
 
@@ -437,6 +438,17 @@ def _check_ranges(cfg: DictConfig) -> None:
     check_optim(cfg.optim)
     for i, phase in enumerate(cfg.freeze.schedule):
         _check_phase(phase, f"freeze.schedule[{i}]")
+    _check_adapter(cfg.adapter)
+
+
+def _check_adapter(adapter: DictConfig) -> None:
+    """The adapter's numbers (null = the preset's or peft's default)."""
+    if adapter.r is not None:
+        check_int("adapter.r", adapter.r, 1, 2**20, "the rank of the update matrices (4 .. 64)")
+    if adapter.alpha is not None:
+        check_number("adapter.alpha", adapter.alpha, lambda v: v > 0, "> 0")
+    if adapter.dropout is not None:
+        check_number("adapter.dropout", adapter.dropout, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def _check_verify(v: DictConfig) -> None:
