@@ -81,7 +81,7 @@ def test_a_key_outside_the_schema_is_an_error_even_with_plus(override, expected)
 def test_open_sections_take_any_key():
     cfg = validate(finetune_prep.compose(
         ["model=vit_b_16", "+model.kwargs.dropout=0.1", "+optim.optimizer.betas=[0.9,0.95]"]))
-    assert cfg.model.kwargs.dropout == 0.1
+    assert cfg.model.kwargs["dropout"] == 0.1  # a typed Config: kwargs is a plain dict
     prepared = finetune_prep.prepare(cfg, materialize=False, verify=False)
     assert prepared.document["optimizer"]["betas"] == [0.9, 0.95]
 

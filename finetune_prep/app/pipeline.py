@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from finetune_prep import paramfile
@@ -20,7 +19,7 @@ from finetune_prep.app import assemble, cache, proof, provenance
 from finetune_prep.app.report import render
 from finetune_prep.atomic import write_files
 from finetune_prep.checkpoint import Checkpoint, Fit, check_fit, load_into, read_checkpoint
-from finetune_prep.config import BnStats, validate
+from finetune_prep.config import BnStats, Config, config_yaml, validate
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.model import hf
 from finetune_prep.model.build import build_architecture, torchvision_weights_file
@@ -151,7 +150,7 @@ def prepare(
         verified["memory_bytes"] = proof_bytes  # what the proof was estimated to hold at once
     document = assemble.document(
         built, sources, freeze, groups, eval_modules, cfg.optim.optimizer, verified,
-        provenance.record(OmegaConf.to_yaml(cfg), overrides, config_dirs), model_cfg=cfg.model,
+        provenance.record(config_yaml(cfg), overrides, config_dirs), model_cfg=cfg.model,
         phases=list(zip(phases, phase_eval, strict=True)),
     )
     notes += proof.notes(verified)
@@ -160,7 +159,7 @@ def prepare(
 
 
 def run(
-    cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (),
+    cfg: Any, output_dir: Path, overrides: Sequence[str] = (),
     config_dirs: Sequence[str] = (), dirs: Mapping[Path, Path] | None = None,
 ) -> Path:
     """The CLI's job: plan on the meta device, write trainability.txt and param_groups.json.
@@ -181,7 +180,7 @@ def run(
     return target
 
 
-def _read_sources(cfg: DictConfig, built: BuiltModel, reuse: bool = False) -> list[Source]:
+def _read_sources(cfg: Config, built: BuiltModel, reuse: bool = False) -> list[Source]:
     """Open and fit each checkpoint: torchvision weights first, then checkpoint.path.
     `reuse`: take an opened checkpoint from the process cache (only when no weights are loaded,
     so no job ever gets tensors another job may have changed)."""
@@ -254,7 +253,7 @@ def _norm_stats(table: ParamTable, freeze: FreezePlan, bn_stats: BnStats) -> tup
 
 
 def _materialize_model(
-    cfg: DictConfig, built: BuiltModel, sources: list[Source], trainable: Sequence[str]
+    cfg: Config, built: BuiltModel, sources: list[Source], trainable: Sequence[str]
 ) -> nn.Module:
     """A model with real tensors: checkpoint data loaded (mmap + assign), fresh layers
     initialised. Works on a copy of the meta model, so `built.model` stays on meta."""
