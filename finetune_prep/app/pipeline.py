@@ -19,7 +19,7 @@ from finetune_prep.app import assemble, cache, proof, provenance
 from finetune_prep.app.report import render
 from finetune_prep.atomic import write_files
 from finetune_prep.checkpoint import Checkpoint, Fit, check_fit, load_into, read_checkpoint
-from finetune_prep.config import BnStats, Config, config_yaml, validate
+from finetune_prep.config import BnStats, Config, config_text, validate
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.model import hf
 from finetune_prep.model.build import build_architecture, torchvision_weights_file
@@ -150,7 +150,7 @@ def prepare(
         verified["memory_bytes"] = proof_bytes  # what the proof was estimated to hold at once
     document = assemble.document(
         built, sources, freeze, groups, eval_modules, cfg.optim.optimizer, verified,
-        provenance.record(config_yaml(cfg), overrides, config_dirs), model_cfg=cfg.model,
+        provenance.record(config_text(cfg), overrides, config_dirs), model_cfg=cfg.model,
         phases=list(zip(phases, phase_eval, strict=True)),
     )
     notes += proof.notes(verified)
