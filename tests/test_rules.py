@@ -301,5 +301,6 @@ def test_ten_thousand_rules_keep_typo_shadow_and_empty_reports(resnet18_table):
     typo = [*items[:5000], {"freeze": "layer4.1.bn3"}, *items[5000:]]
     with pytest.raises(FinetunePrepError,
                        match=r"freeze.rules\[5000\] \{freeze: layer4.1.bn3\}: 'layer4.1.bn3' "
-                             r"matches no parameter\. Did you mean: layer4\.1\.bn2, layer4\.1\.bn1"):
+                             r"matches no parameter\. Did you mean: layer4\.1\.bn2, "
+                             r"layer4\.1\.bn1"):
         evaluate(parse_rules(typo), resnet18_table)
