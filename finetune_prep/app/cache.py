@@ -48,6 +48,14 @@ def build_meta_model(model_cfg: Any, head_cfg: Any) -> BuiltModel:
     return dataclasses.replace(master, model=copy.deepcopy(master.model))
 
 
+def meta_table(model_cfg: Any, head_cfg: Any) -> Any:
+    """The ParamTable of the cached meta model (no copy: a table is never changed)."""
+    key = _model_key(model_cfg, head_cfg)
+    if key is None:
+        return build_architecture(model_cfg, head_cfg, meta=True).table
+    return _get(_models, key, lambda: build_architecture(model_cfg, head_cfg, meta=True)).table
+
+
 def read_checkpoint(
     path: str | os.PathLike, key: str | None = None, prefix: str | None = None
 ) -> checkpoint.Checkpoint:
