@@ -9,6 +9,8 @@ config tutorial): `register_configs()` stores them under `finetune_prep/schema`,
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import typing
 import weakref
@@ -69,8 +71,16 @@ class FreezeStart(str, Enum):
     model = "model"
 
 
+class Section:
+    """`.get(key, default)` on a typed section, as on the DictConfig the model builders also
+    accept (a test or a notebook may hand them either)."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     source: ModelSource = ModelSource.torchvision
     arch: str = "resnet18"
     weights: str | None = None
@@ -82,14 +92,14 @@ class ModelConfig:
 
 
 @dataclass
-class HeadConfig:
+class HeadConfig(Section):
     num_outputs: int | None = 1
     module: str | None = None
     mode: HeadMode = HeadMode.replace
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     path: str | None = None
     strict: bool = True
     key: str | None = None
@@ -98,7 +108,7 @@ class CheckpointConfig:
 
 
 @dataclass
-class PhaseConfig:
+class PhaseConfig(Section):
     at: dict[str, int] = field(default_factory=dict)
     rules: list[dict[str, str]] = field(default_factory=list)
     each_stage: bool = False
@@ -109,7 +119,7 @@ class PhaseConfig:
 
 
 @dataclass
-class FreezeConfig:
+class FreezeConfig(Section):
     rules: list[dict[str, str]] = field(default_factory=list)
     bn_stats: BnStats = BnStats.eval
     start: FreezeStart = FreezeStart.all
@@ -117,7 +127,7 @@ class FreezeConfig:
 
 
 @dataclass
-class GroupRule:
+class GroupRule(Section):
     match: str = "???"
     lr_mult: float = 1.0
     wd_mult: float = 1.0
@@ -125,7 +135,7 @@ class GroupRule:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
     lr: float = 1e-3
     weight_decay: float = 0.05
     no_decay: list[str] = field(
@@ -146,7 +156,7 @@ class AdapterMethod(str, Enum):
 
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(Section):
     method: AdapterMethod = AdapterMethod.none
     target_modules: list[str] = field(default_factory=list)
     r: int | None = None
@@ -160,12 +170,12 @@ class AdapterConfig:
 
 
 @dataclass
-class ReportConfig:
+class ReportConfig(Section):
     grouped: bool = True
 
 
 @dataclass
-class VerifyConfig:
+class VerifyConfig(Section):
     backward: bool | None = None
     max_params: int = 100_000_000
     batch_size: int = 2
@@ -173,7 +183,7 @@ class VerifyConfig:
 
 
 @dataclass
-class Config:
+class Config(Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -184,6 +194,32 @@ class Config:
     verify: VerifyConfig = field(default_factory=VerifyConfig)
 
 
+# Rule lists: each item would be an OmegaConf node merged and validated one by one (about 2 ms
+# a rule), so Hydra's schema types them Any and `validate` checks them once in plain Python.
+RULE_LISTS = ("freeze.rules", "freeze.schedule", "optim.groups", "optim.no_decay")
+LIST_ITEMS = {"optim.groups": GroupRule, "freeze.schedule": PhaseConfig}  # item schemas
+
+
+@functools.cache
+def loose_schema(schema: type, path: str = "") -> type:
+    """`schema` with the RULE_LISTS fields typed Any: what Hydra composes onto (scalars keep
+    their types, so a wrong value still fails at start-up). One class per section (cached), so
+    a preset's `/finetune_prep/schema/freeze@_here_` merges onto the same class."""
+    hints = typing.get_type_hints(schema)
+    fields = []
+    for f in dataclasses.fields(schema):
+        key, hint = f"{path}{f.name}", hints[f.name]
+        default: dict[str, Any] = ({"default": f.default} if f.default is not dataclasses.MISSING
+                                   else {"default_factory": f.default_factory})
+        if key in RULE_LISTS:
+            hint = Any
+        elif dataclasses.is_dataclass(hint):
+            hint = loose_schema(hint, f"{key}.")
+            default = {"default_factory": hint}
+        fields.append((f.name, hint, field(**default)))
+    return dataclasses.make_dataclass(schema.__name__, fields)
+
+
 SCHEMAS = {"config": Config, "model": ModelConfig, "head": HeadConfig,
            "checkpoint": CheckpointConfig, "freeze": FreezeConfig, "optim": OptimConfig,
            "adapter": AdapterConfig}
@@ -191,10 +227,12 @@ SCHEMAS = {"config": Config, "model": ModelConfig, "head": HeadConfig,
 
 def register_configs() -> None:
     """Store the schemas as `finetune_prep/schema/NAME` (e.g. `/finetune_prep/schema/freeze@_here_`
-    at the top of a preset's defaults list). Idempotent."""
+    at the top of a preset's defaults list), rule lists loose (`loose_schema`). Idempotent."""
     store = ConfigStore.instance()
     for name, node in SCHEMAS.items():
-        store.store(group=SCHEMA_GROUP, name=name, node=node, provider=PROVIDER)
+        prefix = "" if name == "config" else f"{name}."
+        store.store(group=SCHEMA_GROUP, name=name, node=loose_schema(node, prefix),
+                    provider=PROVIDER)
 
 
 @dataclass(frozen=True)
@@ -359,22 +397,111 @@ def searchpath_dirs(overrides: Sequence[str]) -> list[Path]:
             if "://" not in i.replace("file://", "", 1)]
 
 
-def validate(cfg: Any) -> DictConfig:
-    """Merge a DictConfig or plain dict onto the schema; one clear error for an unknown key
-    (also one added with `+`), a wrong type or a required value left as ???."""
-    plain = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
-    if not isinstance(plain, Mapping):
-        raise FinetunePrepError(f"the config is a {type(cfg).__name__}, not a mapping.")
+def validate(cfg: Any) -> Config:
+    """The typed Config of a DictConfig, plain dict or Config; one clear error for an unknown
+    key (also one added with `+`), a wrong type, a required value left as ??? or a number out of
+    range.
+    Rule lists (freeze.rules, optim.groups, optim.no_decay) are checked in plain Python, the rest
+    by OmegaConf against the schema."""
+    plain = _plain(cfg)
     unknown = unknown_keys(plain, Config)
     if unknown:
         raise FinetunePrepError("\n".join(unknown))
+    lists = {key: plain[section].pop(name) for key in ("freeze.rules", "optim.groups",
+                                                        "optim.no_decay")
+             for section, name in [key.split(".")]
+             if isinstance(plain.get(section), Mapping) and name in plain[section]}
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
-        OmegaConf.to_object(merged)  # raises on a required value left as ???
+        typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), plain))
     except OmegaConfBaseException as err:
         raise FinetunePrepError(f"invalid config: {err}") from err
-    _check_ranges(merged)
-    return merged
+    if "freeze.rules" in lists:
+        typed.freeze.rules = rule_list(lists["freeze.rules"], "freeze.rules")
+    if "optim.groups" in lists:
+        typed.optim.groups = group_rules(lists["optim.groups"])
+    if "optim.no_decay" in lists:
+        typed.optim.no_decay = patterns(lists["optim.no_decay"], "optim.no_decay")
+    _check_ranges(typed)
+    return typed
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    """cfg as plain containers, interpolations resolved; each section a fresh dict (validate
+    takes the rule lists out of it, never out of the caller's dict)."""
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else \
+            to_plain(cfg) if isinstance(cfg, Config) else cfg
+    except OmegaConfBaseException as err:
+        raise FinetunePrepError(f"invalid config: {err}") from err
+    if not isinstance(plain, Mapping):
+        raise FinetunePrepError(f"the config is a {type(cfg).__name__}, not a mapping.")
+    return {k: dict(v) if isinstance(v, Mapping) else v for k, v in plain.items()}
+
+
+RULE_FORM = "{freeze: PATTERN} or {unfreeze: PATTERN}"
+
+
+def _seq(value: Any, where: str, form: str) -> Sequence[Any]:
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise FinetunePrepError(f"{where}={value!r}: must be a list of {form}.")
+    return value
+
+
+def pattern_text(value: Any, where: str) -> str:
+    """A pattern as text: a number or bool becomes its text, as the typed schema made it; a
+    list, mapping or null is an error."""
+    if isinstance(value, str):
+        return value
+    if value is None or isinstance(value, (Mapping, Sequence)):
+        raise FinetunePrepError(f"{where}={value!r}: a pattern is one string (a name, glob, "
+                                "re:REGEX or @alias).")
+    return str(value)
+
+
+def patterns(value: Any, where: str) -> list[str]:
+    """A list of patterns (optim.no_decay)."""
+    return [pattern_text(v, f"{where}[{i}]") for i, v in enumerate(_seq(value, where, "patterns"))]
+
+
+def rule_list(value: Any, where: str) -> list[Any]:
+    """A list of rules with their patterns as text; the shape of each item (one key, freeze or
+    unfreeze) is checked by plan.rules.parse_rules, which names the rule."""
+    items = []
+    for i, item in enumerate(_seq(value, where, RULE_FORM)):
+        if isinstance(item, Mapping):
+            item = {k: pattern_text(v, f"{where}[{i}].{k}") for k, v in item.items()}
+        items.append(item)
+    return items
+
+
+def group_rules(value: Any) -> list[GroupRule]:
+    """optim.groups as GroupRule items: match required, the numbers checked by check_optim."""
+    rules = []
+    form = "{match: PATTERN, lr_mult: x, wd_mult: y, name: optional}"
+    for i, item in enumerate(_seq(value, "optim.groups", form)):
+        where = f"optim.groups[{i}]"
+        if isinstance(item, GroupRule):
+            rules.append(item)
+            continue
+        if not isinstance(item, Mapping):
+            raise FinetunePrepError(f"{where}={item!r}: a group rule is a mapping {form}.")
+        if item.get("match") in (None, "???"):
+            raise FinetunePrepError(f"{where}.match is missing: every group rule names the "
+                                    f"parameters it sets, {form}.")
+        name = item.get("name")
+        rules.append(GroupRule(
+            match=pattern_text(item["match"], f"{where}.match"),
+            lr_mult=_number(item.get("lr_mult", 1.0)), wd_mult=_number(item.get("wd_mult", 1.0)),
+            name=None if name is None else pattern_text(name, f"{where}.name")))
+    return rules
+
+
+def _number(value: Any) -> Any:
+    """An int as a float, as the schema's float field made it; other values as they are (the
+    range checks name the key)."""
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 # Bounds of the numbers a plan writes or uses. Learning rates and weight decays are applied in
@@ -420,7 +547,28 @@ def check_int(key: str, value: Any, low: int, high: int, fix: str = "") -> None:
                                 f"{high:,}{'; ' + fix if fix else ''}.")
 
 
-def _check_ranges(cfg: DictConfig) -> None:
+def to_plain(value: Any) -> Any:
+    """A typed config (or any part) as plain dicts, lists and scalars, enums as their values."""
+    if isinstance(value, (str, int, float, type(None))):  # enums are str: value below
+        return value.value if isinstance(value, Enum) else value
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, Section):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if OmegaConf.is_config(value):
+        return to_plain(OmegaConf.to_container(value, resolve=True))
+    return value.value if isinstance(value, Enum) else value
+
+
+def config_text(cfg: Any) -> str:
+    """The config as canonical JSON text in schema order (what provenance hashes): C-speed, so a
+    config with 100,000 rules costs a fraction of a second (a YAML dump costs seconds)."""
+    return json.dumps(to_plain(cfg), ensure_ascii=False, separators=(",", ":"))
+
+
+def _check_ranges(cfg: Config) -> None:
     """Every number and size of the schema that the types allow but no run can use (the keys
     that name patterns, modules or files are checked where they are resolved)."""
     _check_verify(cfg.verify)
@@ -441,7 +589,7 @@ def _check_ranges(cfg: DictConfig) -> None:
     _check_adapter(cfg.adapter)
 
 
-def _check_adapter(adapter: DictConfig) -> None:
+def _check_adapter(adapter: AdapterConfig) -> None:
     """The adapter's numbers (null = the preset's or peft's default)."""
     if adapter.r is not None:
         check_int("adapter.r", adapter.r, 1, 2**20, "the rank of the update matrices (4 .. 64)")
@@ -451,7 +599,7 @@ def _check_adapter(adapter: DictConfig) -> None:
         check_number("adapter.dropout", adapter.dropout, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
-def _check_verify(v: DictConfig) -> None:
+def _check_verify(v: VerifyConfig) -> None:
     if not 1 <= v.batch_size <= MAX_BATCH:
         raise FinetunePrepError(
             f"verify.batch_size={v.batch_size}: the proof needs a batch of at least 1 (2 or "
@@ -461,7 +609,7 @@ def _check_verify(v: DictConfig) -> None:
     check_int("verify.seed", v.seed, 0, MAX_SEED, "the random seed of the proof's batch")
 
 
-def _check_input_size(model: DictConfig) -> None:
+def _check_input_size(model: ModelConfig) -> None:
     size = model.input_size
     if size is None:
         return
@@ -480,14 +628,15 @@ def _check_input_size(model: DictConfig) -> None:
 
 
 def check_optim(optim: Any) -> None:
-    """optim's own numbers (groups.build_groups checks what each group ends up with)."""
+    """optim's own numbers (groups.build_groups checks what each group ends up with); optim a
+    typed OptimConfig or a DictConfig section."""
     check_lr("optim.lr", optim.lr)
     check_number("optim.weight_decay", optim.weight_decay, lambda x: 0 <= x <= F32_MAX,
                  f">= 0 and <= {F32_MAX:.1e} (e.g. 0.05)")
     if optim.layer_decay is not None:
         check_number("optim.layer_decay", optim.layer_decay, lambda x: 0 < x <= 1,
                      "in (0, 1] (e.g. 0.75), or null")
-    for i, rule in enumerate(optim.groups):
+    for i, rule in enumerate(group_rules(optim.groups)):
         check_mult(f"optim.groups[{i}].lr_mult", rule.lr_mult)
         check_number(f"optim.groups[{i}].wd_mult", rule.wd_mult, lambda x: 0 <= x <= F32_MAX,
                      f">= 0 and <= {F32_MAX:.1e}")
@@ -502,7 +651,7 @@ def check_mult(key: str, value: Any) -> None:
                  "it instead ({freeze: PATTERN})" if zero else "")
 
 
-def _check_phase(phase: DictConfig, where: str) -> None:
+def _check_phase(phase: PhaseConfig, where: str) -> None:
     for unit, value in dict(phase.at or {}).items():
         check_int(f"{where}.at.{unit}", value, 1, MAX_COUNT,
                   "phase 0 (freeze.rules) is the start")
@@ -519,8 +668,8 @@ def _check_phase(phase: DictConfig, where: str) -> None:
 def unknown_keys(given: Mapping, schema: type, where: str = "") -> list[str]:
     """Messages for keys of `given` that the dataclass `schema` does not have, with the close
     ones; nested sections and optim.groups items are checked too."""
-    fields = {f.name: f.type for f in dataclasses.fields(schema)}
-    nested = typing.get_type_hints(schema)
+    nested = _hints(schema)
+    fields = nested
     found = []
     for key, value in given.items():
         path = f"{where}{key}"
@@ -530,10 +679,18 @@ def unknown_keys(given: Mapping, schema: type, where: str = "") -> list[str]:
             found.append(_unknown(path, [f"{where}{k}" for k in fields]))
         elif isinstance(value, Mapping) and dataclasses.is_dataclass(nested[key]):
             found += unknown_keys(value, nested[key], f"{path}.")
-        elif isinstance(value, Sequence) and (item := _item_schema(nested[key])):
+        elif isinstance(value, Sequence) and not isinstance(value, str) and (
+                item := LIST_ITEMS.get(path) or _item_schema(nested[key])):
             found += [m for i, entry in enumerate(value) if isinstance(entry, Mapping)
                       for m in unknown_keys(entry, item, f"{path}[{i}].")]
     return found
+
+
+@functools.cache
+def _hints(schema: type) -> dict[str, Any]:
+    """The resolved field types of a schema dataclass (looked up once: thousands of optim.groups
+    items are checked against the same one)."""
+    return typing.get_type_hints(schema)
 
 
 def _item_schema(hint: Any) -> type | None:

@@ -81,7 +81,7 @@ def test_a_key_outside_the_schema_is_an_error_even_with_plus(override, expected)
 def test_open_sections_take_any_key():
     cfg = validate(finetune_prep.compose(
         ["model=vit_b_16", "+model.kwargs.dropout=0.1", "+optim.optimizer.betas=[0.9,0.95]"]))
-    assert cfg.model.kwargs.dropout == 0.1
+    assert cfg.model.kwargs["dropout"] == 0.1  # a typed Config: kwargs is a plain dict
     prepared = finetune_prep.prepare(cfg, materialize=False, verify=False)
     assert prepared.document["optimizer"]["betas"] == [0.9, 0.95]
 
@@ -264,3 +264,55 @@ def test_compose_remembers_where_the_config_came_from(tmp_path):
     with pytest.raises(FinetunePrepError, match="packaged preset optim=sgd"):
         finetune_prep.compose([f"hydra.searchpath=[file://{other}]"])
     assert origin_of(OmegaConf.create({"head": {"num_outputs": 2}})) is None
+
+
+def test_validate_returns_the_typed_config():
+    """validate() gives the schema's dataclasses (attributes, enums, GroupRule items), not a
+    DictConfig; prepare() takes it as it is."""
+    from finetune_prep.config import Config, GroupRule, ModelSource
+
+    cfg = validate(finetune_prep.compose(
+        ["freeze=head_only", "+optim.groups=[{match: fc, lr_mult: 10}]"]))
+    assert isinstance(cfg, Config) and not OmegaConf.is_config(cfg)
+    assert cfg.model.source is ModelSource.torchvision and cfg.freeze.bn_stats is BnStats.eval
+    assert cfg.optim.groups == [GroupRule(match="fc", lr_mult=10.0, wd_mult=1.0, name=None)]
+    assert cfg.freeze.rules == [{"freeze": "*"}, {"unfreeze": "@head"}]
+    assert cfg.head.get("module") is None and cfg.model.get("nope", 3) == 3
+    assert validate(cfg) == cfg  # a Config validates to itself
+    doc = finetune_prep.prepare(cfg, materialize=False, verify=False).document
+    assert {g["lr"] for g in doc["groups"]} == {0.01}
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ({"freeze": {"rules": "layer4"}}, r"freeze\.rules='layer4': must be a list of"),
+    ({"freeze": {"rules": [{"freeze": ["a"]}]}}, r"freeze\.rules\[0\]\.freeze=\['a'\]: a pattern"),
+    ({"freeze": {"rules": [{"freeze": None}]}}, r"freeze\.rules\[0\]\.freeze=None: a pattern"),
+    ({"optim": {"no_decay": [{"a": 1}]}}, r"optim\.no_decay\[0\]=\{'a': 1\}: a pattern"),
+    ({"optim": {"groups": [{"lr_mult": 2}]}}, r"optim\.groups\[0\]\.match is missing"),
+    ({"optim": {"groups": ["fc"]}}, r"optim\.groups\[0\]='fc': a group rule is a mapping"),
+    ({"optim": {"groups": [{"match": "fc", "lr_mult": "x"}]}},
+     r"optim\.groups\[0\]\.lr_mult=x: must be a finite number"),
+    ({"optim": {"groups": [{"match": "fc", "lr_mult": 2, "wd_mul": 0}]}},
+     r"optim\.groups\[0\]\.wd_mul is not a config key.*Did you mean: optim\.groups\[0\]\.wd_mult"),
+])
+def test_rule_lists_are_checked_in_plain_python_with_clear_messages(given, expected):
+    with pytest.raises(FinetunePrepError, match=expected):
+        validate(given)
+
+
+def test_rule_lists_are_loose_only_in_hydras_schema():
+    """Hydra composes onto the loose schema (rule lists typed Any: no per-node validation), the
+    typed Config keeps list[GroupRule]; scalars stay typed in both."""
+    import typing
+
+    from finetune_prep.config import Config, GroupRule, loose_schema
+
+    loose = typing.get_type_hints(loose_schema(Config))
+    assert typing.get_type_hints(loose["optim"])["groups"] is typing.Any
+    assert typing.get_type_hints(typing.get_type_hints(Config)["optim"])["groups"] \
+        == list[GroupRule]
+    assert typing.get_type_hints(loose["freeze"])["bn_stats"] is BnStats
+    with pytest.raises(FinetunePrepError, match="eval, train"):
+        finetune_prep.compose(["freeze.bn_stats=sometimes"])
+    # plain numbers and bools in a rule become text, as the typed schema made them
+    assert validate({"freeze": {"rules": [{"freeze": 5}]}}).freeze.rules == [{"freeze": "5"}]

@@ -229,3 +229,78 @@ def test_no_weight_decay_alias_follows_the_model(resnet18_table):
     pytest.importorskip("timm")
     vit = meta_model("vit_tiny_patch16_224", source="timm").table
     assert match("@no_weight_decay", vit) == ["cls_token", "pos_embed"]  # no reg/dist tokens
+
+
+# --- batched matching (select_all / match_all): the same answers as one pattern at a time ---
+
+def _patterns_of(table) -> list[str]:
+    """Names, enclosing modules, globs, regexes and aliases built from the model's own names."""
+    found = ["*", "**", "?*", "@norm", "@head", "@bias", "@stage[0]", "@stages[1:]", "@all",
+             "layer[1-2]", "*.bn[!1]", "re:.*weight", "re:(?:layer\\d)\\..*", "x.y", "*.nothing"]
+    for name in table.names[::3]:
+        parts = name.split(".")
+        found += [".".join(parts[:k]) for k in range(1, len(parts) + 1)]
+        found += ["*" + parts[-1], "*." + parts[-1], parts[0] + "*", "?" + name[1:],
+                  "re:" + re.escape(name)]
+    return found
+
+
+@pytest.mark.parametrize("fixture", ["resnet18_table", "vit_table"])
+def test_batched_matching_equals_matching_one_pattern_at_a_time(fixture, request):
+    from finetune_prep.plan import rules
+
+    table = request.getfixturevalue(fixture)
+    patterns = _patterns_of(table)
+    assert rules.match_all(patterns, table) == [match(p, table) for p in patterns]
+    saved = rules.SET_CHUNK
+    try:  # many RE2 sets (chunks) give the same answers as one
+        rules.SET_CHUNK = 7
+        assert rules.match_all(patterns, table) == [match(p, table) for p in patterns]
+    finally:
+        rules.SET_CHUNK = saved
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(alphabet="lay1234.*?bnconvfcweight", min_size=1, max_size=12),
+                min_size=1, max_size=8))
+def test_batched_globs_agree_with_fnmatch(resnet18_table, patterns):
+    from finetune_prep.plan.rules import match_all
+
+    assert match_all(patterns, resnet18_table) == [match(p, resnet18_table) for p in patterns]
+
+
+def test_batched_select_raises_the_first_error_in_rule_order(resnet18_table):
+    from finetune_prep.plan.rules import select_all
+
+    wheres = [f"r[{i}]" for i in range(4)]
+    with pytest.raises(FinetunePrepError, match=r"r\[1\]: 'layer9' matches no parameter"):
+        select_all(["layer1", "layer9", "re:(", "fc"], resnet18_table, wheres)
+    with pytest.raises(FinetunePrepError, match=r"r\[1\]: 're:\(' is not a valid regular"):
+        select_all(["layer1", "re:(", "layer9", "fc"], resnet18_table, wheres)
+    with pytest.raises(FinetunePrepError, match=r"r\[2\]: .*not an alias"):
+        select_all(["layer1", "fc", "@nrom", "layer9"], resnet18_table, wheres)
+    with pytest.raises(FinetunePrepError, match=r"r\[0\]: the pattern is empty"):
+        select_all(["", "fc", "@nrom", "layer9"], resnet18_table, wheres)
+
+
+def test_ten_thousand_rules_keep_typo_shadow_and_empty_reports(resnet18_table):
+    """At scale the same reports fire: a typo among 10,000 rules is an error naming it and a
+    close name; shadowed rules are listed; it stays fast (one batch, not 10,000 passes)."""
+    import time
+
+    names = list(resnet18_table.names)
+    items = [{"freeze" if i % 2 else "unfreeze": names[i % len(names)]} for i in range(10_000)]
+    start = time.perf_counter()
+    plan = evaluate(parse_rules(items), resnet18_table)
+    assert time.perf_counter() - start < 10  # ~0.3 s; 20 s before batching, under load
+    assert len(plan.shadowed) == 10_000 - len(names)
+    assert plan.shadowed[0] == "freeze.rules[0] {unfreeze: conv1.weight}"
+    last = items[-1]
+    assert plan.decided_by[names[(10_000 - 1) % len(names)]] == \
+        f"freeze.rules[9999] {{freeze: {last['freeze']}}}"
+    typo = [*items[:5000], {"freeze": "layer4.1.bn3"}, *items[5000:]]
+    with pytest.raises(FinetunePrepError,
+                       match=r"freeze.rules\[5000\] \{freeze: layer4.1.bn3\}: 'layer4.1.bn3' "
+                             r"matches no parameter\. Did you mean: layer4\.1\.bn2, "
+                             r"layer4\.1\.bn1"):
+        evaluate(parse_rules(typo), resnet18_table)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import csv
+import functools
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli
 
+import finetune_prep
 from finetune_prep.app import sweep
 from finetune_prep.app.naming import MAX_LEN, PLAN_FILE, job_name
 from finetune_prep.errors import FinetunePrepError
@@ -98,15 +100,22 @@ def test_joblib_launcher(tmp_path):
     assert not (sweep_dir / ".sweep_summary.lock").exists()  # on_multirun_end tidied
 
 
+@functools.cache
+def _real_plan_text() -> str:
+    """A real param_groups.json (resnet18, head_only): the summary reads plans through
+    load_plan, which refuses a hand-made imitation."""
+    import tempfile
+
+    cfg = finetune_prep.compose(["freeze=head_only", "verify.backward=false"])
+    with tempfile.TemporaryDirectory() as folder:
+        path = finetune_prep.prepare(cfg, materialize=False).save(folder)
+        return path.read_text()
+
+
 def _fake_result(job_dir: Path, num: int, status: str = "COMPLETED") -> None:
     job_dir.mkdir(parents=True)
-    doc = {"model": {"stages": [["conv1", "bn1"], ["layer1"]], "head": "fc", "heads": ["fc"]},
-           "counts": {"total": 4, "trainable": 1}, "memory": {"plan_bytes": 3 * 2**20},
-           "groups": [{"name": "head", "params": ["fc.weight"]}],
-           "frozen": ["conv1.weight", "bn1.weight", "layer1.0.conv1.weight"],
-           "verified": {"backward": True, "ok": True}}
     if status == "COMPLETED":
-        (job_dir / "param_groups.json").write_text(json.dumps(doc))
+        (job_dir / "param_groups.json").write_text(_real_plan_text())
     result = {"job": num, "overrides": [f"freeze=x{num}"], "status": status,
               "error": "" if status == "COMPLETED" else "boom", "job_dir": str(job_dir)}
     (job_dir / "job_result.json").write_text(json.dumps(result))
@@ -131,8 +140,11 @@ def test_summary_without_matplotlib(tmp_path, monkeypatch, caplog):
         sweep.write_summary(tmp_path)
 
     assert [(r["job"], r["status"]) for r in rows] == [(0, "COMPLETED"), (1, "FAILED")]
-    assert rows[0]["trainable_pct"] == 25.0 and rows[0]["memory_mib"] == 3.0
-    assert rows[0]["verified"] == "ok" and rows[1]["error"] == "boom"
+    doc = json.loads(_real_plan_text())
+    counts = doc["counts"]
+    assert rows[0]["trainable_pct"] == float(f"{100 * counts['trainable'] / counts['total']:.4g}")
+    assert rows[0]["memory_mib"] == round(doc["memory"]["plan_bytes"] / 2**20, 1)
+    assert rows[0]["verified"] == "not run (verify.backward=false)" and rows[1]["error"] == "boom"
     assert (tmp_path / "sweep_summary.csv").exists() and (tmp_path / "sweep_summary.md").exists()
     assert not (tmp_path / "sweep_summary.png").exists()
     hints = [r for r in caplog.records if "finetune_prep[plot]" in r.getMessage()]

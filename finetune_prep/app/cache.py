@@ -27,9 +27,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
-
 from finetune_prep import checkpoint
+from finetune_prep.config import to_plain
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.model.build import build_architecture
 from finetune_prep.model.describe import BuiltModel
@@ -47,6 +46,14 @@ def build_meta_model(model_cfg: Any, head_cfg: Any) -> BuiltModel:
         return build_architecture(model_cfg, head_cfg, meta=True)
     master = _get(_models, key, lambda: build_architecture(model_cfg, head_cfg, meta=True))
     return dataclasses.replace(master, model=copy.deepcopy(master.model))
+
+
+def meta_table(model_cfg: Any, head_cfg: Any) -> Any:
+    """The ParamTable of the cached meta model (no copy: a table is never changed)."""
+    key = _model_key(model_cfg, head_cfg)
+    if key is None:
+        return build_architecture(model_cfg, head_cfg, meta=True).table
+    return _get(_models, key, lambda: build_architecture(model_cfg, head_cfg, meta=True)).table
 
 
 def read_checkpoint(
@@ -95,8 +102,7 @@ def _model_key(model_cfg: Any, head_cfg: Any) -> Hashable | None:
     """The resolved model and head config; for a `_target_` model also the class object itself
     (so a class redefined in a notebook is built again). None: do not cache."""
     try:
-        plain = [OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else c
-                 for c in (model_cfg, head_cfg)]
+        plain = [to_plain(c) for c in (model_cfg, head_cfg)]
         key: tuple = (json.dumps(plain, sort_keys=True),)
     except Exception:  # unresolvable or not JSON-able: build it uncached, with its own errors
         return None

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from finetune_prep import paramfile
@@ -28,7 +27,15 @@ from finetune_prep.checkpoint import (
     load_into,
     read_checkpoint,
 )
-from finetune_prep.config import BnStats, FreezeStart, Origin, origin_of, validate
+from finetune_prep.config import (
+    BnStats,
+    Config,
+    FreezeStart,
+    Origin,
+    config_text,
+    origin_of,
+    validate,
+)
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.model import adapters, hf
 from finetune_prep.model.build import build_architecture, torchvision_weights_file
@@ -185,7 +192,7 @@ def prepare(
         verified["memory_bytes"] = proof_bytes  # what the proof was estimated to hold at once
     document = assemble.document(
         built, sources, freeze, groups, eval_modules, cfg.optim.optimizer, verified,
-        provenance.record(OmegaConf.to_yaml(cfg), origin.overrides, origin.config_dirs,
+        provenance.record(config_text(cfg), origin.overrides, origin.config_dirs,
                           origin.rerun), model_cfg=cfg.model,
         phases=list(zip(phases, phase_eval, strict=True)),
         adapter=adapted.record if adapted else None, heads=base.table.head,
@@ -198,7 +205,7 @@ def prepare(
 
 
 def run(
-    cfg: DictConfig, output_dir: Path, overrides: Sequence[str] = (),
+    cfg: Any, output_dir: Path, overrides: Sequence[str] = (),
     config_dirs: Sequence[str] = (), dirs: Mapping[Path, Path] | None = None,
     rerun: str | None = None,
 ) -> Path:
@@ -232,7 +239,7 @@ def _origin(cfg: Any, overrides: Sequence[str] | None, config_dirs: Sequence[str
     )
 
 
-def _read_sources(cfg: DictConfig, built: BuiltModel, reuse: bool = False) -> list[Source]:
+def _read_sources(cfg: Config, built: BuiltModel, reuse: bool = False) -> list[Source]:
     """Open and fit each checkpoint: torchvision weights first, then checkpoint.path.
     `reuse`: take an opened checkpoint from the process cache (only when no weights are loaded,
     so no job ever gets tensors another job may have changed)."""
@@ -268,7 +275,7 @@ def _read_sources(cfg: DictConfig, built: BuiltModel, reuse: bool = False) -> li
     return sources
 
 
-def _adapt(cfg: DictConfig, base: BuiltModel) -> adapters.Adapted | None:
+def _adapt(cfg: Config, base: BuiltModel) -> adapters.Adapted | None:
     """peft's adapters on a meta copy of the base model, and an adapter folder checked
     against them; None without adapters."""
     method = adapters.method_of(cfg.get("adapter"))
@@ -285,7 +292,7 @@ def _adapt(cfg: DictConfig, base: BuiltModel) -> adapters.Adapted | None:
     return adapted
 
 
-def _adapt_real(cfg: DictConfig, model: nn.Module, adapted: adapters.Adapted) -> nn.Module:
+def _adapt_real(cfg: Config, model: nn.Module, adapted: adapters.Adapted) -> nn.Module:
     """The same adapters on the loaded base model (real tensors), then the folder's weights."""
     peft_model = adapters.wrap(model, adapted.config, meta=False)
     if cfg.adapter.resume:
@@ -293,7 +300,7 @@ def _adapt_real(cfg: DictConfig, model: nn.Module, adapted: adapters.Adapted) ->
     return peft_model
 
 
-def _peft_start(built: BuiltModel, cfg: DictConfig) -> FreezePlan:
+def _peft_start(built: BuiltModel, cfg: Config) -> FreezePlan:
     """Where the freeze rules start with adapters: what peft made trainable (the adapters and
     modules_to_save), everything else frozen."""
     grads = dict(built.model.named_parameters())
@@ -374,7 +381,7 @@ def _model_frozen_notes(table: ParamTable, start: FreezeStart) -> list[str]:
 
 
 def _materialize_model(
-    cfg: DictConfig, built: BuiltModel, sources: list[Source], trainable: Sequence[str]
+    cfg: Config, built: BuiltModel, sources: list[Source], trainable: Sequence[str]
 ) -> nn.Module:
     """A model with real tensors: checkpoint data loaded (mmap + assign), fresh layers
     initialised. Works on a copy of the meta model, so `built.model` stays on meta."""

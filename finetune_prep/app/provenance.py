@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 
-def config_sha256(config_yaml: str) -> str:
-    """Hash of the fully composed config (as YAML), so equal configs give equal hashes."""
-    return hashlib.sha256(config_yaml.encode("utf-8")).hexdigest()
+def config_sha256(config_text: str) -> str:
+    """Hash of the fully composed config (as text: config.config_text), so equal configs give
+    equal hashes."""
+    return hashlib.sha256(config_text.encode("utf-8")).hexdigest()
 
 
 def versions() -> dict[str, str]:
@@ -85,12 +86,12 @@ def _git(folder: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
-def record(config_yaml: str, overrides: Sequence[str], config_dirs: Sequence[str],
+def record(config_text: str, overrides: Sequence[str], config_dirs: Sequence[str],
            rerun: str | None = None) -> dict:
     """The provenance block of param_groups.json (`rerun`: the run's config file composed
     again, when the plan was made from one)."""
     found = {
-        "config_sha256": config_sha256(config_yaml),
+        "config_sha256": config_sha256(config_text),
         "overrides": list(overrides),
         "versions": versions(),
         "git": [git_state(d) for d in config_dirs],

@@ -101,11 +101,12 @@ class SweepSummary(Callback):
         job_dir = Path(result["job_dir"])
         sweep_dir = _sweep_dir(job_dir, str(config.hydra.sweep.subdir))
         try:
-            doc = _read_json(job_dir / PARAM_FILE) if result["status"] == "COMPLETED" else None
-            if doc is not None:
+            plan = _read_plan(job_dir / PARAM_FILE) if status == "COMPLETED" else None
+            if plan is not None:
                 sizes = _param_sizes(config)
-                result["stage_params"] = stage_counts(doc, sizes)
+                result["stage_params"] = stage_counts(plan.document, sizes)
                 result["stage_unit"] = "elements" if sizes else "tensors"
+                result["row"] = plan_row(plan)  # read once: the summary reads result files only
             job_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(job_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
             write_summary(sweep_dir, plot_if_failed_only=True, job=result["job"])
@@ -292,25 +293,47 @@ def _row(result: dict[str, Any], param_file: Path) -> dict[str, Any]:
     row = {k: "" for k in COLUMNS}
     row.update({k: result.get(k, "") for k in ("job", "status", "error", "job_dir")})
     row["overrides"] = " ".join(result.get("overrides", []))
-    doc = _read_json(param_file) if result.get("status") == "COMPLETED" else None
-    if doc is not None:
-        counts = doc["counts"]
-        row["trainable"] = counts["trainable"]
-        row["total"] = counts["total"]
-        row["trainable_pct"] = float(f"{100 * counts['trainable'] / max(counts['total'], 1):.4g}")
-        schedule = doc.get("schedule") or []
-        final = schedule[-1]["counts"] if schedule else counts
-        row["phases"] = 1 + len(schedule)
-        row["final_trainable_pct"] = float(
-            f"{100 * final['trainable'] / max(final['total'], 1):.4g}")
-        row["_starts"] = stage_phases(doc)
-        row["groups"] = len(doc["groups"])
-        row["memory_mib"] = round(doc["memory"]["plan_bytes"] / 2**20, 1)
-        row["verified"] = _verified_text(doc["verified"])
-        row["_stages"] = result.get("stage_params") or stage_counts(doc)
+    if result.get("status") != "COMPLETED":
+        return row
+    numbers = result.get("row")
+    if numbers is None:  # a result written without its row: read the plan now
+        plan = _read_plan(param_file)
+        numbers = plan_row(plan) if plan is not None else None
+    if numbers is not None:
+        row.update(numbers)
+        row["_stages"] = result.get("stage_params") or numbers["_stages"]
         row["_unit"] = result.get("stage_unit", "tensors") if "stage_params" in result \
             else "tensors"
     return row
+
+
+def plan_row(plan: Any) -> dict[str, Any]:
+    """The summary's numbers of one job, from its typed Plan (JSON-able, kept in the job's
+    result file so the summary never reads a plan twice)."""
+    counts = plan.counts
+    final = plan.schedule[-1].counts if plan.schedule else counts
+    doc = plan.document
+    return {
+        "trainable": counts["trainable"], "total": counts["total"],
+        "trainable_pct": float(f"{100 * counts['trainable'] / max(counts['total'], 1):.4g}"),
+        "phases": 1 + len(plan.schedule),
+        "final_trainable_pct": float(f"{100 * final['trainable'] / max(final['total'], 1):.4g}"),
+        "_starts": stage_phases(doc), "groups": len(plan.groups),
+        "memory_mib": round(doc["memory"]["plan_bytes"] / 2**20, 1),
+        "verified": _verified_text(doc["verified"]), "_stages": stage_counts(doc),
+    }
+
+
+def _read_plan(path: Path) -> Any:
+    """The job's Plan through the one reader of the format (paramfile.load_plan), None when
+    missing or invalid. Imported here, not at the top: paramfile imports torch, and a sweep's
+    main process (joblib, submitit) never needs it unless a row must be rebuilt."""
+    from finetune_prep.paramfile.format import load_plan
+
+    try:
+        return load_plan(path)
+    except (OSError, ValueError, FinetunePrepError):
+        return None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -371,10 +394,12 @@ def write_summary(
     sweep_dir = Path(sweep_dir)
     with _locked(sweep_dir / LOCK_FILE):
         rows = collect(sweep_dir)
-        write_atomic(sweep_dir / CSV_FILE, to_csv(rows))
-        write_atomic(sweep_dir / MD_FILE, to_markdown(rows))
         plan = _read_json(sweep_dir / PLAN_FILE) if job is not None else None
         last = plan is not None and _is_last(rows, plan, job)
+        if plan is not None and not last:
+            return rows  # the job that completes the sweep (or its failed batch) writes once
+        write_atomic(sweep_dir / CSV_FILE, to_csv(rows))
+        write_atomic(sweep_dir / MD_FILE, to_markdown(rows))
         failed = plan is None and any(r["status"] == "FAILED" for r in rows)
         if not plot_if_failed_only or last or failed:
             plot(rows, sweep_dir / PNG_FILE)
@@ -442,9 +467,9 @@ def stage_phases(doc: dict[str, Any]) -> dict[str, int]:
 def _param_sizes(config: DictConfig) -> dict[str, int] | None:
     """Element count of each parameter: the job's model built again on the meta device."""
     try:
-        from finetune_prep.model.build import build_architecture  # torch: only for the plot
+        from finetune_prep.app import cache  # torch: imported in the job, not the sweep's main
 
-        table = build_architecture(config.model, config.head, meta=True).table
+        table = cache.meta_table(config.model, config.head)  # the job's own, already built
         return {n: table.numel(n) for n in table.names}
     except Exception as err:  # the plot falls back to counting tensors
         log.info("sweep summary: counting tensors, not elements (%s)", err)

@@ -12,9 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from finetune_prep.config import F32_MAX, F32_TINY, LR_FIX, check_optim
+from finetune_prep.config import F32_MAX, F32_TINY, LR_FIX, check_optim, group_rules, patterns
 from finetune_prep.errors import FinetunePrepError
-from finetune_prep.plan.rules import match, select
+from finetune_prep.plan.rules import match_all, select_all
 from finetune_prep.plan.table import GRANULARITIES, ParamTable
 
 
@@ -50,8 +50,8 @@ def assign(table: ParamTable, trainable: Sequence[str], optim: Any) -> dict[str,
     Layer decay gives layer k of n (0 the stem, n-1 the head) lr * decay ** (n-1-k), the
     effective lr of timm's `param_groups_layer_decay` (which stores the factor as lr_scale).
     """
-    rules = _group_rules(table, optim.groups)
-    no_decay = _pattern_union(table, optim.no_decay)
+    rules = _group_rules(table, group_rules(optim.groups))
+    no_decay = _pattern_union(table, patterns(optim.no_decay, "optim.no_decay"))
     decay = optim.layer_decay
     granularity = granularity_of(optim)
     layers = table.layer_ids(granularity)
@@ -145,9 +145,10 @@ def _base_label(
 def _group_rules(table: ParamTable, rules: Sequence[Any]) -> dict[str, tuple[str, Any]]:
     """First matching optim.groups rule per parameter (MMEngine's custom_keys order)."""
     placed: dict[str, tuple[str, Any]] = {}
-    for i, rule in enumerate(rules):
-        where = f"optim.groups[{i}]"
-        for name in select(rule.match, table, where):
+    wheres = [f"optim.groups[{i}]" for i in range(len(rules))]
+    selections = select_all([rule.match for rule in rules], table, wheres)
+    for where, rule, names in zip(wheres, rules, selections, strict=True):
+        for name in names:
             placed.setdefault(name, (where, rule))
     return placed
 
@@ -156,8 +157,8 @@ def _pattern_union(table: ParamTable, patterns: Sequence[str]) -> dict[str, str]
     """Parameter -> the first pattern that selects it. A pattern may match nothing here
     (a model without biases is fine), but it must be well-formed."""
     hit: dict[str, str] = {}
-    for pattern in patterns:
-        for name in match(pattern, table):
+    for pattern, names in zip(patterns, match_all(list(patterns), table), strict=True):
+        for name in names:
             hit.setdefault(name, pattern)
     return hit
 

@@ -132,25 +132,116 @@ def evaluate(
     rules: Sequence[Rule], table: ParamTable, start: FreezePlan | None = None
 ) -> FreezePlan:
     """Apply rules in order, to an all-trainable model or to the state `start` left; later
-    rules win."""
+    rules win. All patterns are matched in one batch (`select_all`)."""
     trainable = dict(start.trainable) if start else dict.fromkeys(table.names, True)
     decided_by: dict[str, str | None] = (dict(start.decided_by) if start
                                          else dict.fromkeys(table.names))
-    selections = [select(rule.pattern, table, str(rule)) for rule in rules]
-    for rule, names in zip(rules, selections, strict=True):
+    labels = [str(r) for r in rules]
+    selections = select_all([r.pattern for r in rules], table, labels)
+    for rule, label, names in zip(rules, labels, selections, strict=True):
+        value = rule.action == "unfreeze"
         for name in names:
-            trainable[name] = rule.action == "unfreeze"
-            decided_by[name] = str(rule)
-    empty = tuple(str(r) for r, names in zip(rules, selections, strict=True) if not names)
-    return FreezePlan(trainable, decided_by, _shadowed(rules, selections), empty)
+            trainable[name] = value
+            decided_by[name] = label
+    empty = tuple(label for label, names in zip(labels, selections, strict=True) if not names)
+    return FreezePlan(trainable, decided_by, _shadowed(labels, selections), empty)
 
 
-def _shadowed(rules: Sequence[Rule], selections: Sequence[list[str]]) -> tuple[str, ...]:
+def select_all(patterns: Sequence[Any], table: ParamTable,
+               wheres: Sequence[str]) -> list[list[str]]:
+    """`select` for many patterns at once, same results and the same first error (in pattern
+    order): names, globs and regexes run as RE2 sets over the parameter names (each name is
+    read once per set, not once per pattern), aliases and repeated patterns are resolved once.
+    Identical patterns share one list: do not change the lists in place."""
+    for pattern, where in zip(patterns, wheres, strict=True):
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise FinetunePrepError(
+                f"{where}: the pattern is empty; write a name, glob, re: or alias.")
+    found, errors = _match_batch(patterns, table)
+    for pattern, where in zip(patterns, wheres, strict=True):
+        if pattern in errors:
+            raise FinetunePrepError(f"{where}: {errors[pattern]}") from None
+        if not found[pattern] and not pattern.startswith("@"):
+            raise FinetunePrepError(
+                f"{where}: {pattern!r} matches no parameter.{_hint(pattern, table)}")
+    return [found[p] for p in patterns]
+
+
+def match_all(patterns: Sequence[str], table: ParamTable) -> list[list[str]]:
+    """`match` for many patterns at once (possibly selecting none); the first malformed pattern
+    raises `match`'s own error."""
+    found, errors = _match_batch(patterns, table)
+    for pattern in patterns:
+        if pattern in errors:
+            raise FinetunePrepError(errors[pattern])
+    return [found[p] for p in patterns]
+
+
+SET_CHUNK = 1000  # patterns per RE2 set: small enough that its DFA stays within max_mem
+
+
+def _match_batch(patterns: Sequence[str], table: ParamTable
+                 ) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Pattern -> selected names (model order), and pattern -> error text for malformed ones.
+    Aliases and globs with a [...] class take `match` (exact fnmatch semantics); plain globs and
+    re: patterns are RE2 full-match sets: a glob G selects a name when the name is G, or G
+    followed by '.' and more (G covers a module, so it covers what the module holds)."""
+    found: dict[str, list[str]] = {}
+    errors: dict[str, str] = {}
+    batch: list[tuple[str, str]] = []  # (pattern, RE2 source)
+    for pattern in dict.fromkeys(patterns):
+        if pattern.startswith("re:"):
+            batch.append((pattern, pattern[3:]))
+        elif pattern.startswith("@") or "[" in pattern:
+            try:
+                found[pattern] = match(pattern, table)
+            except FinetunePrepError as err:
+                errors[pattern] = str(err)
+        else:
+            batch.append((pattern, _glob_source(pattern)))
+    for start in range(0, len(batch), SET_CHUNK):
+        _run_set(batch[start:start + SET_CHUNK], table, found, errors)
+    return found, errors
+
+
+def _run_set(chunk: Sequence[tuple[str, str]], table: ParamTable,
+             found: dict[str, list[str]], errors: dict[str, str]) -> None:
+    """Match one chunk of (pattern, RE2 source) against every name with one RE2 set."""
+    rset = re2.Set.FullMatchSet(_SET_OPTIONS)
+    index: dict[int, str] = {}
+    for pattern, source in chunk:
+        try:
+            index[rset.Add(source)] = pattern
+        except re2.error:
+            try:
+                _compile(pattern)  # raises the message that says why
+            except FinetunePrepError as err:
+                errors[pattern] = str(err)
+    for pattern in index.values():
+        found[pattern] = []
+    if not index:
+        return
+    rset.Compile()
+    for name in table.names:
+        for i in rset.Match(name) or ():
+            found[index[i]].append(name)
+
+
+def _glob_source(pattern: str) -> str:
+    """The RE2 source of a glob without [...]: `*` is any run (dots included), `?` one
+    character, everything else literal; then an optional `.rest` for what a module holds."""
+    parts = []
+    for c in pattern:
+        parts.append(".*" if c == "*" else "." if c == "?" else re2.escape(c))
+    return f"(?s)(?:{''.join(parts)})(?:\\..*)?"
+
+
+def _shadowed(labels: Sequence[str], selections: Sequence[list[str]]) -> tuple[str, ...]:
     later: set[str] = set()
     shadowed = []
-    for rule, names in zip(reversed(rules), reversed(selections), strict=True):
+    for label, names in zip(reversed(labels), reversed(selections), strict=True):
         if names and later.issuperset(names):
-            shadowed.append(str(rule))
+            shadowed.append(label)
         later.update(names)
     return tuple(reversed(shadowed))
 
@@ -191,6 +282,8 @@ def _re2_options() -> Any:
 
 
 _RE2_OPTIONS = _re2_options()
+_SET_OPTIONS = _re2_options()
+_SET_OPTIONS.max_mem = 256 << 20  # a set of SET_CHUNK patterns builds one DFA
 
 
 def _alias(pattern: str, table: ParamTable) -> list[str]:
