@@ -15,6 +15,7 @@ import zipfile
 from collections.abc import Mapping
 from typing import Any
 
+from finetune_prep.checkpoint import integrity
 from finetune_prep.errors import FinetunePrepError
 
 ZERO_SHARD = re.compile(r"(zero_pp_rank_\d+_mp_rank_\d+_(optim|model)_states|"
@@ -83,8 +84,8 @@ def _listdir(folder: str) -> list[str]:
 def _exported_program(file: str) -> bool:
     """True for a torch.export archive: a zip with `models/*.json` and `archive_format`."""
     try:
-        with zipfile.ZipFile(file) as z:
-            names = z.namelist()
+        with os.fdopen(integrity.open_regular(file), "rb") as f, zipfile.ZipFile(f) as z:
+            names = z.namelist()  # opened without blocking: a FIFO swapped in never hangs
     except (zipfile.BadZipFile, OSError, ValueError):
         return False
     return (any(n.endswith("/archive_format") for n in names)
