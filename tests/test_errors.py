@@ -23,7 +23,7 @@ from conftest import REPO, run_cli
 from safetensors.torch import save_file
 
 from finetune_prep import atomic, prepare
-from finetune_prep.checkpoint import read as ckpt_read  # the module that opens files
+from finetune_prep.checkpoint import integrity  # where every checkpoint file is opened
 from finetune_prep.config import CONF_DIR
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.train.apply import load_param_groups
@@ -164,7 +164,7 @@ def test_unreadable_checkpoint_says_permission_denied(make_cfg, files, monkeypat
         def refuse(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
 
-        monkeypatch.setattr(ckpt_read, "open", refuse, raising=False)
+        monkeypatch.setattr(integrity, "open_regular", refuse)  # every checkpoint open
     msg = function_error(prepare, make_cfg(f"checkpoint.path={path}"), materialize=False)
     assert f"checkpoint.path={path} cannot be read (permission denied)" in msg
     assert "make it readable (chmod +r)" in msg
