@@ -346,7 +346,8 @@ def test_a_config_dir_holding_a_runs_config_becomes_a_rerun_on_the_packaged_conf
     argv = cli.with_user_configs(cli.checked_argv(
         ["-cd", str(hydra_dir), "head.num_outputs=3", "--config-name", "config"]))
     assert argv == [f"--config-dir={hydra_dir}", "head.num_outputs=3", "~model", "~freeze",
-                    "~optim", "~adapter", "+finetune_prep/rerun@_global_=config"]  # no --config-name
+                    "~optim", "~adapter",
+                    "+finetune_prep/rerun@_global_=config"]  # no --config-name
     assert cli._rerun == str((hydra_dir / "config.yaml").resolve())
     plain = ["--config-dir=" + str(tmp_path / "elsewhere"), "head.num_outputs=3"]
     assert cli.with_user_configs(plain) == plain  # no run config there: Hydra's own way
