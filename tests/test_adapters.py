@@ -95,6 +95,16 @@ def test_target_patterns_are_checked_with_suggestions(tiny_vit_cfg):
         prepare(tiny_vit_cfg("adapter=ia3", "adapter.bias=all"), materialize=False)
 
 
+def test_default_targets_on_a_model_without_attention_say_what_to_set(make_cfg):
+    with pytest.raises(FinetunePrepError, match=r"matches no parameter.*Set "
+                                                r"adapter\.target_modules to layers of this model"):
+        prepare(make_cfg("adapter=lora", "verify.backward=false"), materialize=False)  # resnet18
+    prepared = prepare(make_cfg("adapter=lora", "adapter.target_modules=[layer4]",
+                                "verify.backward=false"), materialize=False)
+    targets = prepared.document["adapter"]["config"]["target_modules"]
+    assert targets and all(t.startswith("layer4.") for t in targets)
+
+
 def test_stage_alias_targets_the_last_block(tiny_vit_cfg):
     prepared = prepare(tiny_vit_cfg("adapter=lora", "adapter.target_modules=['@stage[-1]']"),
                        materialize=False)

@@ -127,7 +127,13 @@ def target_modules(patterns: Sequence[str], table: ParamTable, model: nn.Module,
     kinds = SUPPORTED[method] if method in SUPPORTED else ()
     chosen: list[str] = []
     for i, pattern in enumerate(patterns):
-        owners = dict.fromkeys(table.owner[n] for n in select(pattern, table, f"{where}[{i}]"))
+        try:
+            names = select(pattern, table, f"{where}[{i}]")
+        except FinetunePrepError as err:
+            raise FinetunePrepError(f"{err} Set {where} to layers of this model (the presets "
+                                    f"aim at attention layers), e.g. {where}='[layer4]' or "
+                                    f"'[@stage[-1]]'.") from err
+        owners = dict.fromkeys(table.owner[n] for n in names)
         fit = [m for m in owners if type(modules[m]).__name__ in kinds]
         if not fit:
             seen = ", ".join(f"{m} ({type(modules[m]).__name__})" for m in list(owners)[:4])
