@@ -298,3 +298,23 @@ def test_counts_equal_peft_on_the_real_vit_b_16(make_cfg):
                                                   doc["counts"]["total"])
     assert set(prepared.plan.trainable) == trainable_names(ref)
     assert len(adapters.adapted_layers(doc["adapter"]["params"], "LORA")) == 12
+
+
+def test_adapter_config_that_is_a_fifo_or_huge_is_refused_not_read(tmp_path):
+    import os
+    import signal
+
+    from finetune_prep.model.adapters import folder_config
+
+    os.mkfifo(tmp_path / "adapter_config.json")
+    signal.alarm(20)  # a blocking open would hang here: SIGALRM ends the test instead
+    try:
+        with pytest.raises(FinetunePrepError, match=r"adapter\.resume=.* named pipe \(FIFO\)"):
+            folder_config(tmp_path)
+    finally:
+        signal.alarm(0)
+    os.remove(tmp_path / "adapter_config.json")
+    with open(tmp_path / "adapter_config.json", "wb") as f:
+        f.truncate((1 << 20) + 1)  # sparse: a huge file costs no disk
+    with pytest.raises(FinetunePrepError, match="more than the 1048576"):
+        folder_config(tmp_path)

@@ -1002,6 +1002,18 @@ def test_trainer_output_root_names_the_latest_steps_model_file(trainer_run):
     assert read_checkpoint(trainer_run / "checkpoint-2").tensors  # a step folder is read
 
 
+def test_a_latest_file_that_is_a_fifo_is_refused_not_waited_on(trainer_run):
+    import signal
+
+    os.mkfifo(trainer_run / "latest")  # DeepSpeed's tag file, planted as a named pipe
+    signal.alarm(20)  # a blocking open would hang here: SIGALRM ends the test instead
+    try:
+        message = error(trainer_run)
+    finally:
+        signal.alarm(0)
+    assert "its latest file is not a regular file but a named pipe (FIFO)" in message
+
+
 class UltraNet(nn.Module):
     """Shaped like ultralytics' models: one child named `model`, every key starts with it."""
 

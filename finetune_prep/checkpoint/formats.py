@@ -134,10 +134,14 @@ def _run_root(folder: str, steps: list[tuple[int, str]], names: list[str]) -> st
             f"step's model file; the latest, step {step}, is {fix}{note}.{zero}")
 
 
+TAG_LIMIT = 4096  # bytes of DeepSpeed's `latest` file (it holds a step folder's name)
+
+
 def _read_latest_tag(folder: str) -> str | None:
     try:
-        with open(os.path.join(folder, "latest"), encoding="utf-8") as f:
-            return f.read(200).strip() or None
+        tag = integrity.read_regular(os.path.join(folder, "latest"), TAG_LIMIT,
+                                    f"{folder}: its latest file")
+        return tag.decode("utf-8").strip() or None  # never blocks: a FIFO is refused
     except (OSError, UnicodeDecodeError):
         return None
 

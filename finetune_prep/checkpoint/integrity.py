@@ -40,7 +40,7 @@ def file_type(mode: int) -> str:
     return "a special file"
 
 
-def open_regular(file: str, shown: str | None = None) -> int:
+def open_regular(file: str, shown: str | None = None, key: str = "checkpoint.path") -> int:
     """A read-only descriptor of `file`, opened without blocking (a FIFO swapped in after a
     `stat` would otherwise hang the open forever) and checked to be a regular file."""
     fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -48,7 +48,7 @@ def open_regular(file: str, shown: str | None = None) -> int:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise FinetunePrepError(
-                f"checkpoint.path={shown or file} is not a regular file but {file_type(mode)} "
+                f"{key}={shown or file} is not a regular file but {file_type(mode)} "
                 "(it changed since it was checked, or was never a file): give the checkpoint "
                 "file itself.")
         os.set_blocking(fd, True)
@@ -58,9 +58,11 @@ def open_regular(file: str, shown: str | None = None) -> int:
     return fd
 
 
-def read_regular(file: str, limit: int, shown: str | None = None) -> bytes:
-    """The whole of a small regular file (an index, DCP metadata), refused above `limit`."""
-    fd = open_regular(file, shown)
+def read_regular(file: str, limit: int, shown: str | None = None,
+                 key: str = "checkpoint.path") -> bytes:
+    """The whole of a small regular file (an index, DCP metadata), refused above `limit`;
+    `key`: the setting that named it, for the messages."""
+    fd = open_regular(file, shown, key)
     parts, total = [], 0
     with os.fdopen(fd, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -70,7 +72,7 @@ def read_regular(file: str, limit: int, shown: str | None = None) -> bytes:
     data = b"".join(parts)
     if size > limit or len(data) > limit:
         raise FinetunePrepError(
-            f"checkpoint.path={shown or file}: {os.path.basename(file)} is "
+            f"{key}={shown or file}: {os.path.basename(file)} is "
             f"{max(size, len(data))} bytes, more than the {limit} such a file can sensibly "
             "hold: it is not what it claims to be; download or save it again.")
     return data

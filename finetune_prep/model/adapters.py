@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from finetune_prep.checkpoint import integrity
 from finetune_prep.errors import FinetunePrepError, did_you_mean
 from finetune_prep.model.describe import BuiltModel, describe
 from finetune_prep.plan.rules import select
@@ -383,10 +384,14 @@ def check_folder(folder: str | os.PathLike) -> Path:
     return path
 
 
+CONFIG_LIMIT = 1 << 20  # bytes of adapter_config.json (peft writes about 1 KiB)
+
+
 def folder_config(folder: Path) -> dict[str, Any]:
     """The folder's adapter_config.json as plain JSON (checked by the caller)."""
     try:
-        data = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        data = json.loads(integrity.read_regular(
+            str(folder / "adapter_config.json"), CONFIG_LIMIT, str(folder), "adapter.resume"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise FinetunePrepError(f"{folder}/adapter_config.json is not valid JSON: {err}") from err
     if not isinstance(data, dict):
