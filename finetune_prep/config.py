@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -121,6 +122,7 @@ class PhaseConfig(Section):
 @dataclass
 class FreezeConfig(Section):
     rules: list[dict[str, str]] = field(default_factory=list)
+    rules_file: str | None = None  # the rules in a YAML file of their own (app.rulesfile)
     bn_stats: BnStats = BnStats.eval
     start: FreezeStart = FreezeStart.all
     schedule: list[PhaseConfig] = field(default_factory=list)
@@ -417,12 +419,55 @@ def validate(cfg: Any) -> Config:
         raise FinetunePrepError(f"invalid config: {err}") from err
     if "freeze.rules" in lists:
         typed.freeze.rules = rule_list(lists["freeze.rules"], "freeze.rules")
+    _check_rules_file(typed.freeze, cfg)
     if "optim.groups" in lists:
         typed.optim.groups = group_rules(lists["optim.groups"])
     if "optim.no_decay" in lists:
         typed.optim.no_decay = patterns(lists["optim.no_decay"], "optim.no_decay")
     _check_ranges(typed)
     return typed
+
+
+def _check_rules_file(freeze: FreezeConfig, cfg: Any) -> None:
+    """freeze.rules_file is null or a path, and the rules come from one place: the file (read
+    by app.rulesfile) or freeze.rules, never both (which would win is nowhere obvious)."""
+    given = freeze.rules_file
+    if given is None:
+        return
+    if not given.strip():
+        raise FinetunePrepError(
+            "freeze.rules_file is empty: give the YAML file that holds the rules, or null to use "
+            "freeze.rules.")
+    if not freeze.rules:
+        return
+    count = len(freeze.rules)
+    raise FinetunePrepError(
+        f"freeze.rules_file={given} and freeze.rules ({count} rule{'s' * (count != 1)}, set by "
+        f"{_rules_source(cfg)}) are both set; the rules come from one place. Either put "
+        f"`rules_file: {given}` into a freeze preset of your own (DIR/freeze/NAME.yaml; choosing "
+        "it with --config-dir DIR freeze=NAME replaces the preset's rules), or clear the rules "
+        f"beside it: freeze.rules=[] freeze.rules_file={given}.")
+
+
+def _rules_source(cfg: Any) -> str:
+    """What set freeze.rules, in words: an override of freeze.rules, else the freeze preset
+    (Hydra's choice in a CLI job, or the last freeze=NAME compose() recorded)."""
+    origin = origin_of(cfg)
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        overrides, preset = list(hc.overrides.task), hc.runtime.choices.get("freeze")
+    elif origin is not None and not origin.rerun:
+        overrides, preset = list(origin.overrides), "head_only"  # config.yaml's default
+    else:
+        return "a freeze preset or an override"
+    for override in overrides:
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        if key == "freeze.rules" or key.startswith("freeze.rules."):
+            return f"the override {override}"
+        if key == "freeze" and value:
+            preset = value
+    return f"the freeze preset {preset}" if preset else "a freeze preset or an override"
 
 
 def _plain(cfg: Any) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from finetune_prep import paramfile
-from finetune_prep.app import assemble, cache, proof, provenance
+from finetune_prep.app import assemble, cache, proof, provenance, rulesfile
 from finetune_prep.app.report import render
 from finetune_prep.atomic import write_files
 from finetune_prep.checkpoint import (
@@ -49,7 +49,6 @@ from finetune_prep.plan.rules import (
     evaluate,
     frozen_stat_layers,
     model_start,
-    parse_rules,
 )
 from finetune_prep.plan.table import ParamTable
 from finetune_prep.train import apply, wrappers
@@ -137,6 +136,7 @@ def prepare(
     `compose()` recorded for this config object, so the API records what the CLI does."""
     origin = _origin(cfg, overrides, config_dirs, rerun)
     cfg = validate(cfg)
+    rules, rules_file = rulesfile.freeze_rules(cfg.freeze)  # a rules file is read and checked
     base = cache.build_meta_model(cfg.model, cfg.head)  # a fresh meta copy per call
     reuse = not (materialize or proof.should_verify(cfg.verify, base.table, verify))
     sources = _read_sources(cfg, base, reuse=reuse)  # weights fit the base model
@@ -149,7 +149,7 @@ def prepare(
         start = model_start(built.table)  # what the model's constructor froze
     else:
         start = None
-    freeze = evaluate(parse_rules(cfg.freeze.rules), built.table, start)
+    freeze = evaluate(rules, built.table, start)
     trainable = [n for n in built.table.names if freeze.trainable[n]]
     _set_trainable(built.model, trainable)
     groups = build_groups(built.table, trainable, cfg.optim)
@@ -193,7 +193,8 @@ def prepare(
     document = assemble.document(
         built, sources, freeze, groups, eval_modules, cfg.optim.optimizer, verified,
         provenance.record(config_text(cfg), origin.overrides, origin.config_dirs,
-                          origin.rerun), model_cfg=cfg.model,
+                          origin.rerun, rules_file.record() if rules_file else None),
+        model_cfg=cfg.model,
         phases=list(zip(phases, phase_eval, strict=True)),
         adapter=adapted.record if adapted else None, heads=base.table.head,
     )

@@ -87,16 +87,21 @@ def _git(folder: Path, *args: str) -> str:
 
 
 def record(config_text: str, overrides: Sequence[str], config_dirs: Sequence[str],
-           rerun: str | None = None) -> dict:
+           rerun: str | None = None, rules_file: Mapping[str, Any] | None = None) -> dict:
     """The provenance block of param_groups.json (`rerun`: the run's config file composed
-    again, when the plan was made from one)."""
+    again, when the plan was made from one; `rules_file`: the freeze.rules_file read, as
+    {path, sha256, rules}: the config holds its path only, so its content is hashed here)."""
     found = {
         "config_sha256": config_sha256(config_text),
         "overrides": list(overrides),
         "versions": versions(),
         "git": [git_state(d) for d in config_dirs],
     }
-    return {**found, "rerun": rerun} if rerun else found
+    if rerun:
+        found["rerun"] = rerun
+    if rules_file:
+        found["rules_file"] = dict(rules_file)
+    return found
 
 
 def describe_git(entry: Mapping[str, Any]) -> str:
@@ -124,6 +129,10 @@ def summary_lines(prov: Mapping[str, Any] | None, packaged: str | Path) -> list[
         lines.append(f"  {folder}{label}: {describe_git(entry)}")
     if prov.get("rerun"):
         lines.append(f"Rerun of: {prov['rerun']} (with the packaged settings)")
+    rules = prov.get("rules_file")
+    if isinstance(rules, Mapping):
+        lines.append(f"Rules file: {rules.get('path', '?')} ({rules.get('rules', '?')} rules, "
+                     f"sha256 {str(rules.get('sha256', '?'))[:12]})")
     overrides = prov.get("overrides") or []
     lines.append(f"Overrides: {' '.join(overrides) if overrides else 'none'}")
     return lines

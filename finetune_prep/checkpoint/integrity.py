@@ -49,8 +49,8 @@ def open_regular(file: str, shown: str | None = None, key: str = "checkpoint.pat
         if not stat.S_ISREG(mode):
             raise FinetunePrepError(
                 f"{key}={shown or file} is not a regular file but {file_type(mode)} "
-                "(it changed since it was checked, or was never a file): give the checkpoint "
-                "file itself.")
+                "(it changed since it was checked, or was never a file): give the "
+                f"{'checkpoint ' if key == 'checkpoint.path' else ''}file itself.")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
