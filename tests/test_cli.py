@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -355,3 +356,47 @@ def test_a_config_dir_holding_a_runs_config_becomes_a_rerun_on_the_packaged_conf
     (tmp_path / "mine" / "optim" / "adamw.yaml").write_text("lr: 0.1\n")
     with pytest.raises(cli.FinetunePrepError, match="packaged preset optim=adamw"):
         cli.with_user_configs([f"hydra.searchpath=[file://{tmp_path / 'mine'}]"])
+
+
+@pytest.mark.slow
+def test_presets_with_a_rules_file_plan_from_it_in_a_sweep(tmp_path):
+    """A --config-dir preset holding only `rules_file:` (a path relative to the folder the CLI
+    runs in) plans as the same rules inline; a sweep over two such presets; the plan records
+    the file's path and sha256."""
+    import torchvision
+
+    import finetune_prep
+
+    names = [n for n, _ in torchvision.models.resnet18(num_classes=1).named_parameters()]
+    inline = {"a": [{"freeze": "*"}, *({"unfreeze": n} for n in names[::3]), {"freeze": "fc"}],
+              "b": [{"freeze": "*"}, *({"unfreeze": f"re:{n}"} for n in names[-300:])]}
+    (tmp_path / "conf" / "freeze").mkdir(parents=True)
+    (tmp_path / "rules").mkdir()
+    for name, rules in inline.items():
+        (tmp_path / "rules" / f"{name}.yaml").write_text(
+            "".join(f"- {k}: '{v}'\n" for r in rules for k, v in r.items()))
+        (tmp_path / "conf" / "freeze" / f"file_{name}.yaml").write_text(
+            f"# rules from a file\nrules_file: rules/{name}.yaml  # from the folder run in\n")
+    done = run_cli("-m", "--config-dir", "conf", "freeze=file_a,file_b", "verify.backward=false",
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for num, name in enumerate(inline):
+        doc = json.loads(next((tmp_path / "sweep").glob(f"{num}_*/param_groups.json"))
+                         .read_text())
+        expected = finetune_prep.prepare({"freeze": {"rules": inline[name]}},
+                                         materialize=False, verify=False)
+        assert doc["groups"] == expected.param_groups and doc["frozen"] == \
+            expected.document["frozen"]
+        text = (tmp_path / "rules" / f"{name}.yaml").read_bytes()
+        assert doc["provenance"]["rules_file"] == {
+            "path": str(tmp_path / "rules" / f"{name}.yaml"),
+            "sha256": hashlib.sha256(text).hexdigest(), "rules": len(inline[name])}
+    assert len(list((tmp_path / "sweep").glob("*/param_groups.json"))) == 2
+    assert (tmp_path / "sweep" / "sweep_summary.csv").exists()
+    # beside the packaged preset's rules: one error, exit 1, nothing written
+    done = run_cli("freeze.rules_file=rules/a.yaml", f"hydra.run.dir={tmp_path / 'both'}",
+                   cwd=tmp_path)
+    assert done.returncode == 1
+    assert "freeze.rules_file=rules/a.yaml and freeze.rules (2 rules, set by the freeze " \
+           "preset head_only) are both set" in done.stdout + done.stderr
+    assert not (tmp_path / "both" / "param_groups.json").exists()

@@ -316,3 +316,32 @@ def test_rule_lists_are_loose_only_in_hydras_schema():
         finetune_prep.compose(["freeze.bn_stats=sometimes"])
     # plain numbers and bools in a rule become text, as the typed schema made them
     assert validate({"freeze": {"rules": [{"freeze": 5}]}}).freeze.rules == [{"freeze": "5"}]
+
+
+def test_freeze_rules_file_defaults_to_null_and_takes_a_path():
+    assert validate(finetune_prep.compose([])).freeze.rules_file is None
+    cfg = validate(finetune_prep.compose(["freeze.rules=[]", "freeze.rules_file=my/r.yaml"]))
+    assert (cfg.freeze.rules_file, cfg.freeze.rules) == ("my/r.yaml", [])  # read by app.rulesfile
+    with pytest.raises(FinetunePrepError, match="freeze.rules_file is empty: give the YAML file"):
+        validate({"freeze": {"rules_file": " "}})
+
+
+@pytest.mark.parametrize(("overrides", "source"), [
+    (["freeze.rules_file=r.yaml"], "2 rules, set by the freeze preset head_only"),
+    (["freeze=last_stage", "freeze.rules_file=r.yaml"], "3 rules, set by the freeze preset "
+                                                         "last_stage"),
+    (["freeze=full", "freeze.rules_file=r.yaml", "freeze.rules=[{freeze: fc}]"],
+     "1 rule, set by the override freeze.rules=[{freeze: fc}]"),
+])
+def test_freeze_rules_file_beside_inline_rules_is_one_error_naming_their_source(overrides,
+                                                                                 source):
+    with pytest.raises(FinetunePrepError) as err:
+        validate(finetune_prep.compose(overrides))
+    message = str(err.value)
+    assert message.startswith(f"freeze.rules_file=r.yaml and freeze.rules ({source}) are both "
+                              "set; the rules come from one place.")
+    assert "put `rules_file: r.yaml` into a freeze preset of your own" in message
+    assert message.endswith("freeze.rules=[] freeze.rules_file=r.yaml.")
+    # a plain dict has no origin: the message still names both keys
+    with pytest.raises(FinetunePrepError, match=r"\(1 rule, set by a freeze preset or an "):
+        validate({"freeze": {"rules": [{"freeze": "*"}], "rules_file": "r.yaml"}})

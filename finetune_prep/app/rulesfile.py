@@ -102,13 +102,20 @@ def parse(data: bytes, shown: str) -> list[Any]:
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
     """libyaml's message with its line and column (1-based), without the stream's name."""
+    if isinstance(err, yaml.reader.ReaderError):  # not text: bad UTF-8, control characters
+        char = err.character
+        shown = f"0x{char:02x}" if isinstance(char, int) else repr(char)
+        return f"{err.reason} ({shown} at byte {err.position})"
     mark = getattr(err, "problem_mark", None)
     problem = getattr(err, "problem", None)
     if not problem:
         return str(err).strip()
-    context = getattr(err, "context", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    return f"{context + ', ' if context else ''}{problem}{where}"
+    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+    return (f"{context}{_at(start)}, " if context else "") + f"{problem}{_at(mark)}"
+
+
+def _at(mark: Any) -> str:
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
 
 
 def _kind(value: Any) -> str:
