@@ -318,3 +318,93 @@ def test_adapter_config_that_is_a_fifo_or_huge_is_refused_not_read(tmp_path):
         f.truncate((1 << 20) + 1)  # sparse: a huge file costs no disk
     with pytest.raises(FinetunePrepError, match="more than the 1048576"):
         folder_config(tmp_path)
+
+
+RELEASE = """
+import os, sys, time
+fifo, seconds, fired = sys.argv[1], float(sys.argv[2]), 0
+time.sleep(seconds)
+for _ in range(20):  # a reader blocked in open() returns once a writer opens the FIFO
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        fired = 1
+    except OSError:  # no reader waiting (ENXIO), or no FIFO
+        pass
+    time.sleep(0.25)
+sys.exit(fired)
+"""
+
+
+def guarded(fn, fifo, seconds: float = 30):
+    """`fn()`'s FinetunePrepError, failing the test if it blocked on the FIFO. A blocked open
+    sits in C (safetensors' open even holds the GIL), out of reach of signals and threads: a
+    separate process opens the FIFO for writing after `seconds`, which releases the reader, so
+    a regression fails here instead of hanging the suite."""
+    import subprocess
+    import sys
+    import time
+
+    watchdog = subprocess.Popen([sys.executable, "-c", RELEASE, str(fifo), str(seconds)])
+    start = time.monotonic()
+    try:
+        with pytest.raises(FinetunePrepError) as err:
+            fn()
+        took = time.monotonic() - start  # the watchdog acts after `seconds` only
+    finally:
+        watchdog.kill()
+        watchdog.wait()
+    assert took < seconds, f"blocked on the FIFO {fifo} for {seconds} s (a writer released it)"
+    return err.value
+
+
+def test_adapter_weights_that_are_a_fifo_are_refused_not_waited_on(tiny_vit_cfg, tmp_path):
+    import os
+
+    from finetune_prep.app.pipeline import run
+
+    folder, _ = resume_folder(tmp_path)
+    weights = folder / adapters.WEIGHTS
+    weights.unlink()
+    os.mkfifo(weights)  # planted: no writer ever comes, a plain open blocks forever
+    out = tmp_path / "out"
+    err = guarded(lambda: run(tiny_vit_cfg("adapter=lora", f"adapter.resume={folder}"), out),
+                  weights)
+    assert str(err).startswith(f"adapter.resume={folder}: adapter_model.safetensors is not a "
+                               "regular file but a named pipe (FIFO)"), err
+    assert not out.exists() or not any(out.iterdir())  # nothing written
+    # read directly (no check_folder first): the pinned open refuses it too
+    for step in (adapters.folder_shapes, lambda f: adapters.load_weights(f, None)):
+        err = guarded(lambda step=step: step(folder), weights)
+        assert str(err).startswith(f"adapter.resume={folder}: adapter_model.safetensors is not a "
+                                   "regular file but a named pipe (FIFO)"), err
+
+
+@pytest.mark.parametrize("after", [1, 2], ids=["plan", "load"])
+def test_adapter_weights_swapped_for_a_fifo_after_the_check_are_refused(tiny_vit_cfg, tmp_path,
+                                                                         monkeypatch, after):
+    """The file is a regular one when check_folder looks, a FIFO when it is read: once while the
+    plan checks the folder's shapes, once when the weights load into the real model."""
+    import os
+
+    from finetune_prep.app.pipeline import run
+
+    folder, _ = resume_folder(tmp_path)
+    weights = folder / adapters.WEIGHTS
+    original, calls = adapters.check_folder, []
+
+    def check_then_swap(path):
+        result = original(path)
+        calls.append(path)
+        if len(calls) == after:
+            weights.unlink()
+            os.mkfifo(weights)
+        return result
+
+    monkeypatch.setattr(adapters, "check_folder", check_then_swap)
+    out = tmp_path / "out"
+    err = guarded(lambda: run(tiny_vit_cfg("adapter=lora", f"adapter.resume={folder}"), out),
+                  weights)
+    assert len(calls) == after  # swapped, and refused at the very next read
+    assert f"adapter.resume={folder}: adapter_model.safetensors is not a regular file but a " \
+        "named pipe (FIFO) (it changed since it was checked" in str(err), err
+    assert not out.exists() or not any(out.iterdir())

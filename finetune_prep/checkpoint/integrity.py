@@ -28,6 +28,11 @@ MAX_PICKLE_BYTES = 256 << 20  # a data.pkl this large would hold millions of ten
 MAX_RATIO = 50  # a compressed zip record may expand this much (pickles compress ~5-10x)
 SMALL_RECORD = 8 << 20  # records up to this size are never called a bomb
 CHUNK = 1 << 20
+# what to do about a special file where a regular one belongs, by the setting that named it
+REMEDY = {  # what to give instead of a special file, by setting (else: "give the file itself")
+    "checkpoint.path": "give the checkpoint file itself",
+    "adapter.resume": "give the folder PeftModel.save_pretrained wrote, as regular files",
+}
 
 
 def file_type(mode: int) -> str:
@@ -49,8 +54,8 @@ def open_regular(file: str, shown: str | None = None, key: str = "checkpoint.pat
         if not stat.S_ISREG(mode):
             raise FinetunePrepError(
                 f"{key}={shown or file} is not a regular file but {file_type(mode)} "
-                "(it changed since it was checked, or was never a file): give the "
-                f"{'checkpoint ' if key == 'checkpoint.path' else ''}file itself.")
+                "(it changed since it was checked, or was never a file): "
+                f"{REMEDY.get(key, 'give the file itself')}.")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -79,11 +84,12 @@ def read_regular(file: str, limit: int, shown: str | None = None,
 
 
 @contextlib.contextmanager
-def pinned(file: str, shown: str | None = None) -> Iterator[str]:
+def pinned(file: str, shown: str | None = None, key: str = "checkpoint.path") -> Iterator[str]:
     """A path that names the regular file `file` is now, for readers that open by path
     (torch.load with mmap, safetensors): `/proc/self/fd/N` where the system has it, so the
-    file cannot be swapped for another (a FIFO) between this check and their open."""
-    fd = open_regular(file, shown)
+    file cannot be swapped for another (a FIFO) between this check and their open. `key`:
+    the setting that named it, for the messages."""
+    fd = open_regular(file, shown, key)
     try:
         proc = f"/proc/self/fd/{fd}"
         yield proc if os.path.exists(proc) else file

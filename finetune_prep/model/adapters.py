@@ -11,10 +11,12 @@ head is the trainable copy only, never peft's frozen `original_module` or `base_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Mapping, Sequence
+import stat
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -376,11 +378,19 @@ def check_folder(folder: str | os.PathLike) -> Path:
         raise FinetunePrepError(f"adapter.resume={folder} is not a folder; give the folder "
                                 "PeftModel.save_pretrained wrote (adapter_config.json + "
                                 "adapter_model.safetensors).")
-    missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
-    if missing:
-        raise FinetunePrepError(f"adapter.resume={folder} has no {missing[0]}; give the folder "
-                                "PeftModel.save_pretrained wrote (adapter_model.bin is not read: "
-                                "save with safe_serialization=True).")
+    for name in ADAPTER_FILES:
+        try:
+            mode = os.stat(path / name).st_mode  # never blocks, not even on a FIFO
+        except OSError:
+            mode = None
+        if mode is None:
+            raise FinetunePrepError(f"adapter.resume={folder} has no {name}; give the folder "
+                                    "PeftModel.save_pretrained wrote (adapter_model.bin is not "
+                                    "read: save with safe_serialization=True).")
+        if not stat.S_ISREG(mode):
+            raise FinetunePrepError(
+                f"adapter.resume={folder}: {name} is not a regular file but "
+                f"{integrity.file_type(mode)}; give the folder PeftModel.save_pretrained wrote.")
     return path
 
 
@@ -413,24 +423,47 @@ def check_matches(folder: Path, saved: Mapping[str, Any], config: Any) -> None:
                 "folder.")
 
 
-def folder_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    """Names and shapes in adapter_model.safetensors (its header only)."""
+@contextlib.contextmanager
+def open_weights(folder: Path) -> Iterator[Any]:
+    """The folder's adapter_model.safetensors opened by safetensors through a pinned descriptor
+    (integrity.pinned): a FIFO, planted or swapped in after check_folder, is refused with an
+    error naming adapter.resume, never waited on."""
     from safetensors import safe_open
 
+    with integrity.pinned(str(folder / WEIGHTS), f"{folder}: {WEIGHTS}",
+                          "adapter.resume") as path:
+        try:
+            handle = safe_open(path, framework="pt", device="cpu")
+        except Exception as err:  # safetensors' own errors for a damaged file
+            raise FinetunePrepError(f"{folder}/{WEIGHTS} cannot be read: {err}") from err
+        with handle as f:
+            yield f
+
+
+def _shapes(folder: Path, f: Any) -> dict[str, tuple[int, ...]]:
+    """Names and shapes in an opened adapter_model.safetensors (its header only)."""
     try:
-        with safe_open(str(folder / WEIGHTS), framework="pt", device="cpu") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except Exception as err:  # safetensors' own errors for a damaged file
         raise FinetunePrepError(f"{folder}/{WEIGHTS} cannot be read: {err}") from err
+
+
+def folder_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes in adapter_model.safetensors (its header only)."""
+    with open_weights(folder) as f:
+        return _shapes(folder, f)
 
 
 def check_weights(folder: Path, peft_model: nn.Module) -> int:
     """Every tensor of the folder fits an adapter of `peft_model` and every adapter tensor is
     in the folder; the number of tensors."""
+    return _check_fit(folder, peft_model, folder_shapes(folder))
+
+
+def _check_fit(folder: Path, peft_model: nn.Module, found: Mapping[str, tuple[int, ...]]) -> int:
     from peft.utils import get_peft_model_state_dict
 
     wanted = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
-    found = folder_shapes(folder)
     missing = sorted(set(wanted) - set(found))
     extra = sorted(set(found) - set(wanted))
     wrong = sorted(k for k in set(wanted) & set(found) if wanted[k] != found[k])
@@ -445,9 +478,16 @@ def check_weights(folder: Path, peft_model: nn.Module) -> int:
 
 
 def load_weights(folder: Path, peft_model: nn.Module) -> None:
-    """The folder's adapter weights into `peft_model`, by peft's own loader."""
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
+    """The folder's adapter weights into `peft_model` by peft's own setter, read from one
+    pinned open of the file (its header checked first). What peft's load_peft_weights does for
+    a local adapter_model.safetensors (safetensors.torch.load_file = safe_open + get_tensors;
+    no key renaming without key_mapping), minus the open by path a FIFO would block."""
+    from peft.utils import set_peft_model_state_dict
 
-    check_weights(folder, peft_model)
-    state = load_peft_weights(str(folder), device="cpu")
+    with open_weights(folder) as f:
+        _check_fit(folder, peft_model, _shapes(folder, f))
+        try:
+            state = f.get_tensors()
+        except Exception as err:  # safetensors' own errors for a damaged file
+            raise FinetunePrepError(f"{folder}/{WEIGHTS} cannot be read: {err}") from err
     set_peft_model_state_dict(peft_model, state)
