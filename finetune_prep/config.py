@@ -414,7 +414,7 @@ def validate(cfg: Any) -> Config:
              for section, name in [key.split(".")]
              if isinstance(plain.get(section), Mapping) and name in plain[section]}
     try:
-        typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), plain))
+        typed = OmegaConf.to_object(OmegaConf.merge(_schema(), plain))  # merge copies
     except OmegaConfBaseException as err:
         raise FinetunePrepError(f"invalid config: {err}") from err
     if "freeze.rules" in lists:
@@ -426,6 +426,13 @@ def validate(cfg: Any) -> Config:
         typed.optim.no_decay = patterns(lists["optim.no_decay"], "optim.no_decay")
     _check_ranges(typed)
     return typed
+
+
+@functools.cache
+def _schema() -> DictConfig:
+    """The schema as an OmegaConf node, made once (OmegaConf.merge never changes its first
+    argument)."""
+    return OmegaConf.structured(Config)
 
 
 def _check_rules_file(freeze: FreezeConfig, cfg: Any) -> None:

@@ -59,18 +59,63 @@ def resnet18_ckpt(tmp_path_factory) -> Path:
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess:
+            timeout: float = 300, prelude: str = "") -> subprocess.CompletedProcess:
     """Run `python -m finetune_prep ARGS` as a user would; output captured as text.
     This checkout's package comes first on the path, whatever `cwd` is: an installed
-    finetune_prep (another checkout's editable install, say) is not what is under test."""
+    finetune_prep (another checkout's editable install, say) is not what is under test.
+    `prelude`: Python run first in that process (a library setting the test needs)."""
     full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     full_env.update(env or {})
     full_env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO), *filter(None, [full_env.get("PYTHONPATH")])])
+    command = (["-c", prelude + "\nimport runpy\nrunpy.run_module('finetune_prep', "
+                "run_name='__main__', alter_sys=True)"] if prelude else ["-m", "finetune_prep"])
     return subprocess.run(
-        [sys.executable, "-m", "finetune_prep", *args],
+        [sys.executable, *command, *args],
         cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def run_cli_here(*args: str, cwd: Path | None = None,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+    """`run_cli` in this process (app.cli.run): the same exit code, output and files without
+    a new interpreter's 3 s of imports. For what the CLI says and writes; tests of the
+    process itself (signals, pipes, launchers, what a fresh interpreter imports) use run_cli."""
+    import contextlib
+    import io
+    import logging
+
+    from finetune_prep.app import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), list(sys.argv)
+    saved_path, saved_modules = list(sys.path), set(sys.modules)
+    sys.path[:0] = [p for p in (env or {}).get("PYTHONPATH", "").split(os.pathsep) if p]
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    os.environ.pop("HYDRA_FULL_ERROR", None)
+    os.environ.update(env or {})
+    try:
+        os.chdir(cwd or REPO)
+        sys.argv = ["finetune_prep"]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.run(list(args))
+            for handler in root.handlers:
+                if handler not in saved_handlers:
+                    handler.close()
+    finally:
+        added = sys.path[:len(sys.path) - len(saved_path)]
+        for name in set(sys.modules) - saved_modules:  # a test's own module files come and go
+            if any(str(getattr(sys.modules[name], "__file__", "")).startswith(p) for p in added):
+                del sys.modules[name]
+        sys.path[:] = saved_path
+        root.handlers[:], root.level = saved_handlers, saved_level
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["finetune_prep", *args], code, out.getvalue(),
+                                       err.getvalue())
 
 
 class TwoBranchNet(torch.nn.Module):
@@ -221,3 +266,4 @@ TINY_VIT = ("model=custom", "model.target._target_=torchvision.models.VisionTran
 def tiny_vit_cfg(make_cfg) -> Callable[..., DictConfig]:
     """`tiny_vit_cfg(*overrides)`: the tiny ViT's config with more overrides."""
     return lambda *extra: make_cfg(*TINY_VIT, *extra)
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -11,6 +12,7 @@ from finetune_prep import checkpoint
 from finetune_prep.app import cache
 from finetune_prep.app import pipeline as runner
 from finetune_prep.app.pipeline import prepare
+from finetune_prep.config import validate
 from finetune_prep.model.build import build_architecture
 
 
@@ -45,12 +47,33 @@ def test_same_model_and_checkpoint_are_reused_across_freeze_presets(counted, mak
     args = (f"checkpoint.path={resnet18_ckpt}",)
     first = _plan(make_cfg, *args, "freeze=full")
     second = _plan(make_cfg, *args, "freeze=head_only")
-    assert counted == {"build": 1, "read": 1}
-    assert first.model is not second.model  # each job its own copy
-    # the second job's requires_grad did not leak into the first job's model
+    third = _plan(make_cfg, *args, "freeze=full")
+    # the first job's model was its own (a single run copies nothing); the second built the
+    # master that later jobs copy
+    assert counted == {"build": 2, "read": 1}
+    assert len({id(first.model), id(second.model), id(third.model)}) == 3
+    # the second job's requires_grad did not leak into the first or third job's model
     assert all(p.requires_grad for p in first.model.parameters())
+    assert all(p.requires_grad for p in third.model.parameters())
     assert not second.model.conv1.weight.requires_grad
     assert first.document["counts"]["trainable"] == first.document["counts"]["total"]
+
+
+def test_a_single_call_copies_no_model(counted, make_cfg, monkeypatch):
+    copied, deepcopy = [], copy.deepcopy
+
+    def counting_deepcopy(x, *args, **kwargs):
+        if isinstance(x, torch.nn.Module):
+            copied.append(x)
+        return deepcopy(x, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", counting_deepcopy)
+    cfg = make_cfg("freeze=head_only")
+    done = prepare(cfg, materialize=False, verify=False)
+    assert copied == [] and counted["build"] == 1
+    typed = validate(cfg)
+    assert cache.meta_table(typed.model, typed.head) is done.table  # the sweep's row: no build
+    assert counted["build"] == 1
 
 
 def test_different_head_builds_again(counted, make_cfg):
@@ -78,11 +101,12 @@ def test_cached_equals_uncached(counted, make_cfg, resnet18_ckpt):
     args = (f"checkpoint.path={resnet18_ckpt}", "freeze=last_stage")
     cold = _plan(make_cfg, *args)
     warm = _plan(make_cfg, *args)
-    assert counted == {"build": 1, "read": 1}
-    for doc in (cold.document, warm.document):
+    warmer = _plan(make_cfg, *args)  # a copy of the master
+    assert counted == {"build": 2, "read": 1}
+    for doc in (cold.document, warm.document, warmer.document):
         doc.pop("provenance")
-    assert warm.document == cold.document
-    assert warm.summary == cold.summary
+    assert warm.document == cold.document == warmer.document
+    assert warm.summary == cold.summary == warmer.summary
 
 
 def test_materialized_models_never_share_weights(counted, make_cfg, resnet18_ckpt):
@@ -91,12 +115,15 @@ def test_materialized_models_never_share_weights(counted, make_cfg, resnet18_ckp
     with torch.no_grad():
         first.model.conv1.weight.add_(1.0)  # training in place
     second = prepare(cfg, verify=False)
-    assert counted["build"] == 1  # the meta model is reused ...
-    assert counted["read"] == 2  # ... but weights are read afresh
+    third = prepare(cfg, verify=False)
+    assert counted["build"] == 2  # the meta model is reused from the third call on ...
+    assert counted["read"] == 3  # ... but weights are read afresh
     assert not second.model.conv1.weight.is_meta
     expected = torch.load(resnet18_ckpt, weights_only=True)["conv1.weight"]
     assert torch.equal(second.model.conv1.weight, expected)
     assert second.model.conv1.weight.data_ptr() != first.model.conv1.weight.data_ptr()
+    assert torch.equal(third.model.conv1.weight, expected)
+    assert third.model.conv1.weight.data_ptr() != second.model.conv1.weight.data_ptr()
 
 
 def test_a_rewritten_shard_is_read_again(counted, tmp_path):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli_here
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -538,5 +538,5 @@ def test_cli_refuses_hostile_checkpoints_with_exit_1(dcp_folder, bomb, plain_fil
     }
     for i, (path, expected) in enumerate(cases.items()):
         run_dir = tmp_path / f"run{i}"
-        done = run_cli(f"checkpoint.path={path}", f"hydra.run.dir={run_dir}")
+        done = run_cli_here(f"checkpoint.path={path}", f"hydra.run.dir={run_dir}")
         assert_one_error(done, run_dir, expected)

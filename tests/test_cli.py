@@ -1,4 +1,5 @@
-"""The CLI end to end, run as a subprocess the way a user runs it (all slow)."""
+"""The CLI end to end, run as a subprocess the way a user runs it (all slow); a test that runs it
+more than once may run the others in-process (conftest.run_cli_here)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from importlib.metadata import version
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_cli_here
 
 
 @pytest.mark.slow
@@ -39,9 +40,9 @@ def test_default_run_writes_the_plan_files(tmp_path, resnet18_ckpt):
 @pytest.mark.slow
 def test_same_config_gives_a_byte_identical_groups_section(tmp_path):
     docs = []
-    for name in ("a", "b"):
-        done = run_cli("optim=layer_decay", "freeze=full", "verify.backward=false",
-                       f"hydra.run.dir={tmp_path / name}")
+    for name, runner in (("a", run_cli), ("b", run_cli_here)):  # a process, and in-process
+        done = runner("optim=layer_decay", "freeze=full", "verify.backward=false",
+                      f"hydra.run.dir={tmp_path / name}")
         assert done.returncode == 0, done.stderr
         docs.append(json.loads((tmp_path / name / "param_groups.json").read_text()))
     assert json.dumps(docs[0]["groups"]) == json.dumps(docs[1]["groups"])
@@ -62,7 +63,7 @@ def test_a_typo_in_a_pattern_is_one_clear_message_and_no_file(tmp_path):
 
 @pytest.mark.slow
 def test_example_training_loop_leaves_frozen_weights_alone(tmp_path):
-    done = run_cli("freeze=last_stage", "verify.backward=false", f"hydra.run.dir={tmp_path}")
+    done = run_cli_here("freeze=last_stage", "verify.backward=false", f"hydra.run.dir={tmp_path}")
     assert done.returncode == 0, done.stderr
     example = subprocess.run(
         [sys.executable, str(REPO / "examples" / "train.py"), str(tmp_path / "param_groups.json"),
@@ -133,8 +134,8 @@ def test_a_failed_rerun_leaves_hydra_describing_the_plan_beside_it(tmp_path):
     run_dir = tmp_path / "run"
     assert run_cli(FAST, "freeze=head_only", f"hydra.run.dir={run_dir}").returncode == 0
     before = _snapshot(run_dir)
-    done = run_cli(FAST, "freeze=full", f"checkpoint.path={tmp_path / 'missing.pt'}",
-                   f"hydra.run.dir={run_dir}")
+    done = run_cli_here(FAST, "freeze=full", f"checkpoint.path={tmp_path / 'missing.pt'}",
+                        f"hydra.run.dir={run_dir}")
     assert done.returncode == 1 and "missing.pt does not exist" in done.stdout + done.stderr
     assert _snapshot(run_dir) == before  # .hydra/config.yaml still says head_only
     assert "freeze=head_only" in (run_dir / ".hydra" / "overrides.yaml").read_text()
@@ -144,7 +145,8 @@ def test_a_failed_rerun_leaves_hydra_describing_the_plan_beside_it(tmp_path):
 @pytest.mark.slow
 def test_a_killed_rerun_leaves_the_earlier_pair_and_the_next_run_tidies_up(tmp_path):
     run_dir = tmp_path / "run"
-    first = run_cli(*DYING, "freeze=head_only", f"hydra.run.dir={run_dir}", env=TESTS_ON_PATH)
+    first = run_cli_here(*DYING, "freeze=head_only", f"hydra.run.dir={run_dir}",
+                         env=TESTS_ON_PATH)
     assert first.returncode == 0, first.stdout + first.stderr
     before = _snapshot(run_dir)
     killed = run_cli(*DYING, "freeze=full", "+model.target.die=true", f"hydra.run.dir={run_dir}",
@@ -152,7 +154,7 @@ def test_a_killed_rerun_leaves_the_earlier_pair_and_the_next_run_tidies_up(tmp_p
     assert killed.returncode == -9  # SIGKILL while building the model
     assert _snapshot(run_dir) == before
     assert len(_pending(run_dir)) == 1  # Hydra's config copies of the killed run, aside
-    third = run_cli(*DYING, "freeze=full", f"hydra.run.dir={run_dir}", env=TESTS_ON_PATH)
+    third = run_cli_here(*DYING, "freeze=full", f"hydra.run.dir={run_dir}", env=TESTS_ON_PATH)
     assert third.returncode == 0, third.stdout + third.stderr
     assert _pending(run_dir) == []
     assert "freeze=full" in (run_dir / ".hydra" / "overrides.yaml").read_text()

@@ -13,7 +13,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, run_cli_here
 
 import finetune_prep
 from finetune_prep.app import diff
@@ -227,8 +227,8 @@ def _git(repo: Path, *args: str) -> None:
 
 
 def _run(repo: Path, out: Path) -> Path:
-    done = run_cli("--config-dir", str(repo / "conf"), "freeze=mine", *FAST,
-                   f"hydra.run.dir={out}")
+    done = run_cli_here("--config-dir", str(repo / "conf"), "freeze=mine", *FAST,
+                        f"hydra.run.dir={out}")
     assert done.returncode == 0, done.stderr
     return out / "param_groups.json"
 
@@ -250,21 +250,21 @@ def test_two_commits_of_a_user_config(tmp_path):
     _git(repo, "commit", "-qam", "comment")
     second = _run(repo, tmp_path / "run2")
     assert first.read_bytes() != second.read_bytes()  # another commit in the provenance
-    same = run_cli("diff", str(first), str(second), "--check")
+    same = run_cli_here("diff", str(first), str(second), "--check")
     assert same.returncode == 0, same.stdout + same.stderr
     assert same.stdout.startswith("Same plan:")
     preset.write_text("# mine\nrules:\n  - freeze: '*'\n  - unfreeze: '@stage[-1]'\n"
                       "  - unfreeze: '@head'\n")
     _git(repo, "commit", "-qam", "last stage too")
     third = _run(repo, tmp_path / "run3")
-    changed = run_cli("diff", str(first), str(third))
+    changed = run_cli_here("diff", str(first), str(third))
     assert changed.returncode == 1 and changed.stderr == ""
     assert "4 layer4" in changed.stdout and "15 start training" in changed.stdout
     check = run_cli("diff", str(first), str(third), "--check")
     assert check.returncode == 1
     assert check.stdout.splitlines()[1] == ("  training from the start: 15 tensors start "
                                             "training (4 layer4: 15)")
-    bad = run_cli("diff", str(first), str(tmp_path / "run3" / "trainability.txt"))
+    bad = run_cli_here("diff", str(first), str(tmp_path / "run3" / "trainability.txt"))
     assert bad.returncode == 1 and bad.stdout == "" and bad.stderr.startswith("[ERROR] ")
 
 
@@ -297,5 +297,5 @@ def test_every_pair_of_presets_differs_and_the_diff_reads_both_ways(a, b):
 
 @pytest.mark.slow
 def test_help_lists_the_diff_command():
-    done = run_cli("--help")
+    done = run_cli_here("--help")
     assert done.returncode == 0 and "python -m finetune_prep diff " in done.stdout

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_cli_here
 from safetensors.torch import save_file
 
 from finetune_prep import atomic, prepare
@@ -54,7 +54,7 @@ def assert_user_error(done, run_dir: Path, *texts: str) -> str:
 
 
 def cli(run_dir: Path, *args: str, env: dict | None = None):
-    return run_cli(*args, FAST, f"hydra.run.dir={run_dir}", env=env)
+    return run_cli_here(*args, FAST, f"hydra.run.dir={run_dir}", env=env)
 
 
 def function_error(fn, *args, **kwargs) -> str:
@@ -400,7 +400,8 @@ def test_param_file_for_another_model_lists_the_differences(plan):
 @pytest.mark.slow
 def test_hydra_full_error_shows_the_traceback(tmp_path):
     run_dir = tmp_path / "run"
-    done = cli(run_dir, "freeze.rules=[{freeze: layr4}]", env={"HYDRA_FULL_ERROR": "1"})
+    done = run_cli("freeze.rules=[{freeze: layr4}]", FAST, f"hydra.run.dir={run_dir}",
+                   env={"HYDRA_FULL_ERROR": "1"})  # what the interpreter prints: a subprocess
     assert done.returncode == 1
     assert "Traceback (most recent call last)" in done.stderr
     assert "FinetunePrepError" in done.stderr and "'layr4' matches no parameter" in done.stderr

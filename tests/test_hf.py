@@ -307,11 +307,12 @@ def test_cli_plans_an_hf_folder_and_sweeps_it(hf_folder, tmp_path):
     files, the summary on the console; a multirun over presets gives the sweep summary + PNG."""
     import csv
 
-    from conftest import run_cli
+    from conftest import run_cli_here
 
     folder = hf_folder("convnext")
-    done = run_cli("model=hf_folder", f"model.arch={folder}", "head.num_outputs=3",
-                   "freeze=last_stage", "optim=layer_decay", f"hydra.run.dir={tmp_path / 'run'}")
+    done = run_cli_here("model=hf_folder", f"model.arch={folder}", "head.num_outputs=3",
+                        "freeze=last_stage", "optim=layer_decay",
+                        f"hydra.run.dir={tmp_path / 'run'}")
     assert done.returncode == 0, done.stderr
     doc = json.loads((tmp_path / "run" / "param_groups.json").read_text())
     assert doc["model"]["source"] == "hf" and doc["model"]["arch"] == str(folder)
@@ -323,8 +324,8 @@ def test_cli_plans_an_hf_folder_and_sweeps_it(hf_folder, tmp_path):
     assert "convnext.encoder     Partial" in done.stdout
     assert "in bf16 (weights, grads and optimizer state)" in done.stdout
     sweep = tmp_path / "sweep"
-    done = run_cli("-m", "model=hf_folder", f"model.arch={folder}", "head.num_outputs=3",
-                   "freeze=head_only,last_stage,full", f"hydra.sweep.dir={sweep}")
+    done = run_cli_here("-m", "model=hf_folder", f"model.arch={folder}", "head.num_outputs=3",
+                        "freeze=head_only,last_stage,full", f"hydra.sweep.dir={sweep}")
     assert done.returncode == 0, done.stderr
     with open(sweep / "sweep_summary.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))

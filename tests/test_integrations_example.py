@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli_here
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ ENV = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
 
 @pytest.mark.parametrize("kind", list(PLANS))
 def test_example_trains_each_kind_of_plan(kind, tmp_path):
-    made = run_cli(*PLANS[kind], "verify.backward=false", f"hydra.run.dir={tmp_path}", env=ENV)
+    made = run_cli_here(*PLANS[kind], "verify.backward=false", f"hydra.run.dir={tmp_path}", env=ENV)
     assert made.returncode == 0, made.stdout + made.stderr
     plan = tmp_path / "param_groups.json"
     target = ["--target", "conftest.TwoBranchNet"] if kind == "target" else []
@@ -43,8 +43,8 @@ def test_example_trains_each_kind_of_plan(kind, tmp_path):
 
 
 def test_example_says_what_a_target_model_needs(tmp_path):
-    made = run_cli(*PLANS["target"], "verify.backward=false", f"hydra.run.dir={tmp_path}",
-                   env=ENV)
+    made = run_cli_here(*PLANS["target"], "verify.backward=false", f"hydra.run.dir={tmp_path}",
+                        env=ENV)
     assert made.returncode == 0, made.stdout + made.stderr
     env = {**os.environ, **ENV}  # conftest.py importable: the file still never imports it
     trained = subprocess.run(

@@ -62,15 +62,16 @@ def plan(resnet18_plan) -> Path:
     return resnet18_plan
 
 
-def run_script(code: str, plan: Path, tmp_path: Path, ranks: int = 0,
-               timeout: float = 600) -> subprocess.CompletedProcess:
+def run_script(code: str, plan: Path, tmp_path: Path, ranks: int = 0, timeout: float = 600,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `code` as a script (under torchrun with `ranks` processes if > 0), cwd tmp_path."""
     script = tmp_path / "train.py"
     script.write_text(code)
     out = tmp_path / "state.pt"
     launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
                  f"--master_port={free_port()}"] if ranks else [sys.executable])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    env = {**os.environ, **(env or {}),
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     result = subprocess.run([*launcher, str(script), str(plan), str(out)], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -102,9 +103,16 @@ def cosine_variant(code: str) -> str:
     return code.replace(one_cycle.group(0), "").replace("# or: scheduler = ", "scheduler = ")
 
 
+# torch.compile as the recipe writes it: Dynamo captures the graphs and AOTAutograd the backward,
+# as by default; only Inductor's code generation gives way to AOTAutograd's eager run (Inductor
+# compiles C++ for 20 s on 2 cores with a cold cache, and sees no names, flags or modes).
+COMPILE_ENV = {"TORCH_COMPILE_OVERRIDE_BACKENDS": ">=0:aot_eager"}
+
+
 def run_recipe(name: str, plan: Path, tmp_path: Path, ranks: int = 0) -> None:
     code = cosine_variant(recipe("torch_schedulers")) if name == "cosine" else recipe(name)
-    run_script(PROLOGUE + code + EPILOGUE, plan, tmp_path, ranks)
+    env = COMPILE_ENV if name == "compile" else None
+    run_script(PROLOGUE + code + EPILOGUE, plan, tmp_path, ranks, env=env)
     assert_plan_held(plan, torch.load(tmp_path / "state.pt", weights_only=True))
 
 

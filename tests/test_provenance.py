@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli_here
 from omegaconf import OmegaConf
 
 from finetune_prep.app import provenance
@@ -34,8 +34,8 @@ def _git(repo: Path, *args: str) -> str:
 
 
 def _plan(conf: Path, out: Path, *overrides: str, cwd: Path | None = None) -> dict:
-    done = run_cli("--config-dir", str(conf), "freeze=my_preset", f"hydra.run.dir={out}",
-                   "verify.backward=false", *overrides, cwd=cwd)
+    done = run_cli_here("--config-dir", str(conf), "freeze=my_preset", f"hydra.run.dir={out}",
+                        "verify.backward=false", *overrides, cwd=cwd)
     assert done.returncode == 0, done.stderr
     return json.loads((out / "param_groups.json").read_text())["provenance"]
 
@@ -176,7 +176,7 @@ def test_cli_and_compose_prepare_save_record_the_same_provenance(tmp_path, given
         cli_args, api_args = ["--config-dir", str(conf)], {"config_dir": conf}
     else:
         cli_args, api_args = [f"hydra.searchpath=[file://{conf}]"], {}
-    done = run_cli(*cli_args, *overrides, f"hydra.run.dir={tmp_path / 'cli'}")
+    done = run_cli_here(*cli_args, *overrides, f"hydra.run.dir={tmp_path / 'cli'}")
     assert done.returncode == 0, done.stderr
     api_overrides = overrides + ([] if api_args else cli_args)
     prepared = finetune_prep.prepare(finetune_prep.compose(api_overrides, **api_args),

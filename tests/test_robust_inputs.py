@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli_here
 from omegaconf import OmegaConf
 
 import finetune_prep
@@ -130,10 +130,11 @@ def assert_one_error(done, run_dir, expected: str) -> None:
 @pytest.mark.slow
 def test_cli_nested_checkpoint_and_huge_head_are_exit_1_with_one_message(tmp_path, deep_ckpt):
     run_dir = tmp_path / "deep"
-    done = run_cli(f"checkpoint.path={deep_ckpt}", f"hydra.run.dir={run_dir}")
+    done = run_cli_here(f"checkpoint.path={deep_ckpt}", f"hydra.run.dir={run_dir}")
     assert_one_error(done, run_dir, f"nests dicts more than {MAX_NESTING} levels deep")
     run_dir = tmp_path / "head"
-    done = run_cli(f"head.num_outputs={HUGE}", "verify.backward=true", f"hydra.run.dir={run_dir}")
+    done = run_cli_here(f"head.num_outputs={HUGE}", "verify.backward=true",
+                        f"hydra.run.dir={run_dir}")
     assert_one_error(done, run_dir, "the one-step proof needs about 11.4 PiB (models 1.8 PiB")
 
 
@@ -254,7 +255,7 @@ CLI_BAD = [
 def test_cli_bad_values_exit_1_with_one_error_line_and_write_nothing(tmp_path, overrides,
                                                                       message):
     run_dir = tmp_path / "run"
-    done = run_cli(*overrides, f"hydra.run.dir={run_dir}")
+    done = run_cli_here(*overrides, f"hydra.run.dir={run_dir}")
     output = done.stdout + done.stderr
     assert done.returncode == 1, output
     errors = [line for line in output.splitlines() if line.startswith("[ERROR]")]

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli_here
 from omegaconf import OmegaConf
 
 from finetune_prep.app import rundir
@@ -48,7 +48,7 @@ def test_a_second_lock_on_a_folder_names_the_holder(tmp_path):
 @pytest.mark.slow
 def test_run_dir_under_a_regular_file_is_one_message(tmp_path):
     (tmp_path / "file").write_text("x")
-    output = one_error(run_cli(FAST, f"hydra.run.dir={tmp_path / 'file' / 'run'}"))
+    output = one_error(run_cli_here(FAST, f"hydra.run.dir={tmp_path / 'file' / 'run'}"))
     assert f"cannot write {tmp_path / 'file' / 'run'}: Not a directory" in output
     assert "hydra.run.dir=DIR" in output
 
@@ -56,10 +56,10 @@ def test_run_dir_under_a_regular_file_is_one_message(tmp_path):
 @pytest.mark.slow
 def test_a_run_dir_in_use_stops_the_second_run_before_it_writes(tmp_path):
     run_dir = tmp_path / "run"
-    assert run_cli(FAST, f"hydra.run.dir={run_dir}").returncode == 0
+    assert run_cli_here(FAST, f"hydra.run.dir={run_dir}").returncode == 0
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert rundir.lock(run_dir) is None  # this test process now holds the folder
-    output = one_error(run_cli(FAST, "freeze=full", f"hydra.run.dir={run_dir}"))
+    output = one_error(run_cli_here(FAST, "freeze=full", f"hydra.run.dir={run_dir}"))
     assert f"{run_dir} is in use by process {os.getpid()}" in output
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     lock = run_dir / rundir.LOCK_FILE
@@ -131,9 +131,10 @@ def test_a_run_folder_with_a_planted_link_is_refused_before_anything_runs(tmp_pa
     run_dir = tmp_path / "run"
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / entry).symlink_to(victim)
-    output = one_error(run_cli(FAST, "model.source=target", "+model.target._target_=markernet.Net",
-                               f"+model.target.marker={marker}", "model.input_size=[4]",
-                               f"hydra.run.dir={run_dir}", env=_marker_net(tmp_path)))
+    output = one_error(run_cli_here(FAST, "model.source=target",
+                                    "+model.target._target_=markernet.Net",
+                                    f"+model.target.marker={marker}", "model.input_size=[4]",
+                                    f"hydra.run.dir={run_dir}", env=_marker_net(tmp_path)))
     assert f"{run_dir / entry} is a symbolic link (to {victim})" in output
     assert "hydra.run.dir=DIR" in output
     assert victim.read_bytes() == VICTIM and not marker.exists()
@@ -148,7 +149,8 @@ def test_a_sweep_job_folder_with_planted_links_fails_that_job_only(tmp_path):
     (sweep_dir / "0_freeze=head_only" / "finetune_prep.log").symlink_to(victim)
     (sweep_dir / "1_freeze=full" / ".hydra").mkdir(parents=True)
     (sweep_dir / "1_freeze=full" / ".hydra" / "config.yaml").symlink_to(victim)
-    done = run_cli("-m", FAST, "freeze=head_only,full,last_stage", f"hydra.sweep.dir={sweep_dir}")
+    done = run_cli_here("-m", FAST, "freeze=head_only,full,last_stage",
+                        f"hydra.sweep.dir={sweep_dir}")
     assert done.returncode == 1 and "Traceback" not in done.stdout + done.stderr
     assert victim.read_bytes() == VICTIM
     results = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/job_result.json"))]
@@ -166,6 +168,7 @@ def test_a_sweep_folder_with_a_planted_link_is_refused(tmp_path, entry):
     sweep_dir = tmp_path / "sweep"
     sweep_dir.mkdir()
     (sweep_dir / entry).symlink_to(victim)
-    output = one_error(run_cli("-m", FAST, "freeze=head_only,full", f"hydra.sweep.dir={sweep_dir}"))
+    output = one_error(run_cli_here("-m", FAST, "freeze=head_only,full",
+                                    f"hydra.sweep.dir={sweep_dir}"))
     assert f"{sweep_dir / entry} is a symbolic link" in output
     assert victim.read_bytes() == VICTIM and [p.name for p in sweep_dir.iterdir()] == [entry]

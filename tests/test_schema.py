@@ -14,7 +14,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from conftest import run_cli
+from conftest import run_cli_here
 
 import finetune_prep
 from finetune_prep.app.pipeline import prepare
@@ -139,9 +139,9 @@ def test_a_partial_target_model_is_refused(target_plan, validator):
 
 @pytest.mark.slow
 def test_files_the_cli_writes_in_a_sweep_validate(tmp_path, validator):
-    done = run_cli("-m", "freeze=head_only,gradual", "optim=adamw,layer_decay",
-                   "verify.backward=false", "model.input_size=[3,32,32]",
-                   f"hydra.sweep.dir={tmp_path}")
+    done = run_cli_here("-m", "freeze=head_only,gradual", "optim=adamw,layer_decay",
+                        "verify.backward=false", "model.input_size=[3,32,32]",
+                        f"hydra.sweep.dir={tmp_path}")
     assert done.returncode == 0, done.stderr
     files = sorted(tmp_path.glob("*/param_groups.json"))
     assert len(files) == 4

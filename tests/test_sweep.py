@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_cli_here
 
 import finetune_prep
 from finetune_prep.app import sweep
@@ -42,9 +42,9 @@ def _check_against_job_files(row: dict[str, str]) -> None:
 @pytest.mark.slow
 def test_sweep_with_a_failing_job(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    done = run_cli("-m", *FAST, f"hydra.sweep.dir={sweep_dir}",
-                   "freeze.rules=[{freeze: layr4}],[{freeze: layer4}]",
-                   "verify.backward=false,true")
+    done = run_cli_here("-m", *FAST, f"hydra.sweep.dir={sweep_dir}",
+                        "freeze.rules=[{freeze: layr4}],[{freeze: layer4}]",
+                        "verify.backward=false,true")
     assert done.returncode == 1, done.stderr
     assert "'layr4' matches no parameter" in done.stderr
     said = [line for line in (done.stdout + done.stderr).splitlines() if "Sweep summary" in line]
@@ -153,8 +153,8 @@ def test_summary_without_matplotlib(tmp_path, monkeypatch, caplog):
 
 def test_sweep_over_architectures_names_folders_after_them(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    done = run_cli("-m", *FAST, f"hydra.sweep.dir={sweep_dir}", "model.arch=resnet18,resnet34",
-                   "hydra.sweeper.max_batch_size=1")
+    done = run_cli_here("-m", *FAST, f"hydra.sweep.dir={sweep_dir}", "model.arch=resnet18,resnet34",
+                        "hydra.sweeper.max_batch_size=1")
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [
         "0_model.arch=resnet18", "1_model.arch=resnet34"]
@@ -230,8 +230,14 @@ def _dying_sweep(tmp_path: Path, die: str, *launcher: str):
     path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
     env = {"PYTHONPATH": path, "DYING_NET_AFTER": f"{sweep_dir}:2"}
     done = run_cli("-m", *DYING, f"+model.target.die={die}", *launcher,
-                   f"hydra.sweep.dir={sweep_dir}", env=env, timeout=600)
+                   f"hydra.sweep.dir={sweep_dir}", env=env, timeout=600,
+                   prelude=QUICK_SUBMITIT if "hydra/launcher=submitit_local" in launcher else "")
     return sweep_dir, done
+
+
+# submitit waits 15 s for the result file of a job whose process has ended (for network file
+# systems); its own tests set the wait to 0. One second here: the outcome is the same, sooner.
+QUICK_SUBMITIT = "import submitit.core.core\nsubmitit.core.core.Job._results_timeout_s = 1"
 
 
 def _check_dead_job_listed(sweep_dir: Path, done, dead: int, error: str) -> None:

@@ -268,9 +268,13 @@ def test_lightning_refuses_a_schedule_under_ddp(tmp_path):
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, strategy="ddp",
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         callbacks=[FinetunePrepCallback(plan)])
-    with pytest.raises(FinetunePrepError, match="DDPStrategy builds its wrapper once"):
-        trainer.fit(lightning_module(finetune_prep.build_model(plan)),
-                    torch.utils.data.DataLoader(data, batch_size=2))
+    try:
+        with pytest.raises(FinetunePrepError, match="DDPStrategy builds its wrapper once"):
+            trainer.fit(lightning_module(finetune_prep.build_model(plan)),
+                        torch.utils.data.DataLoader(data, batch_size=2))
+    finally:  # the fit stopped before Lightning's teardown: its one-process group is still up
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def test_step_boundaries_apply_at_the_planned_step(tmp_path):

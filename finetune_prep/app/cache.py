@@ -4,9 +4,10 @@ In a basic-launcher multirun every job runs in this one process; jobs that share
 and head config, or the checkpoint, reuse the meta model and the checkpoint's index instead of
 building and opening them again. What is cached never holds real weights:
 
-- models: the meta-built `BuiltModel`, kept as a master that no job touches; each call gets
-  its own `copy.deepcopy` of the meta model (cheap: no tensor data), so setting requires_grad
-  or loading real tensors into it never reaches the next job;
+- models: the meta-built `BuiltModel`. The first call gets the model it built, uncopied (a
+  single run copies nothing); a second call with the same config builds a master that no job
+  touches, and it and every later call get their own `copy.deepcopy` of it (cheap: no tensor
+  data), so setting requires_grad or loading real tensors never reaches the next job;
 - checkpoints: the opened `Checkpoint` (mmap'd or header-only tensors) for planning only; a
   run that materializes re-reads the file, so weights it hands out (and may train in place)
   are never shared. The key holds the file's size, mtime, ctime and inode, and a hit is
@@ -36,6 +37,7 @@ from finetune_prep.model.describe import BuiltModel
 MAX_ENTRIES = 4
 T = TypeVar("T")
 _models: OrderedDict[Hashable, BuiltModel] = OrderedDict()
+_lent: set[Hashable] = set()  # keys whose cached model was handed out itself (a first call's)
 _checkpoints: OrderedDict[Hashable, checkpoint.Checkpoint] = OrderedDict()
 
 
@@ -44,12 +46,20 @@ def build_meta_model(model_cfg: Any, head_cfg: Any) -> BuiltModel:
     key = _model_key(model_cfg, head_cfg)
     if key is None:
         return build_architecture(model_cfg, head_cfg, meta=True)
+    if key not in _models:  # the first call: its own model, and its table for meta_table
+        built = _get(_models, key, lambda: build_architecture(model_cfg, head_cfg, meta=True))
+        _lent.add(key)
+        return built
+    if key in _lent:  # the first call's model may have been changed: build the master
+        _lent.discard(key)
+        _models[key] = build_architecture(model_cfg, head_cfg, meta=True)
     master = _get(_models, key, lambda: build_architecture(model_cfg, head_cfg, meta=True))
     return dataclasses.replace(master, model=copy.deepcopy(master.model))
 
 
 def meta_table(model_cfg: Any, head_cfg: Any) -> Any:
-    """The ParamTable of the cached meta model (no copy: a table is never changed)."""
+    """The ParamTable of the cached meta model (no copy: a table is never changed, even where
+    its model was handed out)."""
     key = _model_key(model_cfg, head_cfg)
     if key is None:
         return build_architecture(model_cfg, head_cfg, meta=True).table
@@ -85,6 +95,7 @@ def _unchanged(ckpt: checkpoint.Checkpoint) -> bool:
 def clear() -> None:
     """Forget every cached model and checkpoint."""
     _models.clear()
+    _lent.clear()
     _checkpoints.clear()
 
 
@@ -94,7 +105,7 @@ def _get(store: OrderedDict[Hashable, T], key: Hashable, make: Callable[[], T]) 
         return store[key]
     value = store[key] = make()
     while len(store) > MAX_ENTRIES:
-        store.popitem(last=False)
+        _lent.discard(store.popitem(last=False)[0])
     return value
 
 

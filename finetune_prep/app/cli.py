@@ -197,19 +197,30 @@ def run_diff(argv: list[str]) -> int:
 
 def main() -> None:
     """Run the app and exit without the slow interpreter teardown of torch."""
-    if sys.argv[1:2] == ["diff"]:
-        code = run_diff(sys.argv[2:])
-        _flush(sys.stdout)
-        _flush(sys.stderr)
-        os._exit(code)
-    if "--version" in sys.argv[1:]:
+    code = run(sys.argv[1:])
+    logging.shutdown()
+    _flush(sys.stdout)
+    _flush(sys.stderr)
+    if "joblib" in sys.modules:  # a normal exit shuts joblib's loky workers down; skipping it
+        sys.exit(code)  # leaves them holding our stdout (a pipe stays open for minutes)
+    os._exit(code)
+
+
+def run(argv: list[str]) -> int:
+    """The command for `argv` (the arguments after the program name): its output, its files
+    and its exit code, as `main` gives them, without ending the process (tests run it
+    in-process; Hydra reads sys.argv, which is set here)."""
+    _reset()
+    if argv[:1] == ["diff"]:
+        return run_diff(argv[1:])
+    if "--version" in argv:
         print(version_text())
-        return
+        return 0
     try:
-        sys.argv[1:] = with_user_configs(checked_argv(sys.argv[1:]))
+        sys.argv[1:] = with_user_configs(checked_argv(argv))
     except FinetunePrepError as err:
         print(f"[ERROR] {err}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     if any(a.startswith("--info") for a in sys.argv[1:]):
         logging.raiseExceptions = False  # --info logs through a plain handler of Hydra's own:
         # into `| head`, a traceback per line otherwise (our own handlers go quiet by themselves)
@@ -220,35 +231,46 @@ def main() -> None:
         "finetune_prep_presets",
         lambda: presets.listing([CONF_DIR, *_user_config_dirs(sys.argv[1:])]), replace=True,
     )
-    code = 0
     try:
-        task()
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-        _finish_sweep(done.__context__)  # Hydra exits inside its `except` for the error
-    except KeyboardInterrupt as err:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        _finish_sweep(err)
-        if not _interrupt_reported:  # stopped before the job's logging was set up
-            print("[ERROR] interrupted", file=sys.stderr)
-        code = INTERRUPTED
-    except BrokenPipeError:  # --help or --cfg into `| head`: the reader has what it wanted
-        silence(sys.stdout)
-    except Exception as err:  # HYDRA_FULL_ERROR=1: Hydra re-raises instead
-        _finish_sweep(err)
-        raise
+        code = _run_task()
+    finally:
+        rundir.release()
     if code == 1 and _internal_error:
         code = 2
     failed_log = log_file_failure()
     if failed_log and code == 0:  # otherwise the error already said what went wrong
         print(f"[ERROR] {failed_log}", file=sys.stderr)
         code = 1
-    logging.shutdown()
-    _flush(sys.stdout)
-    _flush(sys.stderr)
-    if "joblib" in sys.modules:  # a normal exit shuts joblib's loky workers down; skipping it
-        sys.exit(code)  # leaves them holding our stdout (a pipe stays open for minutes)
-    os._exit(code)
+    return code
+
+
+def _run_task() -> int:
+    """Hydra's app on sys.argv; its exit code (Hydra ends with SystemExit on errors)."""
+    try:
+        task()
+    except SystemExit as done:
+        _finish_sweep(done.__context__)  # Hydra exits inside its `except` for the error
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except KeyboardInterrupt as err:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _finish_sweep(err)
+        if not _interrupt_reported:  # stopped before the job's logging was set up
+            print("[ERROR] interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except BrokenPipeError:  # --help or --cfg into `| head`: the reader has what it wanted
+        silence(sys.stdout)
+    except Exception as err:  # HYDRA_FULL_ERROR=1: Hydra re-raises instead
+        _finish_sweep(err)
+        raise
+    return 0
+
+
+def _reset() -> None:
+    """Forget what an earlier command in this process noted (errors, a rerun, a log file)."""
+    global _internal_error, _interrupt_reported, _rerun
+    _internal_error = _interrupt_reported = False
+    _rerun = None
+    FileHandler.failure = FileHandler.refused = None
 
 
 def _flush(stream) -> None:

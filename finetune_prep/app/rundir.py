@@ -38,7 +38,7 @@ HYDRA_DIR = ".hydra"
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")  # what Hydra writes there
 PENDING_RESOLVER = "fp_pending"
 _PENDING: dict[str, str] = {}  # one pending name per folder name, for the life of the process
-_held: list[Any] = []  # open lock files, kept for the life of the process
+_held: list[Any] = []  # open lock files, held until the command ends (release)
 
 
 def pending_name(name: str = HYDRA_DIR) -> str:
@@ -149,6 +149,12 @@ def lock(folder: Path) -> str | None:
     handle.flush()
     _held.append(handle)
     return None
+
+
+def release() -> None:
+    """Unlock every folder this process locked (the command is over)."""
+    while _held:
+        _held.pop().close()
 
 
 def _fail(message: str) -> None:

@@ -28,7 +28,6 @@ MAX_PICKLE_BYTES = 256 << 20  # a data.pkl this large would hold millions of ten
 MAX_RATIO = 50  # a compressed zip record may expand this much (pickles compress ~5-10x)
 SMALL_RECORD = 8 << 20  # records up to this size are never called a bomb
 CHUNK = 1 << 20
-# what to do about a special file where a regular one belongs, by the setting that named it
 REMEDY = {  # what to give instead of a special file, by setting (else: "give the file itself")
     "checkpoint.path": "give the checkpoint file itself",
     "adapter.resume": "give the folder PeftModel.save_pretrained wrote, as regular files",
