@@ -150,7 +150,7 @@ def main() -> None:
             if key in RSS_BOUNDS:
                 more = rss[key] - rss["floor"]
                 rows.append((key, f"{med[key]:.2f} s, {rss[key]:.0f} MiB (floor + {over:.2f} s, "
-                                  f"{more:+.0f} MiB)",
+                                  f"+ {more:.0f} MiB)",
                              f"floor + {bound} s, + {RSS_BOUNDS[key]} MiB",
                              "yes" if over <= bound and more <= RSS_BOUNDS[key] else "NO"))
                 continue
