@@ -123,12 +123,13 @@ def plan_command(folder: Path, run_dir: Path, *extra: str) -> list[str]:
             f"hydra.run.dir={run_dir}", *extra]
 
 
-def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of one fresh process."""
+def measure(cmd: list[str], env: dict | None = None,
+            cwd: Path = REPO) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one fresh process, run in `cwd`."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     if os.path.exists(TIME):
         done = subprocess.run([TIME, "-f", "@@ %e %M", *cmd], capture_output=True, text=True,
-                              env=full_env, cwd=REPO)
+                              env=full_env, cwd=cwd)
         if done.returncode != 0:
             raise RuntimeError(f"{cmd[2:5]} failed:\n{done.stdout}\n{done.stderr}")
         wall, rss = done.stderr.rsplit("@@ ", 1)[1].split()
@@ -138,7 +139,7 @@ def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
              "print(time.perf_counter() - t, "
              "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")
     done = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True,
-                          env=full_env, cwd=REPO)
+                          env=full_env, cwd=cwd)
     wall, rss, code = done.stdout.split()
     if code != "0":
         raise RuntimeError(f"{cmd[2:5]} failed")
