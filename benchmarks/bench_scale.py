@@ -39,7 +39,7 @@ from pathlib import Path
 
 # the sibling scripts: importable as this script's folder is sys.path[0]
 from bench_hf_7b import FLOOR as FLOOR_HF
-from bench_hf_7b import make_folder, measure, plan_command
+from bench_hf_7b import compile_package, make_folder, measure, plan_command
 from bench_prepare import MAKE_CKPT
 from bench_prepare import commands as prepare_commands
 
@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="figures to run (floor always runs)")
     args = parser.parse_args()
+    compile_package()
     wanted = None
     if args.only:
         wanted = set(args.only) | {"floor"}
