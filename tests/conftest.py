@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 
@@ -18,6 +19,10 @@ from finetune_prep.model.build import build_architecture
 from finetune_prep.model.describe import BuiltModel
 
 REPO = Path(__file__).resolve().parent.parent
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one test worker per core (pyproject's addopts):
+    torch.set_num_threads(1)  # a second torch thread in each only contends for the cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # and in the processes tests start
 
 
 @pytest.fixture
@@ -70,10 +75,29 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
         [str(REPO), *filter(None, [full_env.get("PYTHONPATH")])])
     command = (["-c", prelude + "\nimport runpy\nrunpy.run_module('finetune_prep', "
                 "run_name='__main__', alter_sys=True)"] if prelude else ["-m", "finetune_prep"])
-    return subprocess.run(
-        [sys.executable, *command, *args],
-        cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
-    )
+    with _ctrl_c_live():
+        return subprocess.run(
+            [sys.executable, *command, *args],
+            cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+        )
+
+
+@contextlib.contextmanager
+def _ctrl_c_live() -> Iterator[None]:
+    """A shell starts the CLI with Ctrl-C live; a test worker that ignores SIGINT (a library
+    run in it may have set that) would hand the ignoring on to the child."""
+    import signal
+    import threading
+
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_cli_here(*args: str, cwd: Path | None = None,
@@ -81,7 +105,6 @@ def run_cli_here(*args: str, cwd: Path | None = None,
     """`run_cli` in this process (app.cli.run): the same exit code, output and files without
     a new interpreter's 3 s of imports. For what the CLI says and writes; tests of the
     process itself (signals, pipes, launchers, what a fresh interpreter imports) use run_cli."""
-    import contextlib
     import io
     import logging
 

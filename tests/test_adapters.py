@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 
-import peft
 import pytest
-import timm
 import torch
 import torchvision
 from conftest import TINY_VIT
@@ -17,7 +15,6 @@ import finetune_prep
 from finetune_prep.app.pipeline import prepare
 from finetune_prep.errors import FinetunePrepError
 from finetune_prep.model import adapters
-from finetune_prep.train.lightning import FinetunePrepCallback
 
 VIT = torchvision.models.VisionTransformer
 
@@ -29,6 +26,8 @@ def trainable_names(model: torch.nn.Module) -> set[str]:
 
 def peft_reference(model: torch.nn.Module, doc: dict) -> torch.nn.Module:
     """peft's own model from the recorded config, built directly with peft on a fresh model."""
+    import peft
+
     block = doc["adapter"]
     cls = getattr(peft, adapters.CONFIG_CLASSES[block["peft_type"]])
     keep = {k: v for k, v in block["config"].items()
@@ -43,6 +42,8 @@ def fresh_vit() -> torch.nn.Module:
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "loha"])
 def test_counts_equal_peft_on_a_torchvision_vit(tiny_vit_cfg, method):
+    import peft
+
     prepared = prepare(tiny_vit_cfg(f"adapter={method}"))
     doc = prepared.document
     model = prepared.model
@@ -113,6 +114,8 @@ def test_stage_alias_targets_the_last_block(tiny_vit_cfg):
 
 
 def test_counts_equal_peft_on_timm_vit_tiny(make_cfg):
+    import timm
+
     cfg = make_cfg("model.source=timm", "model.arch=vit_tiny_patch16_224", "head.num_outputs=7",
                    "adapter=lora", "verify.backward=false")
     prepared = prepare(cfg, materialize=False)
@@ -167,6 +170,8 @@ def test_checkpoint_loads_into_the_base_model_before_the_adapters(tiny_vit_cfg, 
 
 def resume_folder(tmp_path, r: int = 8):
     """A LoRA folder written by PeftModel.save_pretrained, its adapters moved off their init."""
+    import peft
+
     model = fresh_vit()
     prepared = prepare(finetune_prep.compose([*TINY_VIT, "adapter=lora", f"adapter.r={r}"]),
                        materialize=False)
@@ -218,6 +223,8 @@ def lora_plan(tiny_vit_cfg, tmp_path):
 
 
 def test_training_apis_apply_the_plan_to_the_peft_model(lora_plan):
+    import peft
+
     plan = finetune_prep.load_plan(lora_plan)
     model = finetune_prep.build_model(lora_plan, target=VIT)
     assert isinstance(model, peft.PeftModel)
@@ -257,6 +264,7 @@ def test_a_plan_without_adapters_names_what_differs_on_a_peft_model(tiny_vit_cfg
 
 def test_lightning_callback_maps_peft_names(lora_plan):
     lightning = pytest.importorskip("lightning.pytorch")
+    from finetune_prep.train.lightning import FinetunePrepCallback
 
     class Module(lightning.LightningModule):
         def __init__(self) -> None:

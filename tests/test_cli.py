@@ -396,8 +396,8 @@ def test_presets_with_a_rules_file_plan_from_it_in_a_sweep(tmp_path):
     assert len(list((tmp_path / "sweep").glob("*/param_groups.json"))) == 2
     assert (tmp_path / "sweep" / "sweep_summary.csv").exists()
     # beside the packaged preset's rules: one error, exit 1, nothing written
-    done = run_cli("freeze.rules_file=rules/a.yaml", f"hydra.run.dir={tmp_path / 'both'}",
-                   cwd=tmp_path)
+    done = run_cli_here("freeze.rules_file=rules/a.yaml", f"hydra.run.dir={tmp_path / 'both'}",
+                        cwd=tmp_path)
     assert done.returncode == 1
     assert "freeze.rules_file=rules/a.yaml and freeze.rules (2 rules, set by the freeze " \
            "preset head_only) are both set" in done.stdout + done.stderr

@@ -74,6 +74,9 @@ def test_proof_reports_a_trainable_layer_that_gets_no_gradient():
     assert prepared.model.unused.weight.grad is None and prepared.model.fc.weight.grad is None
 
 
+SMALL = "model.input_size=[3,64,64]"  # the proof batch where its size does not matter (224: 12x)
+
+
 def test_proof_passes_on_last_stage_and_keeps_frozen_batchnorm_in_eval(make_cfg):
     prepared = prepare(make_cfg("freeze=last_stage"), verify=True)
     verified = prepared.document["verified"]
@@ -118,7 +121,8 @@ def test_prepare_without_materialize_returns_the_meta_model_even_after_the_proof
 
 
 def test_the_proof_never_touches_the_model_it_returns(make_cfg, resnet18_ckpt):
-    prepared = prepare(make_cfg(f"checkpoint.path={resnet18_ckpt}", "freeze=full"), verify=True)
+    prepared = prepare(make_cfg(f"checkpoint.path={resnet18_ckpt}", "freeze=full", SMALL),
+                       verify=True)
     assert prepared.document["verified"]["ok"] is True
     state = torch.load(resnet18_ckpt, weights_only=True)
     model_state = prepared.model.state_dict()
@@ -135,7 +139,7 @@ def test_non_finite_weights_fail_the_proof_by_name_and_nothing_is_written(make_c
     state["bn1.running_var"][0] = float("inf")
     bad = tmp_path / "nan.pth"
     torch.save(state, bad)
-    prepared = prepare(make_cfg(f"checkpoint.path={bad}"), materialize=False, verify=True)
+    prepared = prepare(make_cfg(f"checkpoint.path={bad}", SMALL), materialize=False, verify=True)
     verified = prepared.document["verified"]
     assert verified["ok"] is False
     assert verified["non_finite"] == ["bn1.running_var", "layer1.0.conv1.weight"]
@@ -199,13 +203,13 @@ def test_a_plan_whose_lr_is_too_small_for_float32_weights_fails_and_writes_nothi
                                                                                     tmp_path):
     from finetune_prep.app.pipeline import run
 
-    prepared = prepare(make_cfg("optim.lr=1e-30"), materialize=False)  # valid, yet too small
+    prepared = prepare(make_cfg("optim.lr=1e-30", SMALL), materialize=False)  # valid, too small
     verified = prepared.document["verified"]
     assert verified["ok"] is False and verified["trainable_unchanged"] == ["fc.weight", "fc.bias"]
     assert "trainable parameters the step did not change: fc.weight, fc.bias" in prepared.summary
     out = tmp_path / "run"
     with pytest.raises(FinetunePrepError, match=r"got a gradient but did not move .*fc\.weight"):
-        run(make_cfg("optim.lr=1e-30"), out)
+        run(make_cfg("optim.lr=1e-30", SMALL), out)
     assert not out.exists() or not any(out.iterdir())
 
 

@@ -37,7 +37,9 @@ def crafted(plan: Path, tmp_path: Path, edit: Callable[[dict], object], name: st
 
 
 def resnet18(num_outputs: int = 10) -> torch.nn.Module:
-    return torchvision.models.resnet18(weights=None, num_classes=num_outputs)
+    """The plan's model on the meta device: these tests read files, they never compute."""
+    with torch.device("meta"):
+        return torchvision.models.resnet18(weights=None, num_classes=num_outputs)
 
 
 def every_reader(path: Path) -> None:
