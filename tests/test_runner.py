@@ -259,3 +259,14 @@ def test_activations_are_measured_on_meta_and_grow_with_the_batch(make_cfg):
     assert 2 * 3 * 224 * 224 * 4 * 10 < two  # far more than the input batch
     assert 1.9 * two < four <= 2 * two  # per-sample tensors double; per-channel ones do not
     assert all(p.is_meta for p in built.model.parameters())  # nothing real was made
+
+
+def test_the_summary_says_why_no_proof_ran(make_cfg):
+    asked = prepare(make_cfg(), materialize=False, verify=False)  # resnet18: below max_params
+    assert asked.document["verified"] == {"backward": False,
+                                          "reason": "verify=False passed to prepare()"}
+    assert "Verified: no backward pass (verify=False passed to prepare())" in asked.summary
+    off = prepare(make_cfg("verify.backward=false"), materialize=False)
+    assert off.document["verified"]["reason"] == "verify.backward=false"
+    big = prepare(make_cfg("verify.max_params=1000"), materialize=False)
+    assert big.document["verified"]["reason"] == "model above verify.max_params=1,000"

@@ -166,7 +166,7 @@ def prepare(
     proof_groups = groups + [g for p in phases for g in p.groups]
     proof_eval = phase_eval[-1] if phases else eval_modules
     proof_bytes = None
-    if proof.skip_reason(cfg.verify, built, do_verify, proof_groups) is None:  # before any
+    if proof.skip_reason(cfg.verify, built, do_verify, proof_groups, verify) is None:  # before any
         proof_bytes = proof.check_fits(  # real tensor: the caller's model, the proof's copy
             cfg.verify, built, last_trainable, cfg.optim.optimizer,
             proof_eval, copies=2 if materialize else 1)
@@ -185,7 +185,7 @@ def prepare(
         return wrappers.bare_model(copy_)  # a PeftModel's inner model (the plan's names)
 
     verified = proof.run_proof(cfg.verify, built, do_verify, proof_groups, proof_eval,
-                               cfg.optim.optimizer, proof_model)
+                               cfg.optim.optimizer, proof_model, requested=verify)
     if phases:
         verified["phase"] = phases[-1].index
     if proof_bytes is not None:

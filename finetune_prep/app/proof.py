@@ -308,9 +308,12 @@ def should_verify(verify_cfg: Any, table: ParamTable, requested: bool | None) ->
 
 
 def skip_reason(verify_cfg: Any, built: BuiltModel, do_verify: bool,
-                groups: Sequence[dict[str, Any]]) -> str | None:
-    """Why the proof does not run (for the `verified` block), or None when it runs."""
+                groups: Sequence[dict[str, Any]], requested: bool | None = None) -> str | None:
+    """Why the proof does not run (for the `verified` block), or None when it runs.
+    `requested`: the caller's own choice (prepare's `verify`), which overrides the config."""
     if not do_verify:
+        if requested is False:
+            return "verify=False passed to prepare()"
         return ("verify.backward=false" if verify_cfg.backward is False
                 else f"model above verify.max_params={verify_cfg.max_params:,}"
                 if verify_cfg.backward is None else "not requested")
@@ -324,12 +327,13 @@ def skip_reason(verify_cfg: Any, built: BuiltModel, do_verify: bool,
 def run_proof(
     verify_cfg: Any, built: BuiltModel, do_verify: bool, groups: list[dict[str, Any]],
     eval_modules: Sequence[str], optimizer: Any, make_model: Callable[[], nn.Module],
+    requested: bool | None = None,
 ) -> dict[str, Any]:
     """The `verified` block: the proof's findings, or why it did not run.
 
     `make_model` returns a model with real weights that the proof may change (a copy, never
     the model handed to the user)."""
-    reason = skip_reason(verify_cfg, built, do_verify, groups)
+    reason = skip_reason(verify_cfg, built, do_verify, groups, requested)
     if reason is not None:
         return {"backward": False, "reason": reason}
     model = set_train_mode(make_model(), eval_modules)
