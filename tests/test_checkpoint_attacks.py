@@ -330,6 +330,7 @@ def test_dcp_data_file_that_is_a_fifo_is_refused(dcp_folder, tmp_path):
         msg = error(folder)
     assert msg.startswith(f"checkpoint.path={folder}: data file {data.name} is not a regular "
                           "file but a named pipe (FIFO)"), msg
+    assert msg.endswith(f"{integrity.IN_FOLDER}."), msg  # not "give the checkpoint file itself"
 
 
 def test_open_regular_refuses_a_fifo_without_blocking(tmp_path):

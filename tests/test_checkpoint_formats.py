@@ -1012,6 +1012,7 @@ def test_a_latest_file_that_is_a_fifo_is_refused_not_waited_on(trainer_run):
     finally:
         signal.alarm(0)
     assert "its latest file is not a regular file but a named pipe (FIFO)" in message
+    assert "copy the folder again" in message and "checkpoint file itself" not in message
 
 
 class UltraNet(nn.Module):

@@ -121,7 +121,8 @@ def _check_data(folder: str, meta: Any) -> list[str]:
 def _data_size(folder: str, rel: str, fqn: str) -> int:
     """The size of a data file, checked to be a regular file (opened without blocking)."""
     try:
-        fd = integrity.open_regular(os.path.join(folder, rel), f"{folder}: data file {rel}")
+        fd = integrity.open_regular(os.path.join(folder, rel), f"{folder}: data file {rel}",
+                                    remedy=integrity.IN_FOLDER)
     except FileNotFoundError as err:
         raise FinetunePrepError(
             f"checkpoint.path={folder}: data file {rel} is missing (its {METADATA} "

@@ -140,7 +140,7 @@ TAG_LIMIT = 4096  # bytes of DeepSpeed's `latest` file (it holds a step folder's
 def _read_latest_tag(folder: str) -> str | None:
     try:
         tag = integrity.read_regular(os.path.join(folder, "latest"), TAG_LIMIT,
-                                    f"{folder}: its latest file")
+                                     f"{folder}: its latest file", remedy=integrity.IN_FOLDER)
         return tag.decode("utf-8").strip() or None  # never blocks: a FIFO is refused
     except (OSError, UnicodeDecodeError):
         return None

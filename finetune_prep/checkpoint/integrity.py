@@ -44,9 +44,15 @@ def file_type(mode: int) -> str:
     return "a special file"
 
 
-def open_regular(file: str, shown: str | None = None, key: str = "checkpoint.path") -> int:
+IN_FOLDER = "copy the folder again: its files must be the regular files its writer saved"
+
+
+def open_regular(file: str, shown: str | None = None, key: str = "checkpoint.path",
+                 remedy: str | None = None) -> int:
     """A read-only descriptor of `file`, opened without blocking (a FIFO swapped in after a
-    `stat` would otherwise hang the open forever) and checked to be a regular file."""
+    `stat` would otherwise hang the open forever) and checked to be a regular file.
+    `remedy`: what the message tells the user to do (e.g. IN_FOLDER for a file a checkpoint
+    folder holds); by default, what REMEDY says for `key`."""
     fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         mode = os.fstat(fd).st_mode
@@ -54,7 +60,7 @@ def open_regular(file: str, shown: str | None = None, key: str = "checkpoint.pat
             raise FinetunePrepError(
                 f"{key}={shown or file} is not a regular file but {file_type(mode)} "
                 "(it changed since it was checked, or was never a file): "
-                f"{REMEDY.get(key, 'give the file itself')}.")
+                f"{remedy or REMEDY.get(key, 'give the file itself')}.")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -63,10 +69,10 @@ def open_regular(file: str, shown: str | None = None, key: str = "checkpoint.pat
 
 
 def read_regular(file: str, limit: int, shown: str | None = None,
-                 key: str = "checkpoint.path") -> bytes:
+                 key: str = "checkpoint.path", remedy: str | None = None) -> bytes:
     """The whole of a small regular file (an index, DCP metadata), refused above `limit`;
-    `key`: the setting that named it, for the messages."""
-    fd = open_regular(file, shown, key)
+    `key`, `remedy`: for the messages, as in open_regular."""
+    fd = open_regular(file, shown, key, remedy)
     parts, total = [], 0
     with os.fdopen(fd, "rb") as f:
         size = os.fstat(f.fileno()).st_size
