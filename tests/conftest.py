@@ -113,7 +113,8 @@ def run_cli_here(*args: str, cwd: Path | None = None,
     out, err = io.StringIO(), io.StringIO()
     saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), list(sys.argv)
     saved_path, saved_modules = list(sys.path), set(sys.modules)
-    sys.path[:0] = [p for p in (env or {}).get("PYTHONPATH", "").split(os.pathsep) if p]
+    extra = [p for p in (env or {}).get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:0] = extra
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level
     os.environ.pop("HYDRA_FULL_ERROR", None)
@@ -123,13 +124,13 @@ def run_cli_here(*args: str, cwd: Path | None = None,
         sys.argv = ["finetune_prep"]
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = cli.run(list(args))
-            for handler in root.handlers:
-                if handler not in saved_handlers:
-                    handler.close()
     finally:
-        added = sys.path[:len(sys.path) - len(saved_path)]
+        for handler in root.handlers:  # the run's log handlers (its log file among them)
+            if handler not in saved_handlers:
+                handler.close()
         for name in set(sys.modules) - saved_modules:  # a test's own module files come and go
-            if any(str(getattr(sys.modules[name], "__file__", "")).startswith(p) for p in added):
+            if any(str(getattr(sys.modules[name], "__file__", None)).startswith(p)
+                   for p in extra):
                 del sys.modules[name]
         sys.path[:] = saved_path
         root.handlers[:], root.level = saved_handlers, saved_level

@@ -44,16 +44,19 @@ _checkpoints: OrderedDict[Hashable, checkpoint.Checkpoint] = OrderedDict()
 def build_meta_model(model_cfg: Any, head_cfg: Any) -> BuiltModel:
     """`build_model(model_cfg, head_cfg, meta=True)`, built once per config: a fresh copy."""
     key = _model_key(model_cfg, head_cfg)
-    if key is None:
+
+    def build() -> BuiltModel:
         return build_architecture(model_cfg, head_cfg, meta=True)
+
+    if key is None:
+        return build()
     if key not in _models:  # the first call: its own model, and its table for meta_table
-        built = _get(_models, key, lambda: build_architecture(model_cfg, head_cfg, meta=True))
         _lent.add(key)
-        return built
+        return _get(_models, key, build)
     if key in _lent:  # the first call's model may have been changed: build the master
         _lent.discard(key)
-        _models[key] = build_architecture(model_cfg, head_cfg, meta=True)
-    master = _get(_models, key, lambda: build_architecture(model_cfg, head_cfg, meta=True))
+        _models[key] = build()
+    master = _get(_models, key, build)
     return dataclasses.replace(master, model=copy.deepcopy(master.model))
 
 

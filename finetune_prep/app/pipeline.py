@@ -137,7 +137,7 @@ def prepare(
     origin = _origin(cfg, overrides, config_dirs, rerun)
     cfg = validate(cfg)
     rules, rules_file = rulesfile.freeze_rules(cfg.freeze)  # a rules file is read and checked
-    base = cache.build_meta_model(cfg.model, cfg.head)  # a fresh meta copy per call
+    base = cache.build_meta_model(cfg.model, cfg.head)  # this call's own meta model
     reuse = not (materialize or proof.should_verify(cfg.verify, base.table, verify))
     sources = _read_sources(cfg, base, reuse=reuse)  # weights fit the base model
     adapted = _adapt(cfg, base)  # peft's adapters (on a copy: sources load into `base`)

@@ -32,6 +32,7 @@ REMEDY = {  # what to give instead of a special file, by setting (else: "give th
     "checkpoint.path": "give the checkpoint file itself",
     "adapter.resume": "give the folder PeftModel.save_pretrained wrote, as regular files",
 }
+IN_FOLDER = "copy the folder again: its files must be the regular files its writer saved"
 
 
 def file_type(mode: int) -> str:
@@ -42,9 +43,6 @@ def file_type(mode: int) -> str:
         if test(mode):
             return what
     return "a special file"
-
-
-IN_FOLDER = "copy the folder again: its files must be the regular files its writer saved"
 
 
 def open_regular(file: str, shown: str | None = None, key: str = "checkpoint.path",
