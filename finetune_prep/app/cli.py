@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from finetune_prep.app import naming, presets, rundir
+from finetune_prep.app.compose_once import compose_once
 from finetune_prep.app.logs import FileHandler, log_file_failure, silence
 from finetune_prep.config import (
     CONF_DIR,
@@ -232,7 +233,8 @@ def run(argv: list[str]) -> int:
         lambda: presets.listing([CONF_DIR, *_user_config_dirs(sys.argv[1:])]), replace=True,
     )
     try:
-        code = _run_task()
+        with compose_once(multirun="--multirun" in sys.argv[1:]):
+            code = _run_task()
     finally:
         rundir.release()
     if code == 1 and _internal_error:
