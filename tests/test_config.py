@@ -345,3 +345,15 @@ def test_freeze_rules_file_beside_inline_rules_is_one_error_naming_their_source(
     # a plain dict has no origin: the message still names both keys
     with pytest.raises(FinetunePrepError, match=r"\(1 rule, set by a freeze preset or an "):
         validate({"freeze": {"rules": [{"freeze": "*"}], "rules_file": "r.yaml"}})
+
+
+def test_register_configs_stores_once_and_again_after_the_store_is_cleared(monkeypatch):
+    store = ConfigStore.instance()
+    monkeypatch.setattr(store, "repo", {})  # a fresh store, put back afterwards
+    finetune_prep.register_configs()
+    first = store.repo["finetune_prep"]["schema"]["freeze.yaml"]
+    finetune_prep.register_configs()
+    assert store.repo["finetune_prep"]["schema"]["freeze.yaml"] is first  # not stored again
+    store.repo["finetune_prep"]["schema"].pop("freeze.yaml")
+    finetune_prep.register_configs()
+    assert store.repo["finetune_prep"]["schema"]["freeze.yaml"].node == first.node
