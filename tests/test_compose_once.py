@@ -104,3 +104,29 @@ def test_hydra_is_put_back_even_when_the_command_fails():
              ConfigLoaderImpl.load_sweep_config, BasicSweeper.validate_batch_is_legal]
     assert after == before
     assert "validate_batch_is_legal" not in BasicSweeper.__dict__  # inherited again
+
+
+def test_a_config_file_is_parsed_once_and_again_once_edited(tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    primary = tmp_path / "config.yaml"
+    primary.write_text("a: 1\n")
+    parsed: list[str] = []
+    load = OmegaConf.load
+
+    def counted(file_):
+        parsed.append(str(getattr(file_, "name", file_)))
+        return load(file_)
+
+    monkeypatch.setattr(OmegaConf, "load", counted)
+    with compose_once.compose_once(multirun=False), \
+            initialize_config_dir(str(tmp_path), version_base="1.3"):
+        first = [compose("config") for _ in range(3)]
+        assert parsed.count(str(primary)) == 2  # the second load keeps a copy for the third
+        first[2].a = 5  # a config handed out is the caller's own
+        assert compose("config").a == 1
+        primary.write_text("a: 22\n")
+        assert compose("config").a == 22
+        assert parsed.count(str(primary)) == 3
+    assert [c.a for c in first] == [1, 1, 5]

@@ -4,13 +4,17 @@
 the basic sweeper composes every job's config to check the batch, then the basic launcher
 composes each again to run it. Each compose is about 80 ms, most of a run's own cost. Inside
 `compose_once`, the first compose is kept and handed to the call that would repeat it, so
-the config a job sees is the one Hydra composed, not a copy or a rebuild. Only the
-hydra-core 1.3 internals named here are touched, and only while the command runs.
+the config a job sees is the one Hydra composed, not a copy or a rebuild. A sweep still
+composes once per job: there a config file read twice (same path, size, mtime and inode) is
+parsed once and copied after. Only the hydra-core 1.3 internals named here are touched, and
+only while the command runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import copy
+import os
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import import_module
 from typing import Any
@@ -27,6 +31,8 @@ MAX_KEPT_JOBS = 256  # a kept job config is about 0.4 MB; later jobs of a batch 
 
 _runs: dict[tuple, DictConfig] = {}  # (config name, overrides, run mode) -> composed config
 _jobs: dict[tuple, DictConfig] = {}  # (id of the sweep's config, job overrides) -> config
+_seen: set[tuple] = set()  # config files loaded once (source, file, stamp)
+_loaded: dict[tuple, Any] = {}  # config files loaded twice: a pristine ConfigResult to copy
 
 
 @contextmanager
@@ -36,11 +42,16 @@ def compose_once(multirun: bool) -> Iterator[None]:
     it checks for the basic launcher. Everything is put back on exit."""
     Plugins.instance()  # its first scan runs the plugin modules again: their classes are new
     sweeper = import_module(f"{_CORE}.basic_sweeper").BasicSweeper
+    files = import_module(f"{_CORE}.file_config_source").FileConfigSource
+    packaged = import_module(f"{_CORE}.importlib_resources_config_source")
+    packaged = packaged.ImportlibResourcesConfigSource
     patches = [
         (Hydra, "get_mode", _get_mode(Hydra.get_mode, multirun)),
         (ConfigLoaderImpl, "load_configuration", _take_run(ConfigLoaderImpl.load_configuration)),
         (ConfigLoaderImpl, "load_sweep_config", _take_job(ConfigLoaderImpl.load_sweep_config)),
         (sweeper, "validate_batch_is_legal", _keep_jobs(sweeper.validate_batch_is_legal)),
+        (files, "load_config", _parse_once(files.load_config, _file_stamp)),
+        (packaged, "load_config", _parse_once(packaged.load_config, lambda *_: ())),
     ]
     saved = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in patches]
     for owner, name, patched in patches:
@@ -48,8 +59,8 @@ def compose_once(multirun: bool) -> Iterator[None]:
     try:
         yield
     finally:
-        _runs.clear()
-        _jobs.clear()
+        for kept in (_runs, _jobs, _seen, _loaded):
+            kept.clear()
         for owner, name, before in saved:
             if before is None:
                 delattr(owner, name)
@@ -129,3 +140,34 @@ def _take_job(original: Any) -> Any:
         return kept
 
     return load_sweep_config
+
+
+def _parse_once(original: Any, stamp: Callable[[Any, str], tuple | None]) -> Any:
+    """A config source's load_config that parses a file once: the second load keeps a copy
+    of what it parsed, later loads get a copy of that. `stamp` tells a file's versions apart
+    (None: do not keep it); an installed package's files do not change while a command runs."""
+
+    def load_config(self: Any, config_path: str) -> Any:
+        version = stamp(self, config_path)
+        if version is None:
+            return original(self, config_path)
+        key = (type(self).__name__, self.provider, self.path, config_path, version)
+        if key in _loaded:
+            return copy.deepcopy(_loaded[key])
+        result = original(self, config_path)
+        if key in _seen:
+            _loaded[key] = copy.deepcopy(result)  # the caller may change `result`
+        _seen.add(key)
+        return result
+
+    return load_config
+
+
+def _file_stamp(source: Any, config_path: str) -> tuple | None:
+    """The file FileConfigSource reads for `config_path`, as (path, mtime, size, inode)."""
+    path = os.path.realpath(os.path.join(source.path, source._normalize_file_name(config_path)))
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None  # Hydra's own load gives the error
+    return path, found.st_mtime_ns, found.st_size, found.st_ino
