@@ -121,6 +121,18 @@ def test_git_state_of_a_config_folder_clean_dirty_untracked_ignored(tmp_path):
     assert "no file of it is tracked" in provenance.git_state(loose)["git"]
 
 
+def test_git_states_soon_are_the_git_states_in_order(tmp_path):
+    conf = _repo(tmp_path)
+    folders = [conf, tmp_path / "missing", tmp_path / "outputs"]
+    (tmp_path / "outputs").mkdir()
+    soon = provenance.git_states_soon(folders)
+    states = soon()
+    assert [s["config_dir"] for s in states] == [str(f) for f in folders]
+    assert states[1:] == [provenance.git_state(f) for f in folders[1:]]
+    assert (states[0]["commit"], states[0]["dirty"]) == (_git(tmp_path, "rev-parse", "HEAD"),
+                                                         False)
+
+
 def test_git_state_before_the_first_commit(tmp_path):
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "a.yaml").write_text("a: 1\n")

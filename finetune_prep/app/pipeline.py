@@ -135,6 +135,7 @@ def prepare(
     `overrides`, the git state of `config_dirs` and `rerun`; left out, they are what
     `compose()` recorded for this config object, so the API records what the CLI does."""
     origin = _origin(cfg, overrides, config_dirs, rerun)
+    git = provenance.git_states_soon(origin.config_dirs)  # in a thread, while the model builds
     cfg = validate(cfg)
     rules, rules_file = rulesfile.freeze_rules(cfg.freeze)  # a rules file is read and checked
     base = cache.build_meta_model(cfg.model, cfg.head)  # this call's own meta model
@@ -192,7 +193,7 @@ def prepare(
         verified["memory_bytes"] = proof_bytes  # what the proof was estimated to hold at once
     document = assemble.document(
         built, sources, freeze, groups, eval_modules, cfg.optim.optimizer, verified,
-        provenance.record(config_text(cfg), origin.overrides, origin.config_dirs,
+        provenance.record(config_text(cfg), origin.overrides, git,
                           origin.rerun, rules_file.record() if rules_file else None),
         model_cfg=cfg.model,
         phases=list(zip(phases, phase_eval, strict=True)),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import subprocess
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,8 @@ def config_sha256(config_text: str) -> str:
     return hashlib.sha256(config_text.encode("utf-8")).hexdigest()
 
 
-def versions() -> dict[str, str]:
-    """Versions of finetune_prep and the libraries that shape the plan."""
+@functools.cache
+def _installed() -> dict[str, str]:
     found = {}
     for package in ("finetune_prep", "torch", "torchvision", "hydra-core", "omegaconf", "timm"):
         try:
@@ -25,6 +27,29 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return found
+
+
+def versions() -> dict[str, str]:
+    """Versions of finetune_prep and the libraries that shape the plan (read once a process:
+    a package is not swapped under a running interpreter)."""
+    return dict(_installed())
+
+
+def git_states_soon(folders: Sequence[str | Path]) -> Callable[[], list[dict[str, Any]]]:
+    """git_state of each folder, worked out in a thread while the caller goes on (its git
+    processes, about 10 ms, overlap the model build); call the result to have them."""
+    found: list[Any] = []
+    worker = threading.Thread(target=lambda: found.extend(git_state(d) for d in folders),
+                              name="finetune_prep-git", daemon=True)
+    worker.start()
+
+    def result() -> list[dict[str, Any]]:
+        worker.join()
+        if len(found) != len(folders):  # the thread died (git_state itself never raises)
+            return [git_state(d) for d in folders]
+        return list(found)
+
+    return result
 
 
 NOT_VERSIONED = "not under version control"
@@ -86,16 +111,19 @@ def _git(folder: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
-def record(config_text: str, overrides: Sequence[str], config_dirs: Sequence[str],
+def record(config_text: str, overrides: Sequence[str],
+           config_dirs: Sequence[str] | Callable[[], list[dict[str, Any]]],
            rerun: str | None = None, rules_file: Mapping[str, Any] | None = None) -> dict:
-    """The provenance block of param_groups.json (`rerun`: the run's config file composed
-    again, when the plan was made from one; `rules_file`: the freeze.rules_file read, as
-    {path, sha256, rules}: the config holds its path only, so its content is hashed here)."""
+    """The provenance block of param_groups.json. `config_dirs`: the folders, or their git
+    states to come (git_states_soon); `rerun`: the run's config file composed again, when the
+    plan was made from one; `rules_file`: the freeze.rules_file read, as {path, sha256,
+    rules}: the config holds its path only, so its content is hashed here."""
+    git = config_dirs() if callable(config_dirs) else [git_state(d) for d in config_dirs]
     found = {
         "config_sha256": config_sha256(config_text),
         "overrides": list(overrides),
         "versions": versions(),
-        "git": [git_state(d) for d in config_dirs],
+        "git": git,
     }
     if rerun:
         found["rerun"] = rerun
