@@ -357,3 +357,29 @@ def test_register_configs_stores_once_and_again_after_the_store_is_cleared(monke
     store.repo["finetune_prep"]["schema"].pop("freeze.yaml")
     finetune_prep.register_configs()
     assert store.repo["finetune_prep"]["schema"]["freeze.yaml"].node == first.node
+
+
+def _presets() -> list[str]:
+    from finetune_prep.config import CONF_DIR
+
+    return [f"{group.name}={preset.stem}" for group in sorted(CONF_DIR.iterdir())
+            if group.is_dir() and group.name != "sweep" for preset in sorted(group.glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("preset", _presets())
+def test_a_composed_config_is_typed_as_the_schema_would_type_it(preset):
+    from finetune_prep import config
+
+    cfg = finetune_prep.compose(overrides=[preset])
+    slow = validate(OmegaConf.to_container(cfg))  # a plain dict: merged into the schema
+    assert validate(cfg) == slow
+    skipped = config._composed(cfg, config._plain(cfg)) is None  # only for a schedule
+    assert skipped == bool(slow.freeze.schedule)
+
+
+def test_a_value_left_as_missing_is_an_error_not_the_schemas_default():
+    cfg = finetune_prep.compose(overrides=["model.arch=???", "optim.lr=???"])
+    for given in (cfg, OmegaConf.to_container(cfg)):
+        with pytest.raises(FinetunePrepError, match=r"model.arch is \?\?\? .*model.arch=VALUE.*"
+                                                    r"Also \?\?\? : optim.lr"):
+            validate(given)
