@@ -10,6 +10,7 @@ text and exit 2.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -39,6 +40,7 @@ log = logging.getLogger("finetune_prep")
 _internal_error = False
 _interrupt_reported = False
 _rerun: str | None = None  # the run's config file a rerun composes again (with_user_configs)
+_freeze_imports = False  # main(): this process is the command's own, see _freeze
 INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
@@ -53,6 +55,7 @@ def task(cfg: DictConfig) -> None:
         _check_job_folder(output_dir, multirun)
         from finetune_prep.app.pipeline import run
 
+        _freeze()
         overrides = [o for o in hc.overrides.task if not is_rerun_override(o)]
         run(cfg, output_dir, overrides=overrides, config_dirs=_config_dirs(hc), dirs=staged,
             rerun=_rerun)
@@ -76,6 +79,16 @@ def task(cfg: DictConfig) -> None:
         sys.exit(2)
     finally:
         rundir.discard(staged)  # moved into .hydra by a run that wrote its plan; else removed
+
+
+def _freeze() -> None:
+    """Once per process started by main(): move everything alive (torch and the other
+    imports, most of it) out of the garbage collector's view. A full collection walks every
+    tracked object: about 150 ms with transformers imported, several times a run otherwise."""
+    global _freeze_imports
+    if _freeze_imports:
+        gc.freeze()
+        _freeze_imports = False
 
 
 def _check_job_folder(output_dir: Path, multirun: bool) -> None:
@@ -198,6 +211,9 @@ def run_diff(argv: list[str]) -> int:
 
 def main() -> None:
     """Run the app and exit without the slow interpreter teardown of torch."""
+    global _freeze_imports
+    gc.freeze()  # Hydra's and OmegaConf's modules: see _freeze
+    _freeze_imports = True
     code = run(sys.argv[1:])
     logging.shutdown()
     _flush(sys.stdout)
