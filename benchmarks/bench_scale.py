@@ -125,6 +125,11 @@ def main() -> None:
     compile_package()
     wanted = None
     if args.only:
+        known = {*commands(Path()), "sweep_job"} - {"floor_hf", "sweep_2", "sweep_8"}
+        unknown = sorted(set(args.only) - known)
+        if unknown:
+            parser.error(f"unknown figure(s) {', '.join(unknown)}; figures: "
+                         f"{', '.join(sorted(known))}")
         wanted = set(args.only) | {"floor"}
         wanted |= {"sweep_2", "sweep_8"} if "sweep_job" in wanted else set()
         wanted |= {"floor_hf"} if "hf_7b" in wanted else set()
