@@ -196,3 +196,17 @@ def test_timm_distilled_model_has_both_heads():
     staged = {n for s in b.table.stages for e in s for n in b.table.names
               if n == e or n.startswith(e + ".")}
     assert not staged & {"head.weight", "head_dist.weight"}
+
+
+def test_init_functions_skip_meta_tensors_only_and_are_put_back():
+    before = torch.nn.init.normal_
+    cpu = torch.zeros(64)
+    with init_on_meta():
+        meta = torch.empty(3, 3, device="meta")
+        assert torch.nn.init.normal_(meta) is meta
+        assert torch.nn.init.kaiming_uniform_(meta, a=1.0) is meta
+        torch.nn.init.normal_(cpu)  # a CPU tensor in a constructor's arithmetic: filled
+        layer = torch.nn.Linear(4, 2)
+    assert cpu.abs().sum() > 0
+    assert layer.weight.is_meta
+    assert torch.nn.init.normal_ is before
