@@ -184,9 +184,24 @@ def test_job_names_are_safe_short_and_distinct(tmp_path):
     (2, ["FAILED"], 0, False),                     # ... but only once the whole batch is in
     (2, ["COMPLETED", "COMPLETED"], 1, False),     # batches of 2 out of 4: more to come
 ])
-def test_the_last_job_is_known_from_the_plan(batch, statuses, job, last):
-    rows = [{"job": i, "status": s} for i, s in enumerate(statuses)]
-    assert sweep._is_last(rows, {"jobs": 4, "batch": batch}, job) is last
+def test_the_last_job_is_known_from_the_plan(tmp_path, batch, statuses, job, last):
+    done = dict(enumerate(statuses))
+    assert sweep._is_last(done, {"jobs": 4, "batch": batch}, job) is last
+    for i, status in reversed(done.items()):  # the ledger, as jobs finishing in any order
+        noted = sweep._note_done(tmp_path, {i: status})
+    assert noted == done
+
+
+def test_a_job_reads_no_other_result_until_the_sweep_is_complete(tmp_path, monkeypatch):
+    (tmp_path / PLAN_FILE).write_text(json.dumps({"jobs": 3, "batch": 3, "overrides": []}))
+    read: list[Path] = []
+    monkeypatch.setattr(sweep, "collect", lambda d: read.append(d) or [])
+    assert sweep.write_summary(tmp_path, job=1) == []
+    assert sweep.write_summary(tmp_path, job=0, status="FAILED") == []
+    assert read == []  # no job read the others' results (a long sweep was quadratic)
+    sweep.write_summary(tmp_path, job=2)
+    assert read == [tmp_path]
+    assert not any((tmp_path / n).exists() for n in sweep.PRIVATE)  # announced: cleaned up
 
 
 def test_stage_counts_by_dot_boundary():

@@ -1,16 +1,19 @@
 """Multirun summary: one row per job in sweep_summary.csv / .md (and a .png heatmap).
 
 Hydra 1.3 skips `on_multirun_end` when any job failed, but runs `on_job_end` for every job,
-inside the worker process (joblib too). So each job writes its own `job_result.json` and then
-rebuilds the whole summary from all result files under the sweep dir, under a file lock; the
-summary is complete after the last job whichever launcher ran it. Every number comes from the
-job's own param_groups.json.
+inside the worker process (joblib too). So each job writes its own `job_result.json`, and the
+summary is rebuilt from all result files under the sweep dir, under a file lock; it is
+complete after the last job whichever launcher ran it. Every number comes from the job's own
+param_groups.json.
 
-To say once where the summary is, `on_multirun_start` (main process) writes the sweep plan
-(how many jobs the basic sweeper will run, in which batches, and which keys vary; the job
-folder names use the last) to `.sweep_plan.json`; the job whose result completes the sweep
-(or, with fail-fast batches, the batch that failed) draws the plot and logs the paths.
-Without a plan (another sweeper), `on_multirun_end` does it, which Hydra runs on success only.
+To write the summary once and say once where it is, `on_multirun_start` (main process) writes
+the sweep plan (how many jobs the basic sweeper will run, in which batches, and which keys
+vary; the job folder names use the last) to `.sweep_plan.json`. Each job adds its status to
+the ledger `.sweep_done`; the job that completes the sweep (or, with fail-fast batches, the
+batch that failed) reads the results, writes the tables and the plot and logs the paths, so a
+job costs the same in a sweep of 10 jobs or 10,000. Without a plan (another sweeper), each
+job rewrites the tables and `on_multirun_end` draws the plot, which Hydra runs on success
+only.
 
 A job whose process dies (SIGKILL, the out-of-memory killer, a segfault) never reaches
 `on_job_end`, and the launcher then raises (joblib's TerminatedWorkerError, submitit's
@@ -32,7 +35,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,9 @@ MD_FILE = "sweep_summary.md"
 PNG_FILE = "sweep_summary.png"
 LOCK_FILE = ".sweep_summary.lock"
 NOT_RUN_FILE = ".sweep_not_run.json"  # planned jobs that never started, once the launcher gave up
+DONE_FILE = ".sweep_done"  # "JOB STATUS" lines of finished jobs: the last one is known without
+# reading every job's result (which made a long sweep quadratic)
+PRIVATE = (PLAN_FILE, LOCK_FILE, DONE_FILE)  # removed once the summary is announced
 RUNNING = "RUNNING"
 COLUMNS = ("job", "overrides", "status", "error", "trainable", "total", "trainable_pct",
            "phases", "final_trainable_pct", "groups", "memory_mib", "verified", "job_dir")
@@ -80,6 +86,7 @@ class SweepSummary(Callback):
             if plan is not None:
                 sweep_dir = Path(str(config.hydra.sweep.dir))
                 sweep_dir.mkdir(parents=True, exist_ok=True)
+                (sweep_dir / DONE_FILE).unlink(missing_ok=True)  # an earlier sweep's
                 write_atomic(sweep_dir / PLAN_FILE, json.dumps(plan) + "\n")
                 self._planned = True
         except Exception:  # without a plan the summary is still written, just announced later
@@ -109,7 +116,7 @@ class SweepSummary(Callback):
                 result["row"] = plan_row(plan)  # read once: the summary reads result files only
             job_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(job_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
-            write_summary(sweep_dir, plot_if_failed_only=True, job=result["job"])
+            write_summary(sweep_dir, plot_if_failed_only=True, job=result["job"], status=status)
         except Exception:  # a summary problem must never turn a good job into a failed one
             log.exception("could not write the sweep summary in %s", sweep_dir)
 
@@ -123,7 +130,7 @@ class SweepSummary(Callback):
                 announce(sweep_dir, write_summary(sweep_dir))
             elif _own_console(config):  # submitit: the last job said it in its own log only
                 announce(sweep_dir, collect(sweep_dir))
-            for name in (LOCK_FILE, PLAN_FILE):
+            for name in PRIVATE:
                 (sweep_dir / name).unlink(missing_ok=True)
         except Exception:
             log.exception("could not write the sweep summary")
@@ -160,9 +167,11 @@ def finish_interrupted(error: BaseException | None, wait: float = 5.0) -> None:
                  for i, o in enumerate((plan or {}).get("overrides", [])) if i not in started]
         if never:
             write_atomic(sweep_dir / NOT_RUN_FILE, json.dumps({"jobs": never}) + "\n")
+        _note_done(sweep_dir, {**{r["job"]: "FAILED" for _, r in dead},
+                               **{r["job"]: "FAILED" for r in never}})
     rows = write_summary(sweep_dir)
     if all(r["status"] != RUNNING for r in rows):  # else the jobs still running need them
-        for name in (PLAN_FILE, LOCK_FILE):
+        for name in PRIVATE:
             (sweep_dir / name).unlink(missing_ok=True)
     announce(sweep_dir, rows)
 
@@ -246,12 +255,12 @@ def announce(sweep_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
     log.info("Sweep summary (%d jobs, %d failed): %s", len(rows), failed, sweep_dir / names)
 
 
-def _is_last(rows: Sequence[dict[str, Any]], plan: dict[str, Any], job: int) -> bool:
-    """True once the results of the sweep's last batch to run are all present: the whole
-    sweep, or (fail-fast batches) the batch of `job` when a job in it failed."""
+def _is_last(done: Mapping[int, str], plan: dict[str, Any], job: int) -> bool:
+    """True once the jobs of the sweep's last batch to run have all finished (`done`: job ->
+    status): the whole sweep, or (fail-fast batches) the batch of `job` when a job in it
+    failed."""
     total, size = int(plan["jobs"]), max(int(plan["batch"]), 1)
     end = min((job // size + 1) * size, total)
-    done = {r["job"]: r["status"] for r in rows if r["status"] != RUNNING}
     if not all(j in done for j in range(end)):
         return False
     return end == total or any(done[j] != "COMPLETED" for j in range(end - size, end))
@@ -383,31 +392,45 @@ def _md(value: Any) -> str:
 
 
 def write_summary(
-    sweep_dir: Path, plot_if_failed_only: bool = False, job: int | None = None
+    sweep_dir: Path, plot_if_failed_only: bool = False, job: int | None = None,
+    status: str = "COMPLETED",
 ) -> list[dict[str, Any]]:
-    """Rebuild sweep_summary.{csv,md,png} from every job's result file (under a lock).
+    """Rebuild sweep_summary.{csv,md,png} from every job's result file (under a lock); the
+    rows, or [] when a job's call left that to a later job.
 
-    After each job (`job` set) the plot (about 2 s of matplotlib) is drawn only by the job
-    that completes the sweep, which then logs where the files are; without a sweep plan, once
-    a job has failed (Hydra then skips on_multirun_end, which draws it otherwise).
+    After each job (`job` set, with its `status`) only the job that completes the sweep (or
+    its failed batch) reads the results and writes the files, plot included (about 2 s of
+    matplotlib), then logs where they are; without a sweep plan, every job writes the tables
+    and, once a job has failed, the plot (Hydra then skips on_multirun_end, which draws it).
     """
     sweep_dir = Path(sweep_dir)
     with _locked(sweep_dir / LOCK_FILE):
-        rows = collect(sweep_dir)
         plan = _read_json(sweep_dir / PLAN_FILE) if job is not None else None
-        last = plan is not None and _is_last(rows, plan, job)
+        last = plan is not None and _is_last(_note_done(sweep_dir, {job: status}), plan, job)
         if plan is not None and not last:
-            return rows  # the job that completes the sweep (or its failed batch) writes once
+            return []
+        rows = collect(sweep_dir)
         write_atomic(sweep_dir / CSV_FILE, to_csv(rows))
         write_atomic(sweep_dir / MD_FILE, to_markdown(rows))
         failed = plan is None and any(r["status"] == "FAILED" for r in rows)
         if not plot_if_failed_only or last or failed:
             plot(rows, sweep_dir / PNG_FILE)
         if last:
-            for name in (PLAN_FILE, LOCK_FILE):  # announced: once; nothing left to lock
+            for name in PRIVATE:  # announced: once; nothing left to lock
                 (sweep_dir / name).unlink(missing_ok=True)
             announce(sweep_dir, rows)
     return rows
+
+
+def _note_done(sweep_dir: Path, jobs: Mapping[int, str]) -> dict[int, str]:
+    """Add the finished `jobs` (job -> status) to the sweep's ledger, under the sweep's lock;
+    every job noted so far."""
+    with os.fdopen(open_for_writing(sweep_dir / DONE_FILE), "a+", encoding="utf-8") as ledger:
+        ledger.write("".join(f"{j} {s}\n" for j, s in jobs.items()))
+        ledger.flush()
+        ledger.seek(0)
+        lines = ledger.read().splitlines()
+    return {int(j): s for j, _, s in (line.partition(" ") for line in lines)}
 
 
 @contextlib.contextmanager
