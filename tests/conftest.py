@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import subprocess
 import sys
@@ -23,6 +24,13 @@ REPO = Path(__file__).resolve().parent.parent
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one test worker per core (pyproject's addopts):
     torch.set_num_threads(1)  # a second torch thread in each only contends for the cores
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # and in the processes tests start
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The test modules' imports (torch, transformers, timm, ...) live as long as the worker:
+    out of the garbage collector's view, each full collection walks only what tests made (as
+    the CLI's main() does: app.cli._freeze)."""
+    gc.freeze()
 
 
 @pytest.fixture
