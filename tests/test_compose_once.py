@@ -130,3 +130,10 @@ def test_a_config_file_is_parsed_once_and_again_once_edited(tmp_path, monkeypatc
         assert compose("config").a == 22
         assert parsed.count(str(primary)) == 3
     assert [c.a for c in first] == [1, 1, 5]
+
+
+def test_a_hydra_without_these_internals_runs_as_it_is(monkeypatch):
+    monkeypatch.setattr(compose_once, "_CORE", "hydra._internal.no_such_plugins")
+    before = Hydra.get_mode
+    with compose_once.compose_once(multirun=False):
+        assert Hydra.get_mode is before

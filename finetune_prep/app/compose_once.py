@@ -39,20 +39,13 @@ _loaded: dict[tuple, Any] = {}  # config files loaded twice: a pristine ConfigRe
 def compose_once(multirun: bool) -> Iterator[None]:
     """Within: Hydra's run-mode probe composes in the mode the command asked for (`multirun`:
     -m was given) and keeps that config for the run; the basic sweeper keeps the job configs
-    it checks for the basic launcher. Everything is put back on exit."""
-    Plugins.instance()  # its first scan runs the plugin modules again: their classes are new
-    sweeper = import_module(f"{_CORE}.basic_sweeper").BasicSweeper
-    files = import_module(f"{_CORE}.file_config_source").FileConfigSource
-    packaged = import_module(f"{_CORE}.importlib_resources_config_source")
-    packaged = packaged.ImportlibResourcesConfigSource
-    patches = [
-        (Hydra, "get_mode", _get_mode(Hydra.get_mode, multirun)),
-        (ConfigLoaderImpl, "load_configuration", _take_run(ConfigLoaderImpl.load_configuration)),
-        (ConfigLoaderImpl, "load_sweep_config", _take_job(ConfigLoaderImpl.load_sweep_config)),
-        (sweeper, "validate_batch_is_legal", _keep_jobs(sweeper.validate_batch_is_legal)),
-        (files, "load_config", _parse_once(files.load_config, _file_stamp)),
-        (packaged, "load_config", _parse_once(packaged.load_config, lambda *_: ())),
-    ]
+    it checks for the basic launcher. Everything is put back on exit. A Hydra without these
+    internals runs as it is (composing twice)."""
+    try:
+        patches = _patches(multirun)
+    except (ImportError, AttributeError):
+        yield
+        return
     saved = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in patches]
     for owner, name, patched in patches:
         setattr(owner, name, patched)
@@ -66,6 +59,27 @@ def compose_once(multirun: bool) -> Iterator[None]:
                 delattr(owner, name)
             else:
                 setattr(owner, name, before)
+
+
+def _patches(multirun: bool) -> list[tuple[type, str, Any]]:
+    """(class, attribute, replacement) for each Hydra internal compose_once replaces."""
+    Plugins.instance()  # its first scan runs the plugin modules again: their classes are new
+    sweeper = import_module(f"{_CORE}.basic_sweeper").BasicSweeper
+    files = import_module(f"{_CORE}.file_config_source").FileConfigSource
+    packaged = import_module(f"{_CORE}.importlib_resources_config_source")
+    packaged = packaged.ImportlibResourcesConfigSource
+    used = ((ConfigLoaderImpl, "_apply_overrides_to_config"), (files, "_normalize_file_name"))
+    missing = [name for owner, name in used if not hasattr(owner, name)]
+    if missing:  # the replacements call them
+        raise AttributeError(", ".join(missing))
+    return [
+        (Hydra, "get_mode", _get_mode(Hydra.get_mode, multirun)),
+        (ConfigLoaderImpl, "load_configuration", _take_run(ConfigLoaderImpl.load_configuration)),
+        (ConfigLoaderImpl, "load_sweep_config", _take_job(ConfigLoaderImpl.load_sweep_config)),
+        (sweeper, "validate_batch_is_legal", _keep_jobs(sweeper.validate_batch_is_legal)),
+        (files, "load_config", _parse_once(files.load_config, _file_stamp)),
+        (packaged, "load_config", _parse_once(packaged.load_config, lambda *_: ())),
+    ]
 
 
 def _get_mode(original: Any, multirun: bool) -> Any:
