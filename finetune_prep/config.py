@@ -461,17 +461,17 @@ def validate(cfg: Any) -> Config:
     return typed
 
 
-def _left_missing(plain: Mapping[str, Any], path: str = "") -> list[str]:
+def _left_missing(value: Any, path: str = "") -> list[str]:
     """The keys whose value is OmegaConf's ??? (merged into the schema, ??? would silently
-    become the schema's default); rule lists check their own items."""
-    found = []
-    for key, value in plain.items():
-        where = f"{path}{key}"
-        if isinstance(value, Mapping) and where not in OPEN_KEYS:
-            found += _left_missing(value, f"{where}.")
-        elif value == "???" and where not in RULE_LISTS:
-            found.append(where)
-    return found
+    become the schema's default), freeze.schedule's items included; the other rule lists
+    check their own items."""
+    if path in OPEN_KEYS or path in ("freeze.rules", "optim.groups", "optim.no_decay"):
+        return []
+    if isinstance(value, Mapping):
+        return [m for k, v in value.items() for m in _left_missing(v, f"{path}.{k}".lstrip("."))]
+    if isinstance(value, list):
+        return [m for i, v in enumerate(value) for m in _left_missing(v, f"{path}[{i}]")]
+    return [path] if value == "???" else []
 
 
 def _composed(cfg: Any, plain: Mapping[str, Any]) -> Config | None:
@@ -480,8 +480,8 @@ def _composed(cfg: Any, plain: Mapping[str, Any]) -> Config | None:
     and for a freeze.schedule, whose items only the schema's merge checks."""
     if not OmegaConf.is_config(cfg) or _STRICT.get(OmegaConf.get_type(cfg)) is not Config:
         return None
-    if (plain.get("freeze") or {}).get("schedule"):
-        return None
+    if (plain.get("freeze") or {}).get("schedule", []) != []:
+        return None  # anything but the default: typed and checked by the schema's merge
     try:
         return _strict(OmegaConf.to_object(cfg))
     except OmegaConfBaseException:

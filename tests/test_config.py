@@ -383,3 +383,17 @@ def test_a_value_left_as_missing_is_an_error_not_the_schemas_default():
         with pytest.raises(FinetunePrepError, match=r"model.arch is \?\?\? .*model.arch=VALUE.*"
                                                     r"Also \?\?\? : optim.lr"):
             validate(given)
+
+
+@pytest.mark.parametrize("schedule", ["''", "null", "0"])
+def test_a_schedule_that_is_not_a_list_is_refused_whichever_way_it_came(schedule):
+    cfg = finetune_prep.compose(overrides=[f"freeze.schedule={schedule}"])
+    for given in (cfg, OmegaConf.to_container(cfg)):
+        with pytest.raises(FinetunePrepError, match="(?s)invalid config: .*schedule"):
+            validate(given)
+
+
+def test_a_missing_value_inside_a_schedule_phase_is_named():
+    phase = {"at": {"epoch": 2}, "every": "???", "rules": [{"unfreeze": "*"}]}
+    with pytest.raises(FinetunePrepError, match=r"freeze.schedule\[0\].every is \?\?\?"):
+        validate({"freeze": {"schedule": [phase]}})

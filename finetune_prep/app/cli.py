@@ -55,7 +55,8 @@ def task(cfg: DictConfig) -> None:
         _check_job_folder(output_dir, multirun)
         from finetune_prep.app.pipeline import run
 
-        _freeze()
+        if not multirun:  # a sweep's job configs exist by now: see main()
+            _freeze()
         overrides = [o for o in hc.overrides.task if not is_rerun_override(o)]
         run(cfg, output_dir, overrides=overrides, config_dirs=_config_dirs(hc), dirs=staged,
             rerun=_rerun)
@@ -84,7 +85,8 @@ def task(cfg: DictConfig) -> None:
 def _freeze() -> None:
     """Once per process started by main(): move everything alive (torch and the other
     imports, most of it) out of the garbage collector's view. A full collection walks every
-    tracked object: about 150 ms with transformers imported, several times a run otherwise."""
+    tracked object: about 150 ms with transformers imported, several times a run otherwise.
+    Frozen objects are never freed, so this runs before anything that dies young exists."""
     global _freeze_imports
     if _freeze_imports:
         gc.freeze()
@@ -212,7 +214,11 @@ def run_diff(argv: list[str]) -> int:
 def main() -> None:
     """Run the app and exit without the slow interpreter teardown of torch."""
     global _freeze_imports
-    gc.freeze()  # Hydra's and OmegaConf's modules: see _freeze
+    if "-m" in sys.argv or "--multirun" in sys.argv:
+        # a sweep's job configs are composed (and kept: compose_once) before its first job
+        # imports torch: import it now, so that it is frozen with the other imports
+        import finetune_prep.app.pipeline  # noqa: F401
+    gc.freeze()  # see _freeze
     _freeze_imports = True
     code = run(sys.argv[1:])
     logging.shutdown()

@@ -27,7 +27,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 _CORE = "hydra._internal.core_plugins"
-MAX_KEPT_JOBS = 256  # a kept job config is about 0.4 MB; later jobs of a batch compose twice
+MAX_KEPT_JOBS = 1000  # a kept job config is about 0.4 MB; later jobs of a batch compose twice
 
 _runs: dict[tuple, DictConfig] = {}  # (config name, overrides, run mode) -> composed config
 _jobs: dict[tuple, DictConfig] = {}  # (id of the sweep's config, job overrides) -> config
@@ -91,9 +91,9 @@ def _get_mode(original: Any, multirun: bool) -> Any:
         try:
             cfg = self.config_loader.load_configuration(
                 config_name=config_name, overrides=overrides, run_mode=run_mode)
+            mode = cfg.hydra.mode  # an interpolation there may fail too
         except Exception:
             return original(self, config_name, overrides)
-        mode = cfg.hydra.mode
         if mode is None:  # Hydra's _run_app then adds this override and composes again
             line = f"hydra.mode={run_mode.name}"
             _apply_hydra_override(cfg, line)
