@@ -200,6 +200,8 @@ class Config(Section):
 # a rule), so Hydra's schema types them Any and `validate` checks them once in plain Python.
 RULE_LISTS = ("freeze.rules", "freeze.schedule", "optim.groups", "optim.no_decay")
 LIST_ITEMS = {"optim.groups": GroupRule, "freeze.schedule": PhaseConfig}  # item schemas
+CHECKED_HERE = ("freeze.rules", "optim.groups", "optim.no_decay")  # validate checks them itself
+# (freeze.schedule is checked by the schema's merge)
 
 
 @functools.cache
@@ -440,8 +442,7 @@ def validate(cfg: Any) -> Config:
             f"{missing[0]} is ??? (a value still to be set): give it on the command line "
             f"({missing[0]}=VALUE) or in a preset." + (f" Also ??? : {', '.join(missing[1:])}."
                                                        if missing[1:] else ""))
-    lists = {key: plain[section].pop(name) for key in ("freeze.rules", "optim.groups",
-                                                        "optim.no_decay")
+    lists = {key: plain[section].pop(name) for key in CHECKED_HERE
              for section, name in [key.split(".")]
              if isinstance(plain.get(section), Mapping) and name in plain[section]}
     typed = _composed(cfg, plain)
@@ -465,7 +466,7 @@ def _left_missing(value: Any, path: str = "") -> list[str]:
     """The keys whose value is OmegaConf's ??? (merged into the schema, ??? would silently
     become the schema's default), freeze.schedule's items included; the other rule lists
     check their own items."""
-    if path in OPEN_KEYS or path in ("freeze.rules", "optim.groups", "optim.no_decay"):
+    if path in OPEN_KEYS or path in CHECKED_HERE:
         return []
     if isinstance(value, Mapping):
         return [m for k, v in value.items() for m in _left_missing(v, f"{path}.{k}".lstrip("."))]

@@ -147,8 +147,8 @@ def test_summary_lists_each_config_folder_with_its_state(tmp_path):
     conf = _repo(tmp_path)
     run = tmp_path / "outputs" / "r" / ".hydra"
     run.mkdir(parents=True)
-    prov = provenance.record("a: 1\n", ["freeze=mine"], [str(CONF_DIR), str(conf), str(run)],
-                             rerun=str(run / "config.yaml"))
+    states = [provenance.git_state(d) for d in (CONF_DIR, conf, run)]
+    prov = provenance.record("a: 1\n", ["freeze=mine"], states, rerun=str(run / "config.yaml"))
     lines = provenance.summary_lines(prov, CONF_DIR)
     assert lines[0] == "Config folders (searched first to last):"
     assert lines[1].startswith(f"  {CONF_DIR} (packaged): ")

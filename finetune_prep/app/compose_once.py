@@ -65,6 +65,7 @@ def _patches(multirun: bool) -> list[tuple[type, str, Any]]:
     """(class, attribute, replacement) for each Hydra internal compose_once replaces."""
     Plugins.instance()  # its first scan runs the plugin modules again: their classes are new
     sweeper = import_module(f"{_CORE}.basic_sweeper").BasicSweeper
+    launcher = import_module(f"{_CORE}.basic_launcher").BasicLauncher
     files = import_module(f"{_CORE}.file_config_source").FileConfigSource
     packaged = import_module(f"{_CORE}.importlib_resources_config_source")
     packaged = packaged.ImportlibResourcesConfigSource
@@ -76,7 +77,8 @@ def _patches(multirun: bool) -> list[tuple[type, str, Any]]:
         (Hydra, "get_mode", _get_mode(Hydra.get_mode, multirun)),
         (ConfigLoaderImpl, "load_configuration", _take_run(ConfigLoaderImpl.load_configuration)),
         (ConfigLoaderImpl, "load_sweep_config", _take_job(ConfigLoaderImpl.load_sweep_config)),
-        (sweeper, "validate_batch_is_legal", _keep_jobs(sweeper.validate_batch_is_legal)),
+        (sweeper, "validate_batch_is_legal",
+         _keep_jobs(sweeper.validate_batch_is_legal, launcher)),
         (files, "load_config", _parse_once(files.load_config, _file_stamp)),
         (packaged, "load_config", _parse_once(packaged.load_config, lambda *_: ())),
     ]
@@ -126,12 +128,12 @@ def _take_run(original: Any) -> Any:
     return load_configuration
 
 
-def _keep_jobs(original: Any) -> Any:
+def _keep_jobs(original: Any, basic_launcher: type) -> Any:
     """The basic sweeper's batch check, keeping the first MAX_KEPT_JOBS configs when the basic
     launcher (this process) runs the jobs; other launchers compose in their own processes."""
 
     def validate_batch_is_legal(self: Any, batch: Sequence[Sequence[str]]) -> None:
-        if not isinstance(self.launcher, import_module(f"{_CORE}.basic_launcher").BasicLauncher):
+        if not isinstance(self.launcher, basic_launcher):
             return original(self, batch)
         loader = self.hydra_context.config_loader
         for index, overrides in enumerate(batch):

@@ -193,7 +193,7 @@ def prepare(
         verified["memory_bytes"] = proof_bytes  # what the proof was estimated to hold at once
     document = assemble.document(
         built, sources, freeze, groups, eval_modules, cfg.optim.optimizer, verified,
-        provenance.record(config_text(cfg), origin.overrides, git,
+        provenance.record(config_text(cfg), origin.overrides, git(),
                           origin.rerun, rules_file.record() if rules_file else None),
         model_cfg=cfg.model,
         phases=list(zip(phases, phase_eval, strict=True)),

@@ -111,19 +111,17 @@ def _git(folder: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
-def record(config_text: str, overrides: Sequence[str],
-           config_dirs: Sequence[str] | Callable[[], list[dict[str, Any]]],
+def record(config_text: str, overrides: Sequence[str], git: Sequence[dict[str, Any]],
            rerun: str | None = None, rules_file: Mapping[str, Any] | None = None) -> dict:
-    """The provenance block of param_groups.json. `config_dirs`: the folders, or their git
-    states to come (git_states_soon); `rerun`: the run's config file composed again, when the
-    plan was made from one; `rules_file`: the freeze.rules_file read, as {path, sha256,
-    rules}: the config holds its path only, so its content is hashed here."""
-    git = config_dirs() if callable(config_dirs) else [git_state(d) for d in config_dirs]
+    """The provenance block of param_groups.json. `git`: the git_state of each config folder;
+    `rerun`: the run's config file composed again, when the plan was made from one;
+    `rules_file`: the freeze.rules_file read, as {path, sha256, rules}: the config holds its
+    path only, so its content is hashed here."""
     found = {
         "config_sha256": config_sha256(config_text),
         "overrides": list(overrides),
         "versions": versions(),
-        "git": git,
+        "git": list(git),
     }
     if rerun:
         found["rerun"] = rerun
