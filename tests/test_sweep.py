@@ -192,6 +192,14 @@ def test_the_last_job_is_known_from_the_plan(tmp_path, batch, statuses, job, las
     assert noted == done
 
 
+def test_the_ledger_counts_only_its_own_lines_and_reads_a_bounded_prefix(tmp_path, monkeypatch):
+    (tmp_path / sweep.DONE_FILE).write_bytes(b"junk\n7 \xff\n1 COMPLETED extra\n2 FAILED\n")
+    assert sweep._note_done(tmp_path, {0: "COMPLETED"}) == {2: "FAILED", 0: "COMPLETED"}
+    monkeypatch.setattr(sweep, "DONE_MAX_BYTES", 64)
+    (tmp_path / sweep.DONE_FILE).write_text("x" * 100 + "\n3 FAILED\n")
+    assert sweep._note_done(tmp_path, {4: "COMPLETED"}) == {}  # beyond the bound: not read
+
+
 def test_a_job_reads_no_other_result_until_the_sweep_is_complete(tmp_path, monkeypatch):
     (tmp_path / PLAN_FILE).write_text(json.dumps({"jobs": 3, "batch": 3, "overrides": []}))
     read: list[Path] = []

@@ -64,6 +64,8 @@ NOT_RUN_FILE = ".sweep_not_run.json"  # planned jobs that never started, once th
 DONE_FILE = ".sweep_done"  # "JOB STATUS" lines of finished jobs: the last one is known without
 # reading every job's result (which made a long sweep quadratic)
 PRIVATE = (PLAN_FILE, LOCK_FILE, DONE_FILE)  # removed once the summary is announced
+DONE_MAX_BYTES = 16 << 20  # the ledger read: about a million jobs' lines
+DONE_LINE = re.compile(r"^(\d{1,9}) ([A-Z]{1,16})$", re.MULTILINE)  # what _note_done writes
 RUNNING = "RUNNING"
 COLUMNS = ("job", "overrides", "status", "error", "trainable", "total", "trainable_pct",
            "phases", "final_trainable_pct", "groups", "memory_mib", "verified", "job_dir")
@@ -424,13 +426,15 @@ def write_summary(
 
 def _note_done(sweep_dir: Path, jobs: Mapping[int, str]) -> dict[int, str]:
     """Add the finished `jobs` (job -> status) to the sweep's ledger, under the sweep's lock;
-    every job noted so far."""
-    with os.fdopen(open_for_writing(sweep_dir / DONE_FILE), "a+", encoding="utf-8") as ledger:
+    every job noted so far. The ledger is read bounded and only its well-formed lines count:
+    a file planted in the sweep folder can delay the summary to the sweep's end, no more."""
+    with os.fdopen(open_for_writing(sweep_dir / DONE_FILE), "a+", encoding="utf-8",
+                   errors="replace") as ledger:
         ledger.write("".join(f"{j} {s}\n" for j, s in jobs.items()))
         ledger.flush()
         ledger.seek(0)
-        lines = ledger.read().splitlines()
-    return {int(j): s for j, _, s in (line.partition(" ") for line in lines)}
+        text = ledger.read(DONE_MAX_BYTES)
+    return {int(j): s for j, s in DONE_LINE.findall(text)}
 
 
 @contextlib.contextmanager
